@@ -1,0 +1,88 @@
+//! Key backends. A small base trait plus one trait per capability; the rest
+//! of the appliance holds a [`Backend`] (`Arc<dyn KeyBackend>`).
+//!
+//! Backends never touch LMDB: which HMAC key is active is recorded by the
+//! store, and handed to the backend with [`MacKeys::activate_hmac`].
+
+pub mod pkcs11;
+#[cfg(test)]
+pub mod soft;
+#[cfg(test)]
+pub mod conformance;
+
+use secrecy::SecretSlice;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+pub const IV_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The device or its sessions are not usable right now (503, health degraded).
+    #[error("key backend unavailable")]
+    Unavailable,
+    /// No HMAC key is installed (the webhook is not bound).
+    #[error("no HMAC key installed")]
+    NoHmacKey,
+    /// No AES key exists in the backend (run `init`).
+    #[error("no AES key present")]
+    NoAesKey,
+    /// Authenticated decryption failed: wrong key, wrong AAD, or tampering.
+    #[error("decryption failed")]
+    DecryptFailed,
+    /// The caller passed something the backend refuses (sizes, lengths).
+    #[error("invalid input to key backend")]
+    InvalidInput,
+}
+
+/// Identifier of an HMAC key inside the backend (CKA_ID for PKCS#11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HmacKeyId(pub String);
+
+pub trait KeyBackendBase: Send + Sync {
+    /// Short name for logs and health (`pkcs11`, `soft`).
+    fn kind(&self) -> &'static str;
+    /// False after the last operation failed for a device reason.
+    fn healthy(&self) -> bool;
+    /// Whether an AES key exists.
+    fn aes_key_present(&self) -> bool;
+    /// Cheap liveness probe that talks to the device.
+    fn probe(&self) -> Result<(), KeyError>;
+}
+
+pub trait RandomSource {
+    fn fill_random(&self, buf: &mut [u8]) -> Result<(), KeyError>;
+}
+
+pub trait MacKeys {
+    /// Installs `secret` as a new, non-extractable HMAC key and returns its id.
+    /// It is not used until [`MacKeys::activate_hmac`].
+    fn install_hmac(&self, secret: &SecretSlice<u8>) -> Result<HmacKeyId, KeyError>;
+    /// Makes `id` the key used by [`MacKeys::hmac_sha256`].
+    fn activate_hmac(&self, id: &HmacKeyId) -> Result<(), KeyError>;
+    /// Destroys every HMAC key except `keep`.
+    fn destroy_hmac_except(&self, keep: Option<&HmacKeyId>) -> Result<usize, KeyError>;
+    /// HMAC-SHA256 under the active key.
+    fn hmac_sha256(&self, data: &[u8]) -> Result<[u8; 32], KeyError>;
+}
+
+pub trait SealKeys {
+    /// AES-256-GCM under the backend key with a fresh 12-byte IV; returns IV ‖ ciphertext ‖ tag.
+    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Inverse of [`SealKeys::seal`].
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+}
+
+pub trait KeyBackend: KeyBackendBase + RandomSource + MacKeys + SealKeys {}
+impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys> KeyBackend for T {}
+
+pub type Backend = Arc<dyn KeyBackend>;
+
+/// Checks the sealed layout before it reaches a device that would accept odd sizes.
+pub(crate) fn split_sealed(sealed: &[u8]) -> Result<(&[u8], &[u8]), KeyError> {
+    if sealed.len() < IV_LEN + TAG_LEN {
+        return Err(KeyError::DecryptFailed);
+    }
+    Ok(sealed.split_at(IV_LEN))
+}

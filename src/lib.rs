@@ -1,0 +1,4 @@
+//! tokenvault-webhook: a hardware-backed Token Vault webhook appliance.
+
+pub mod keys;
+pub mod protocol;

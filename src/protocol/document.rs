@@ -1,0 +1,92 @@
+//! Token documents as stored in the `tokens` collection, and the metadata
+//! allowlist used wherever a document's meta leaves the appliance.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Stored form. `fields` hold sealed credential fields only (never plaintext).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenDocument {
+    pub v: u32,
+    pub alg: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+    #[serde(default)]
+    pub meta: Map<String, Value>,
+}
+
+/// Meta keys that may leave the appliance (list, get, store answers).
+pub const META_ALLOWLIST: &[&str] = &[
+    "serviceName",
+    "tokenType",
+    "createdAt",
+    "updatedAt",
+    "expiryTime",
+    "expiresAt",
+    "hasRefreshToken",
+    "scope",
+    "scopes",
+    "provider",
+    "name",
+    "displayName",
+    "description",
+    "tags",
+    "creationId",
+    "totpIssuer",
+    "totpAccountName",
+    "totpAlgorithm",
+    "totpDigits",
+    "totpPeriod",
+    "hasTotpSecret",
+    "refreshMode",
+    "lastRefreshedAt",
+];
+
+/// Meta keys describing the sealed fields: set by the appliance, never by `/v1/storage`.
+pub const META_PROTECTED: &[&str] = &[
+    "hasRefreshToken",
+    "hasTotpSecret",
+    "creationId",
+    "totpAlgorithm",
+    "totpDigits",
+    "totpPeriod",
+];
+
+/// Keys that carry credential material. `/v1/storage` refuses them in `tokens`.
+pub const CREDENTIAL_KEYS: &[&str] = &[
+    "accessToken",
+    "refreshToken",
+    "idToken",
+    "clientSecret",
+    "password",
+    "privateKey",
+    "certificate",
+    "totpSecret",
+    "totpUri",
+    "secret",
+    "apiKey",
+];
+
+pub fn public_meta(meta: &Map<String, Value>) -> Map<String, Value> {
+    meta.iter()
+        .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn allowlist_drops_unknown_and_credential_keys() {
+        let meta = json!({"serviceName":"gh","accessToken":"x","weird":1,"tokenType":"JWT"});
+        let out = public_meta(meta.as_object().unwrap());
+        assert_eq!(Value::Object(out), json!({"serviceName":"gh","tokenType":"JWT"}));
+        for k in CREDENTIAL_KEYS {
+            assert!(!META_ALLOWLIST.contains(k), "{k} must never be public");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The wire error type: one enum with stable codes, one place that maps it to HTTP.
+//!
+//! Messages are fixed strings or built from names the caller chose (field
+//! names, service names). They never carry a value the caller sent as a
+//! secret, nor internal detail; that is logged where the error is raised.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    /// 400: malformed request or missing field. The message names the problem, never a value.
+    InvalidRequest(String),
+    /// 401: HMAC header authentication failed (bad signature, stale timestamp, replay).
+    AuthFailed(&'static str),
+    /// 401: ticket signature or shape invalid.
+    TicketInvalid(&'static str),
+    /// 401: ticket expired.
+    TicketExpired,
+    /// 403: the webhook has not been bound yet.
+    SetupRequired,
+    /// 404: unknown route.
+    NotFound,
+    /// 404: no token stored for this service.
+    TokenNotFound(String),
+    /// 405: route exists, method does not.
+    MethodNotAllowed,
+    /// 410: bind code unknown or expired.
+    CodeExpired,
+    /// 410: bind code already exchanged.
+    CodeUsed,
+    /// 413: body over the configured limit.
+    PayloadTooLarge,
+    /// 503: the key backend (HSM) is unavailable.
+    KeysUnavailable,
+    /// 507: the LMDB map is full; nothing was written.
+    InsufficientStorage,
+    /// 500: anything else. Detail is logged, not returned.
+    Internal,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        ApiError::InvalidRequest(msg.into())
+    }
+
+    /// The stable machine-readable code (the `error` field).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::AuthFailed(_) => "auth_failed",
+            ApiError::TicketInvalid(_) => "ticket_invalid",
+            ApiError::TicketExpired => "ticket_expired",
+            ApiError::SetupRequired => "setup_required",
+            ApiError::NotFound => "not_found",
+            ApiError::TokenNotFound(_) => "token_not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::CodeExpired => "code_expired",
+            ApiError::CodeUsed => "code_used",
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::KeysUnavailable => "hsm_unavailable",
+            ApiError::InsufficientStorage => "insufficient_storage",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::AuthFailed(_) | ApiError::TicketInvalid(_) | ApiError::TicketExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::SetupRequired => StatusCode::FORBIDDEN,
+            ApiError::NotFound | ApiError::TokenNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::CodeExpired | ApiError::CodeUsed => StatusCode::GONE,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::InvalidRequest(m) => m.clone(),
+            ApiError::AuthFailed(m) | ApiError::TicketInvalid(m) => (*m).to_string(),
+            ApiError::TicketExpired => "Ticket has expired".into(),
+            ApiError::SetupRequired => "Complete /v1/exchange first".into(),
+            ApiError::NotFound => "No such endpoint".into(),
+            ApiError::TokenNotFound(s) => format!("No token found for service: {s}"),
+            ApiError::MethodNotAllowed => "Method not allowed on this endpoint".into(),
+            ApiError::CodeExpired => "Registration code expired or not found".into(),
+            ApiError::CodeUsed => "Registration code already used".into(),
+            ApiError::PayloadTooLarge => "Request body exceeds the configured limit".into(),
+            ApiError::KeysUnavailable => "Key backend unavailable; retry later".into(),
+            ApiError::InsufficientStorage => "Store is full; nothing was written".into(),
+            ApiError::Internal => "Internal error".into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.message();
+        let body = ErrorBody {
+            error: self.code(),
+            message: &msg,
+        };
+        (self.status(), axum::Json(body)).into_response()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,146 @@
+//! Request-HMAC codec: parsing the `X-TokenVault-*` headers and building the
+//! signing payload. The MAC itself is computed by a key backend.
+
+use subtle::ConstantTimeEq;
+
+pub const SIGNATURE_HEADER: &str = "x-tokenvault-signature";
+pub const TIMESTAMP_HEADER: &str = "x-tokenvault-timestamp";
+pub const REQUEST_ID_HEADER: &str = "x-tokenvault-request-id";
+
+/// Allowed clock skew between Token Vault and the webhook, seconds.
+pub const MAX_SKEW_SECS: i64 = 300;
+/// How long a request id is remembered, seconds.
+pub const REQUEST_ID_TTL_SECS: i64 = 600;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureError {
+    Missing(&'static str),
+    Malformed(&'static str),
+    Stale,
+}
+
+impl SignatureError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SignatureError::Missing(h) | SignatureError::Malformed(h) => h,
+            SignatureError::Stale => "Request timestamp outside the allowed window",
+        }
+    }
+}
+
+/// Parses `sha256=<64 lowercase hex>` into the 32 MAC bytes.
+pub fn parse_signature_header(value: &str) -> Result<[u8; 32], SignatureError> {
+    let hex_part = value
+        .strip_prefix("sha256=")
+        .ok_or(SignatureError::Malformed("Signature header must start with sha256="))?;
+    if hex_part.len() != 64
+        || !hex_part
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(SignatureError::Malformed(
+            "Signature must be 64 lowercase hex characters",
+        ));
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out)
+        .map_err(|_| SignatureError::Malformed("Signature must be hex"))?;
+    Ok(out)
+}
+
+/// Parses the decimal Unix-seconds timestamp header and checks it against `now`.
+pub fn parse_timestamp(value: &str, now: i64) -> Result<i64, SignatureError> {
+    if value.is_empty() || value.len() > 12 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(SignatureError::Malformed("Timestamp must be Unix seconds"));
+    }
+    let ts: i64 = value
+        .parse()
+        .map_err(|_| SignatureError::Malformed("Timestamp must be Unix seconds"))?;
+    if (now - ts).abs() > MAX_SKEW_SECS {
+        return Err(SignatureError::Stale);
+    }
+    Ok(ts)
+}
+
+/// Request ids are short printable tokens (`req_<hex>` from Token Vault).
+pub fn validate_request_id(value: &str) -> Result<(), SignatureError> {
+    if value.is_empty()
+        || value.len() > 128
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        return Err(SignatureError::Malformed("Request id is malformed"));
+    }
+    Ok(())
+}
+
+/// `"{timestamp}." ‖ raw body`: the exact bytes received, never re-serialised.
+pub fn signing_payload(timestamp: &str, raw_body: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(timestamp.len() + 1 + raw_body.len());
+    v.extend_from_slice(timestamp.as_bytes());
+    v.push(b'.');
+    v.extend_from_slice(raw_body);
+    v
+}
+
+/// Constant-time equality of two MACs.
+pub fn mac_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    fn mac(secret: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+        m.update(data);
+        m.finalize().into_bytes().to_vec()
+    }
+
+    const BODY: &str = r#"{"operation":"get","collection":"tokens","key":"github","requestId":"req_testfixture01"}"#;
+
+    #[test]
+    fn spec_vector_request_signature() {
+        let secret: Vec<u8> = (0u8..32).collect();
+        let payload = signing_payload("1700000000", BODY.as_bytes());
+        assert_eq!(
+            hex::encode(mac(&secret, &payload)),
+            "c196ad249f0d81158ebfec10a47f7f67122de187c094332e9ae9290bc45fcdeb"
+        );
+        let wrong: Vec<u8> = (1u8..33).collect();
+        assert_eq!(
+            hex::encode(mac(&wrong, &payload)),
+            "3c762b46eea2fe82f4b737f98ef3f32f59b0d6000eab29e231cce5e722a2f7b7"
+        );
+    }
+
+    #[test]
+    fn header_parsing() {
+        let sig = "sha256=c196ad249f0d81158ebfec10a47f7f67122de187c094332e9ae9290bc45fcdeb";
+        assert_eq!(parse_signature_header(sig).unwrap()[0], 0xc1);
+        assert!(parse_signature_header("c196ad").is_err());
+        assert!(parse_signature_header(&sig.to_uppercase()).is_err());
+        assert!(parse_signature_header("sha256=zz").is_err());
+        assert!(parse_timestamp("1700000000", 1700000300).is_ok());
+        assert_eq!(
+            parse_timestamp("1700000000", 1700000301),
+            Err(SignatureError::Stale)
+        );
+        assert_eq!(
+            parse_timestamp("1700000301", 1700000000),
+            Err(SignatureError::Stale)
+        );
+        assert!(parse_timestamp("-5", 0).is_err());
+        assert!(parse_timestamp("1.5", 0).is_err());
+        assert!(validate_request_id("req_0123456789ab").is_ok());
+        assert!(validate_request_id("req 1").is_err());
+        assert!(validate_request_id("").is_err());
+        assert!(mac_eq(b"abc", b"abc"));
+        assert!(!mac_eq(b"abc", b"abd"));
+        assert!(!mac_eq(b"abc", b"ab"));
+    }
+}
