@@ -2,3 +2,4 @@
 
 pub mod keys;
 pub mod protocol;
+pub mod store;

@@ -1,0 +1,540 @@
+//! LMDB store (heed): the four protocol collections plus internal databases
+//! for replay memory, bind codes and appliance metadata. Reads run inline
+//! (a few microseconds); writes go through the group-commit thread.
+
+pub mod audit;
+mod writer;
+
+use crate::protocol::storage::{Collection, ListResult, Pagination, MAX_PAGE};
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+use tokio::sync::oneshot;
+
+pub type Db = Database<'static, Bytes, Bytes>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("LMDB map is full")]
+    MapFull,
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(&'static str),
+    #[error("LMDB error: {0}")]
+    Lmdb(String),
+    #[error("store writer has stopped")]
+    Closed,
+}
+
+impl From<heed::Error> for StoreError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull,
+            e => StoreError::Lmdb(e.to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Dbs {
+    pub tokens: Db,
+    pub proxy_configs: Db,
+    pub audit: Db,
+    pub vault_config: Db,
+    pub replay: Db,
+    pub bind_codes: Db,
+    pub meta: Db,
+}
+
+impl Dbs {
+    pub fn collection(&self, c: Collection) -> Db {
+        match c {
+            Collection::Tokens => self.tokens,
+            Collection::ProxyConfigs => self.proxy_configs,
+            Collection::Audit => self.audit,
+            Collection::VaultConfig => self.vault_config,
+        }
+    }
+}
+
+/// Namespaces of the replay memory.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplayNs {
+    RequestId = 1,
+    TicketNonce = 2,
+}
+
+fn replay_key(ns: ReplayNs, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(ns as u8);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A bind code as stored: the HMAC secret sealed under the backend AES key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BindCode {
+    pub expires_at: i64,
+    pub used: bool,
+    /// base64(IV ‖ ciphertext ‖ tag); emptied once the code is used.
+    pub sealed_secret: String,
+}
+
+pub const META_WEBHOOK_ID: &[u8] = b"webhook_id";
+pub const META_HMAC_KEY_ID: &[u8] = b"hmac_key_id";
+pub const META_BOUND_AT: &[u8] = b"bound_at";
+const META_AUDIT_SEQ: &[u8] = b"audit_seq";
+const META_SCHEMA: &[u8] = b"schema_version";
+const SCHEMA_VERSION: &[u8] = b"1";
+
+/// One item of a listing: what goes on the wire, and what filters look at.
+pub struct Projected {
+    pub item: Value,
+    pub filter_on: Map<String, Value>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    env: &'static Env<WithoutTls>,
+    dbs: Dbs,
+    writer: mpsc::Sender<writer::Job>,
+    _guard: Arc<()>,
+}
+
+impl Store {
+    pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Lmdb(e.to_string()))?;
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        opts.map_size(map_size_bytes).max_dbs(16).max_readers(256);
+        // SAFETY: the environment is opened once per process for this path and
+        // never opened with conflicting flags; LMDB's own locking covers other
+        // processes (the CLI). It lives for the rest of the process (database
+        // handles borrow it), so it is leaked deliberately.
+        let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
+        const NAMES: [&str; 7] = [
+            "tokens",
+            "proxy_configs",
+            "audit",
+            "vault_config",
+            "replay",
+            "bind_codes",
+            "meta",
+        ];
+        let wtxn = env.write_txn()?;
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta] = env
+            .create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
+                let mut out = Vec::with_capacity(NAMES.len());
+                for name in NAMES {
+                    out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
+                }
+                let arr: [Database<'_, Bytes, Bytes>; 7] = out
+                    .try_into()
+                    .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
+                Ok(CommitOrAbort::<_, ()>::Commit(arr))
+            })?
+            .unwrap_commit();
+        let dbs = Dbs {
+            tokens,
+            proxy_configs,
+            audit,
+            vault_config,
+            replay,
+            bind_codes,
+            meta,
+        };
+        let mut wtxn = env.write_txn()?;
+        match dbs.meta.get(&wtxn, META_SCHEMA)? {
+            None => dbs.meta.put(&mut wtxn, META_SCHEMA, SCHEMA_VERSION)?,
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(_) => return Err(StoreError::Corrupt("unknown schema version")),
+        }
+        wtxn.commit()?;
+        let writer = writer::spawn(env, dbs).map_err(|e| StoreError::Lmdb(e.to_string()))?;
+        Ok(Store {
+            env,
+            dbs,
+            writer,
+            _guard: Arc::new(()),
+        })
+    }
+
+    pub fn dbs(&self) -> &Dbs {
+        &self.dbs
+    }
+
+    pub fn read(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
+        Ok(self.env.read_txn()?)
+    }
+
+    fn enqueue<T: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<(oneshot::Receiver<Result<(), StoreError>>, Arc<std::sync::Mutex<Option<T>>>), StoreError>
+    {
+        let slot = Arc::new(std::sync::Mutex::new(None));
+        let s2 = slot.clone();
+        let (tx, rx) = oneshot::channel();
+        let job = writer::Job {
+            run: Box::new(move |txn, dbs| {
+                let v = f(txn, dbs)?;
+                if let Ok(mut g) = s2.lock() {
+                    *g = Some(v);
+                }
+                Ok(())
+            }),
+            done: tx,
+        };
+        self.writer.send(job).map_err(|_| StoreError::Closed)?;
+        Ok((rx, slot))
+    }
+
+    fn take<T>(slot: Arc<std::sync::Mutex<Option<T>>>) -> Result<T, StoreError> {
+        slot.lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Runs `f` in the next group commit; resolves once its batch is durable.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (rx, slot) = self.enqueue(f)?;
+        rx.await.map_err(|_| StoreError::Closed)??;
+        Self::take(slot)
+    }
+
+    /// The same, for synchronous callers (CLI); never call from async code.
+    pub fn write_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (rx, slot) = self.enqueue(f)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)??;
+        Self::take(slot)
+    }
+
+    // ---- metadata -------------------------------------------------------
+
+    pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.read()?;
+        Ok(self.dbs.meta.get(&r, key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn count(&self, c: Collection) -> Result<u64, StoreError> {
+        let r = self.read()?;
+        Ok(self.dbs.collection(c).len(&r)?)
+    }
+
+    /// LMDB size figures: (bytes used by pages, map size).
+    pub fn usage(&self) -> (u64, u64) {
+        let info = self.env.info();
+        let stat = self.env.unnamed_database_stat();
+        let used = (info.last_page_number as u64 + 1) * stat.page_size as u64;
+        (used, info.map_size as u64)
+    }
+
+    // ---- replay memory --------------------------------------------------
+
+    /// Fast read-side check: has `id` been seen and not yet expired?
+    pub fn replay_seen(&self, ns: ReplayNs, id: &str, now: i64) -> Result<bool, StoreError> {
+        let r = self.read()?;
+        Ok(match self.dbs.replay.get(&r, &replay_key(ns, id))? {
+            Some(v) => decode_i64(v)? > now,
+            None => false,
+        })
+    }
+
+    /// Records `id` until `expires_at`. Returns false if it was already
+    /// recorded and unexpired. Durable when this resolves.
+    pub async fn replay_remember(
+        &self,
+        ns: ReplayNs,
+        id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let key = replay_key(ns, id);
+        self.write(move |txn, dbs| {
+            if let Some(v) = dbs.replay.get(txn, &key)? {
+                if decode_i64(v)? > now {
+                    return Ok(false);
+                }
+            }
+            dbs.replay.put(txn, &key, &expires_at.to_be_bytes())?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Deletes expired replay entries and stale bind codes. Returns how many.
+    pub async fn prune(&self, now: i64) -> Result<usize, StoreError> {
+        self.write(move |txn, dbs| {
+            let mut n = 0;
+            let mut it = dbs.replay.iter_mut(txn)?;
+            while let Some(row) = it.next() {
+                let (_, v) = row?;
+                if decode_i64(v)? <= now {
+                    // SAFETY: no reference into the database is kept across the deletion.
+                    unsafe { it.del_current()? };
+                    n += 1;
+                }
+                if n >= 50_000 {
+                    break;
+                }
+            }
+            drop(it);
+            let mut it = dbs.bind_codes.iter_mut(txn)?;
+            while let Some(row) = it.next() {
+                let (_, v) = row?;
+                let code: BindCode =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
+                // Used codes are kept a day so a late exchange still reads "code_used".
+                if code.expires_at + 86_400 <= now || (!code.used && code.expires_at <= now) {
+                    // SAFETY: as above.
+                    unsafe { it.del_current()? };
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    // ---- bind codes -----------------------------------------------------
+
+    pub fn bind_code(&self, code: &str) -> Result<Option<BindCode>, StoreError> {
+        let r = self.read()?;
+        match self.dbs.bind_codes.get(&r, code.as_bytes())? {
+            Some(v) => serde_json::from_slice(v)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt("bind code")),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_bind_code_blocking(&self, code: &str, rec: &BindCode) -> Result<(), StoreError> {
+        let (k, v) = bind_code_kv(code, rec)?;
+        self.write_blocking(move |txn, dbs| Ok(dbs.bind_codes.put(txn, &k, &v)?))
+    }
+
+    pub async fn put_bind_code(&self, code: &str, rec: &BindCode) -> Result<(), StoreError> {
+        let (k, v) = bind_code_kv(code, rec)?;
+        self.write(move |txn, dbs| Ok(dbs.bind_codes.put(txn, &k, &v)?))
+            .await
+    }
+
+    /// Atomically consumes a bind code and records the newly installed HMAC
+    /// key as the active one. Returns the previous key id on success.
+    pub async fn complete_binding(
+        &self,
+        code: &str,
+        new_key_id: &str,
+        now: i64,
+    ) -> Result<BindOutcome, StoreError> {
+        let code = code.to_string();
+        let new_key_id = new_key_id.to_string();
+        self.write(move |txn, dbs| {
+            let Some(v) = dbs.bind_codes.get(txn, code.as_bytes())? else {
+                return Ok(BindOutcome::Expired);
+            };
+            let mut rec: BindCode =
+                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
+            if rec.used {
+                return Ok(BindOutcome::Used);
+            }
+            if rec.expires_at <= now {
+                return Ok(BindOutcome::Expired);
+            }
+            rec.used = true;
+            rec.sealed_secret.clear();
+            let (k, v) = bind_code_kv(&code, &rec)?;
+            dbs.bind_codes.put(txn, &k, &v)?;
+            let previous = dbs
+                .meta
+                .get(txn, META_HMAC_KEY_ID)?
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            dbs.meta.put(txn, META_HMAC_KEY_ID, new_key_id.as_bytes())?;
+            dbs.meta
+                .put(txn, META_BOUND_AT, now.to_string().as_bytes())?;
+            Ok(BindOutcome::Bound { previous })
+        })
+        .await
+    }
+
+    /// Sets a metadata value if absent; returns the stored value.
+    pub fn meta_get_or_init_blocking(&self, key: &'static [u8], value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            if let Some(v) = dbs.meta.get(txn, key)? {
+                return Ok(v.to_vec());
+            }
+            dbs.meta.put(txn, key, &value)?;
+            Ok(value.clone())
+        })
+    }
+
+    // ---- collections ----------------------------------------------------
+
+    pub fn get_raw(&self, c: Collection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.read()?;
+        Ok(self
+            .dbs
+            .collection(c)
+            .get(&r, key.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Newest audit event stored under exactly this key.
+    pub fn audit_get(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        let r = self.read()?;
+        let prefix = audit::sort_prefix(key);
+        let mut hi = prefix.clone();
+        hi.extend_from_slice(&u64::MAX.to_be_bytes());
+        let range = (Bound::Included(prefix.as_slice()), Bound::Included(hi.as_slice()));
+        for row in self.dbs.audit.rev_range(&r, &range)? {
+            let (_, v) = row?;
+            let rec: Value = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
+            if rec.get("key").and_then(Value::as_str) == Some(key) {
+                return Ok(rec.get("data").cloned());
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn audit_append(&self, key: String, data: Value) -> Result<(), StoreError> {
+        let rec = serde_json::to_vec(&serde_json::json!({"key": key, "data": data}))
+            .map_err(|_| StoreError::Corrupt("audit"))?;
+        self.write(move |txn, dbs| {
+            let seq = match dbs.meta.get(txn, META_AUDIT_SEQ)? {
+                Some(v) => decode_u64(v)? + 1,
+                None => 1,
+            };
+            dbs.meta.put(txn, META_AUDIT_SEQ, &seq.to_be_bytes())?;
+            dbs.audit.put(txn, &audit::full_key(&key, seq), &rec)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Lists a collection: ascending by key (audit: newest first), cursor
+    /// exclusive, equality filters AND-ed on what `project` exposes.
+    pub fn list(
+        &self,
+        c: Collection,
+        limit: Option<usize>,
+        after: Option<&str>,
+        filters: Option<&Map<String, Value>>,
+        project: &dyn Fn(&[u8], &[u8]) -> Result<Projected, StoreError>,
+    ) -> Result<ListResult, StoreError> {
+        let r = self.read()?;
+        let db = self.dbs.collection(c);
+        let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
+        let matches = |p: &Projected| match filters {
+            None => true,
+            Some(f) => f.iter().all(|(k, v)| p.filter_on.get(k) == Some(v)),
+        };
+        let mut items = Vec::new();
+        let mut last_key: Option<Vec<u8>> = None;
+        let mut has_more = false;
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, StoreError> {
+            let p = project(k, v)?;
+            if !matches(&p) {
+                return Ok(true);
+            }
+            if items.len() < limit {
+                items.push(p.item);
+                last_key = Some(k.to_vec());
+                Ok(true)
+            } else {
+                has_more = true;
+                Ok(false)
+            }
+        };
+        if c == Collection::Audit {
+            let hi = after.and_then(audit::upper_bound);
+            let range = match &hi {
+                Some(h) => (Bound::Unbounded, Bound::Excluded(h.as_slice())),
+                None => (Bound::Unbounded, Bound::Unbounded),
+            };
+            for row in db.rev_range(&r, &range)? {
+                let (k, v) = row?;
+                if !visit(k, v)? {
+                    break;
+                }
+            }
+        } else {
+            let lo = after.map(|a| a.as_bytes().to_vec());
+            let range = match &lo {
+                Some(l) => (Bound::Excluded(l.as_slice()), Bound::Unbounded),
+                None => (Bound::Unbounded, Bound::Unbounded),
+            };
+            for row in db.range(&r, &range)? {
+                let (k, v) = row?;
+                if !visit(k, v)? {
+                    break;
+                }
+            }
+        }
+        // totalCount: every matching item of the collection, wherever the cursor is.
+        let total = if filters.is_some_and(|f| !f.is_empty()) {
+            let mut n = 0u64;
+            for row in db.iter(&r)? {
+                let (k, v) = row?;
+                if matches(&project(k, v)?) {
+                    n += 1;
+                }
+            }
+            n
+        } else {
+            db.len(&r)?
+        };
+        let next_cursor = if has_more {
+            last_key.as_deref().map(|k| match c {
+                Collection::Audit => audit::cursor_for(k),
+                _ => String::from_utf8_lossy(k).into_owned(),
+            })
+        } else {
+            None
+        };
+        Ok(ListResult {
+            items,
+            pagination: Pagination {
+                has_more,
+                next_cursor,
+                total_count: total,
+            },
+        })
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindOutcome {
+    Bound { previous: Option<String> },
+    Used,
+    Expired,
+}
+
+fn bind_code_kv(code: &str, rec: &BindCode) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    let v = serde_json::to_vec(rec).map_err(|_| StoreError::Corrupt("bind code"))?;
+    Ok((code.as_bytes().to_vec(), v))
+}
+
+fn decode_i64(v: &[u8]) -> Result<i64, StoreError> {
+    Ok(i64::from_be_bytes(
+        v.try_into().map_err(|_| StoreError::Corrupt("replay entry"))?,
+    ))
+}
+
+fn decode_u64(v: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(
+        v.try_into().map_err(|_| StoreError::Corrupt("counter"))?,
+    ))
+}
+
+#[cfg(test)]
+mod tests;

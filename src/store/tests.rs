@@ -1,0 +1,189 @@
+use super::*;
+use serde_json::json;
+
+fn open() -> (tempfile::TempDir, Store) {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(d.path(), 16 << 20).unwrap();
+    (d, s)
+}
+
+fn project_audit(_k: &[u8], v: &[u8]) -> Result<Projected, StoreError> {
+    let rec: Value = serde_json::from_slice(v).unwrap();
+    Ok(Projected {
+        filter_on: rec["data"].as_object().cloned().unwrap_or_default(),
+        item: rec,
+    })
+}
+
+fn project_plain(k: &[u8], v: &[u8]) -> Result<Projected, StoreError> {
+    let data: Value = serde_json::from_slice(v).unwrap();
+    Ok(Projected {
+        filter_on: data.as_object().cloned().unwrap_or_default(),
+        item: json!({"key": String::from_utf8_lossy(k), "data": data}),
+    })
+}
+
+#[tokio::test]
+async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
+    let (_d, s) = open();
+    // 30 events over 5 distinct timestamps, several per timestamp.
+    for i in 0..30u32 {
+        let ts = format!("2026-02-15T10:30:0{}Z", i % 5);
+        s.audit_append(ts, json!({"i": i, "source": if i % 2 == 0 {"agent"} else {"direct"}}))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s
+            .list(Collection::Audit, Some(7), after.as_deref(), None, &project_audit)
+            .unwrap();
+        assert_eq!(page.pagination.total_count, 30);
+        for it in &page.items {
+            seen.push((it["key"].as_str().unwrap().to_string(), it["data"]["i"].as_u64().unwrap()));
+        }
+        if !page.pagination.has_more {
+            break;
+        }
+        after = page.pagination.next_cursor.clone();
+    }
+    assert_eq!(seen.len(), 30, "no item skipped or repeated");
+    let mut ids: Vec<u64> = seen.iter().map(|x| x.1).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+    // Newest first: keys never increase; within a timestamp, later arrivals first.
+    for w in seen.windows(2) {
+        assert!(w[0].0 >= w[1].0);
+        if w[0].0 == w[1].0 {
+            assert!(w[0].1 > w[1].1);
+        }
+    }
+    // Filters AND-ed and counted.
+    let mut f = Map::new();
+    f.insert("source".into(), json!("agent"));
+    let page = s.list(Collection::Audit, Some(3), None, Some(&f), &project_audit).unwrap();
+    assert_eq!(page.pagination.total_count, 15);
+    assert!(page.pagination.has_more);
+    assert!(page.items.iter().all(|i| i["data"]["source"] == "agent"));
+    // A bare timestamp cursor means "strictly older".
+    let page = s
+        .list(Collection::Audit, None, Some("2026-02-15T10:30:02Z"), None, &project_audit)
+        .unwrap();
+    assert_eq!(page.items.len(), 12);
+    assert!(page.items.iter().all(|i| i["key"].as_str().unwrap() < "2026-02-15T10:30:02Z"));
+    // get returns the newest event under a key.
+    assert_eq!(s.audit_get("2026-02-15T10:30:04Z").unwrap().unwrap()["i"], 29);
+}
+
+#[tokio::test]
+async fn ascending_listing_with_cursor() {
+    let (_d, s) = open();
+    for k in ["b", "a", "d", "c", "e"] {
+        let (k2, v) = (k.to_string(), serde_json::to_vec(&json!({"n": k})).unwrap());
+        s.write(move |t, dbs| Ok(dbs.proxy_configs.put(t, k2.as_bytes(), &v)?))
+            .await
+            .unwrap();
+    }
+    let p = s.list(Collection::ProxyConfigs, Some(2), None, None, &project_plain).unwrap();
+    assert_eq!(p.items.iter().map(|i| i["key"].as_str().unwrap()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(p.pagination.next_cursor.as_deref(), Some("b"));
+    let p = s.list(Collection::ProxyConfigs, Some(2), Some("d"), None, &project_plain).unwrap();
+    assert_eq!(p.items.len(), 1);
+    assert!(!p.pagination.has_more);
+    assert_eq!(p.pagination.total_count, 5);
+}
+
+#[tokio::test]
+async fn replay_memory_refuses_reuse_and_expires() {
+    // Durability across a restart or kill -9 is covered by the integration tests.
+    let (_d, s) = open();
+    assert!(s.replay_remember(ReplayNs::RequestId, "req_1", 1000, 500).await.unwrap());
+    assert!(!s.replay_remember(ReplayNs::RequestId, "req_1", 1000, 600).await.unwrap());
+    // Another namespace is separate.
+    assert!(s.replay_remember(ReplayNs::TicketNonce, "req_1", 1000, 600).await.unwrap());
+    assert!(s.replay_seen(ReplayNs::RequestId, "req_1", 700).unwrap());
+    assert!(!s.replay_seen(ReplayNs::RequestId, "req_1", 1000).unwrap());
+    // Expired ids may be reused, and pruning removes them.
+    assert_eq!(s.prune(2000).await.unwrap(), 2);
+    assert!(s.replay_remember(ReplayNs::RequestId, "req_1", 3000, 2000).await.unwrap());
+}
+
+#[tokio::test]
+async fn concurrent_writes_are_group_committed_and_all_land() {
+    let (_d, s) = open();
+    let mut tasks = Vec::new();
+    for i in 0..400u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.replay_remember(ReplayNs::RequestId, &format!("req_{i}"), 10_000, 1).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap());
+    }
+    let r = s.read().unwrap();
+    assert_eq!(s.dbs().replay.len(&r).unwrap(), 400);
+}
+
+#[tokio::test]
+async fn map_full_fails_cleanly_and_keeps_earlier_data() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Store::open(d.path(), 1 << 20).unwrap();
+    s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"settings", b"{\"a\":1}")?))
+        .await
+        .unwrap();
+    let big = vec![7u8; 4 << 20];
+    let err = s
+        .write(move |t, dbs| Ok(dbs.vault_config.put(t, b"big", &big)?))
+        .await
+        .unwrap_err();
+    assert_eq!(err, StoreError::MapFull);
+    // Small writes still work and the earlier value is intact.
+    s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"small", b"{}")?))
+        .await
+        .unwrap();
+    assert_eq!(s.get_raw(Collection::VaultConfig, "settings").unwrap().unwrap(), b"{\"a\":1}");
+    assert!(s.get_raw(Collection::VaultConfig, "big").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_failing_job_does_not_fail_its_batch() {
+    let (_d, s) = open();
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.write(move |t, dbs| {
+                dbs.vault_config.put(t, format!("k{i}").as_bytes(), b"1")?;
+                if i % 5 == 0 {
+                    return Err(StoreError::Corrupt("test"));
+                }
+                Ok(())
+            })
+            .await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap().is_ok(), i % 5 != 0);
+    }
+    assert_eq!(s.count(Collection::VaultConfig).unwrap(), 40);
+    assert!(s.get_raw(Collection::VaultConfig, "k5").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn bind_code_lifecycle() {
+    let (_d, s) = open();
+    let rec = BindCode { expires_at: 100, used: false, sealed_secret: "abc".into() };
+    s.put_bind_code("c1", &rec).await.unwrap();
+    assert_eq!(s.complete_binding("nope", "k1", 50).await.unwrap(), BindOutcome::Expired);
+    assert_eq!(s.complete_binding("c1", "k1", 100).await.unwrap(), BindOutcome::Expired);
+    assert_eq!(
+        s.complete_binding("c1", "k1", 50).await.unwrap(),
+        BindOutcome::Bound { previous: None }
+    );
+    assert_eq!(s.complete_binding("c1", "k2", 50).await.unwrap(), BindOutcome::Used);
+    assert!(s.bind_code("c1").unwrap().unwrap().sealed_secret.is_empty());
+    assert_eq!(s.meta_get(META_HMAC_KEY_ID).unwrap().unwrap(), b"k1");
+}

@@ -1,0 +1,81 @@
+//! Group commit. One thread owns every write transaction: it takes all jobs
+//! waiting in the queue, runs each in a nested transaction of one parent,
+//! commits the parent once (one fsync for the batch) and only then answers
+//! each job. A job that fails aborts its nested transaction alone. If the
+//! batch commit itself fails, each job is retried in a transaction of its own
+//! so one oversized write cannot fail its neighbours.
+
+use super::{Dbs, StoreError};
+use heed::{Env, RwTxn, WithoutTls};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+pub(crate) type JobFn = Box<dyn FnMut(&mut RwTxn<'_>, &Dbs) -> Result<(), StoreError> + Send>;
+
+pub(crate) struct Job {
+    pub run: JobFn,
+    pub done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+pub(crate) const MAX_BATCH: usize = 512;
+
+pub(crate) fn spawn(env: &'static Env<WithoutTls>, dbs: Dbs) -> std::io::Result<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("lmdb-writer".into())
+        .spawn(move || run(env, dbs, rx))?;
+    Ok(tx)
+}
+
+fn run(env: &'static Env<WithoutTls>, dbs: Dbs, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        commit_batch(env, &dbs, batch);
+    }
+}
+
+fn commit_batch(env: &Env<WithoutTls>, dbs: &Dbs, mut batch: Vec<Job>) {
+    let outcome: Result<Vec<Result<(), StoreError>>, StoreError> = (|| {
+        let mut parent = env.write_txn()?;
+        let mut results = Vec::with_capacity(batch.len());
+        for job in batch.iter_mut() {
+            let mut child = env.nested_write_txn(&mut parent)?;
+            match (job.run)(&mut child, dbs) {
+                Ok(()) => {
+                    child.commit()?;
+                    results.push(Ok(()));
+                }
+                Err(e) => {
+                    child.abort();
+                    results.push(Err(e));
+                }
+            }
+        }
+        parent.commit()?;
+        Ok(results)
+    })();
+    match outcome {
+        Ok(results) => {
+            for (job, r) in batch.into_iter().zip(results) {
+                let _ = job.done.send(r);
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            for job in batch {
+                let _ = job.done.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = batch.len(), "batch commit failed; retrying jobs one by one");
+            for job in batch {
+                commit_batch(env, dbs, vec![job]);
+            }
+        }
+    }
+}
