@@ -1,5 +1,10 @@
 //! tokenvault-webhook: a hardware-backed Token Vault webhook appliance.
 
+pub mod binding;
+pub mod cli;
+pub mod config;
 pub mod keys;
 pub mod protocol;
+pub mod sandbox;
+pub mod server;
 pub mod store;

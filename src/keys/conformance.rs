@@ -69,7 +69,10 @@ pub fn seal_open_roundtrip_and_tamper(b: &dyn KeyBackend) {
     t[IV_LEN] ^= 1;
     assert_eq!(b.open(b"aad-1", &t), Err(KeyError::DecryptFailed));
     // Truncated input never reaches the device.
-    assert_eq!(b.open(b"aad-1", &sealed[..20]), Err(KeyError::DecryptFailed));
+    assert_eq!(
+        b.open(b"aad-1", &sealed[..20]),
+        Err(KeyError::DecryptFailed)
+    );
     // Fresh IV per seal.
     let again = b.seal(b"aad-1", b"ghp_secret").unwrap();
     assert_ne!(sealed[..IV_LEN], again[..IV_LEN]);

@@ -4,11 +4,11 @@
 //! Backends never touch LMDB: which HMAC key is active is recorded by the
 //! store, and handed to the backend with [`MacKeys::activate_hmac`].
 
+#[cfg(test)]
+pub mod conformance;
 pub mod pkcs11;
 #[cfg(test)]
 pub mod soft;
-#[cfg(test)]
-pub mod conformance;
 
 use secrecy::SecretSlice;
 use std::sync::Arc;

@@ -195,9 +195,7 @@ impl Pkcs11Backend {
 
     /// Creates the AES-256 key if absent. Returns true if it was created.
     pub fn ensure_aes_key(&self) -> Result<bool, SetupError> {
-        let s = self
-            .open_session()
-            .map_err(call("C_OpenSession/C_Login"))?;
+        let s = self.open_session().map_err(call("C_OpenSession/C_Login"))?;
         if find_one(&s.session, &aes_template())
             .map_err(call("C_FindObjects"))?
             .is_some()
@@ -372,8 +370,8 @@ impl Pkcs11Backend {
             }
             p.hmac = None;
         }
-        let token = find_one(&p.session, &hmac_template(Some(&id.0)))?
-            .ok_or(CkError::InvalidValue)?;
+        let token =
+            find_one(&p.session, &hmac_template(Some(&id.0)))?.ok_or(CkError::InvalidValue)?;
         let h = if self.copy_to_session {
             p.session.copy_object(token, &[Attribute::Token(false)])?
         } else {
@@ -474,7 +472,10 @@ impl MacKeys for Pkcs11Backend {
             return Err(KeyError::NoHmacKey);
         }
         let gen = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut g = self.active_hmac.write().map_err(|_| KeyError::Unavailable)?;
+        let mut g = self
+            .active_hmac
+            .write()
+            .map_err(|_| KeyError::Unavailable)?;
         *g = Some((id.clone(), gen));
         Ok(())
     }
@@ -490,7 +491,8 @@ impl MacKeys for Pkcs11Backend {
                     Attribute::Id(v) => Some(v),
                     _ => None,
                 });
-                let keep_it = matches!((keep, id), (Some(k), Some(v)) if k.0.as_bytes() == v.as_slice());
+                let keep_it =
+                    matches!((keep, id), (Some(k), Some(v)) if k.0.as_bytes() == v.as_slice());
                 if !keep_it {
                     p.session.destroy_object(h)?;
                     n += 1;
@@ -519,7 +521,9 @@ impl SealKeys for Pkcs11Backend {
             let mut iv = [0u8; IV_LEN];
             p.session.generate_random_slice(&mut iv)?;
             let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
-            let ct = p.session.encrypt(&Mechanism::AesGcm(params), h, plaintext)?;
+            let ct = p
+                .session
+                .encrypt(&Mechanism::AesGcm(params), h, plaintext)?;
             let mut out = Vec::with_capacity(IV_LEN + ct.len());
             out.extend_from_slice(&iv);
             out.extend_from_slice(&ct);

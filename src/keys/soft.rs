@@ -103,7 +103,13 @@ impl SealKeys for SoftBackend {
         self.fill_random(&mut iv)?;
         let ct = self
             .cipher()?
-            .encrypt(Nonce::from_slice(&iv), Payload { msg: plaintext, aad })
+            .encrypt(
+                Nonce::from_slice(&iv),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .map_err(|_| KeyError::InvalidInput)?;
         let mut out = iv.to_vec();
         out.extend_from_slice(&ct);

@@ -84,7 +84,10 @@ mod tests {
     fn allowlist_drops_unknown_and_credential_keys() {
         let meta = json!({"serviceName":"gh","accessToken":"x","weird":1,"tokenType":"JWT"});
         let out = public_meta(meta.as_object().unwrap());
-        assert_eq!(Value::Object(out), json!({"serviceName":"gh","tokenType":"JWT"}));
+        assert_eq!(
+            Value::Object(out),
+            json!({"serviceName":"gh","tokenType":"JWT"})
+        );
         for k in CREDENTIAL_KEYS {
             assert!(!META_ALLOWLIST.contains(k), "{k} must never be public");
         }

@@ -32,7 +32,9 @@ impl SignatureError {
 pub fn parse_signature_header(value: &str) -> Result<[u8; 32], SignatureError> {
     let hex_part = value
         .strip_prefix("sha256=")
-        .ok_or(SignatureError::Malformed("Signature header must start with sha256="))?;
+        .ok_or(SignatureError::Malformed(
+            "Signature header must start with sha256=",
+        ))?;
     if hex_part.len() != 64
         || !hex_part
             .bytes()

@@ -84,10 +84,7 @@ mod tests {
         assert_eq!(c.svc.as_deref(), Some("github"));
         assert_eq!(c.pur.as_deref(), Some("agent_credential"));
         assert_eq!(c.exp, Some(serde_json::json!(9999999999u64)));
-        assert_eq!(
-            c.nonce.as_deref(),
-            Some("deadbeefdeadbeefdeadbeefdeadbeef")
-        );
+        assert_eq!(c.nonce.as_deref(), Some("deadbeefdeadbeefdeadbeefdeadbeef"));
     }
 
     #[test]

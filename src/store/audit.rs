@@ -52,10 +52,6 @@ pub fn upper_bound(after: &str) -> Option<Vec<u8>> {
     Some(v)
 }
 
-pub fn valid_key(key: &str) -> bool {
-    !key.is_empty() && key.len() <= 256 && !key.contains('\0')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -173,8 +173,13 @@ impl Store {
     fn enqueue<T: Send + 'static>(
         &self,
         mut f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<(oneshot::Receiver<Result<(), StoreError>>, Arc<std::sync::Mutex<Option<T>>>), StoreError>
-    {
+    ) -> Result<
+        (
+            oneshot::Receiver<Result<(), StoreError>>,
+            Arc<std::sync::Mutex<Option<T>>>,
+        ),
+        StoreError,
+    > {
         let slot = Arc::new(std::sync::Mutex::new(None));
         let s2 = slot.clone();
         let (tx, rx) = oneshot::channel();
@@ -368,7 +373,11 @@ impl Store {
     }
 
     /// Sets a metadata value if absent; returns the stored value.
-    pub fn meta_get_or_init_blocking(&self, key: &'static [u8], value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    pub fn meta_get_or_init_blocking(
+        &self,
+        key: &'static [u8],
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
         self.write_blocking(move |txn, dbs| {
             if let Some(v) = dbs.meta.get(txn, key)? {
                 return Ok(v.to_vec());
@@ -395,7 +404,10 @@ impl Store {
         let prefix = audit::sort_prefix(key);
         let mut hi = prefix.clone();
         hi.extend_from_slice(&u64::MAX.to_be_bytes());
-        let range = (Bound::Included(prefix.as_slice()), Bound::Included(hi.as_slice()));
+        let range = (
+            Bound::Included(prefix.as_slice()),
+            Bound::Included(hi.as_slice()),
+        );
         for row in self.dbs.audit.rev_range(&r, &range)? {
             let (_, v) = row?;
             let rec: Value = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
@@ -526,7 +538,8 @@ fn bind_code_kv(code: &str, rec: &BindCode) -> Result<(Vec<u8>, Vec<u8>), StoreE
 
 fn decode_i64(v: &[u8]) -> Result<i64, StoreError> {
     Ok(i64::from_be_bytes(
-        v.try_into().map_err(|_| StoreError::Corrupt("replay entry"))?,
+        v.try_into()
+            .map_err(|_| StoreError::Corrupt("replay entry"))?,
     ))
 }
 

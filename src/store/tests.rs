@@ -29,19 +29,31 @@ async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
     // 30 events over 5 distinct timestamps, several per timestamp.
     for i in 0..30u32 {
         let ts = format!("2026-02-15T10:30:0{}Z", i % 5);
-        s.audit_append(ts, json!({"i": i, "source": if i % 2 == 0 {"agent"} else {"direct"}}))
-            .await
-            .unwrap();
+        s.audit_append(
+            ts,
+            json!({"i": i, "source": if i % 2 == 0 {"agent"} else {"direct"}}),
+        )
+        .await
+        .unwrap();
     }
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = s
-            .list(Collection::Audit, Some(7), after.as_deref(), None, &project_audit)
+            .list(
+                Collection::Audit,
+                Some(7),
+                after.as_deref(),
+                None,
+                &project_audit,
+            )
             .unwrap();
         assert_eq!(page.pagination.total_count, 30);
         for it in &page.items {
-            seen.push((it["key"].as_str().unwrap().to_string(), it["data"]["i"].as_u64().unwrap()));
+            seen.push((
+                it["key"].as_str().unwrap().to_string(),
+                it["data"]["i"].as_u64().unwrap(),
+            ));
         }
         if !page.pagination.has_more {
             break;
@@ -63,18 +75,32 @@ async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
     // Filters AND-ed and counted.
     let mut f = Map::new();
     f.insert("source".into(), json!("agent"));
-    let page = s.list(Collection::Audit, Some(3), None, Some(&f), &project_audit).unwrap();
+    let page = s
+        .list(Collection::Audit, Some(3), None, Some(&f), &project_audit)
+        .unwrap();
     assert_eq!(page.pagination.total_count, 15);
     assert!(page.pagination.has_more);
     assert!(page.items.iter().all(|i| i["data"]["source"] == "agent"));
     // A bare timestamp cursor means "strictly older".
     let page = s
-        .list(Collection::Audit, None, Some("2026-02-15T10:30:02Z"), None, &project_audit)
+        .list(
+            Collection::Audit,
+            None,
+            Some("2026-02-15T10:30:02Z"),
+            None,
+            &project_audit,
+        )
         .unwrap();
     assert_eq!(page.items.len(), 12);
-    assert!(page.items.iter().all(|i| i["key"].as_str().unwrap() < "2026-02-15T10:30:02Z"));
+    assert!(page
+        .items
+        .iter()
+        .all(|i| i["key"].as_str().unwrap() < "2026-02-15T10:30:02Z"));
     // get returns the newest event under a key.
-    assert_eq!(s.audit_get("2026-02-15T10:30:04Z").unwrap().unwrap()["i"], 29);
+    assert_eq!(
+        s.audit_get("2026-02-15T10:30:04Z").unwrap().unwrap()["i"],
+        29
+    );
 }
 
 #[tokio::test]
@@ -86,10 +112,32 @@ async fn ascending_listing_with_cursor() {
             .await
             .unwrap();
     }
-    let p = s.list(Collection::ProxyConfigs, Some(2), None, None, &project_plain).unwrap();
-    assert_eq!(p.items.iter().map(|i| i["key"].as_str().unwrap()).collect::<Vec<_>>(), ["a", "b"]);
+    let p = s
+        .list(
+            Collection::ProxyConfigs,
+            Some(2),
+            None,
+            None,
+            &project_plain,
+        )
+        .unwrap();
+    assert_eq!(
+        p.items
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
     assert_eq!(p.pagination.next_cursor.as_deref(), Some("b"));
-    let p = s.list(Collection::ProxyConfigs, Some(2), Some("d"), None, &project_plain).unwrap();
+    let p = s
+        .list(
+            Collection::ProxyConfigs,
+            Some(2),
+            Some("d"),
+            None,
+            &project_plain,
+        )
+        .unwrap();
     assert_eq!(p.items.len(), 1);
     assert!(!p.pagination.has_more);
     assert_eq!(p.pagination.total_count, 5);
@@ -99,15 +147,27 @@ async fn ascending_listing_with_cursor() {
 async fn replay_memory_refuses_reuse_and_expires() {
     // Durability across a restart or kill -9 is covered by the integration tests.
     let (_d, s) = open();
-    assert!(s.replay_remember(ReplayNs::RequestId, "req_1", 1000, 500).await.unwrap());
-    assert!(!s.replay_remember(ReplayNs::RequestId, "req_1", 1000, 600).await.unwrap());
+    assert!(s
+        .replay_remember(ReplayNs::RequestId, "req_1", 1000, 500)
+        .await
+        .unwrap());
+    assert!(!s
+        .replay_remember(ReplayNs::RequestId, "req_1", 1000, 600)
+        .await
+        .unwrap());
     // Another namespace is separate.
-    assert!(s.replay_remember(ReplayNs::TicketNonce, "req_1", 1000, 600).await.unwrap());
+    assert!(s
+        .replay_remember(ReplayNs::TicketNonce, "req_1", 1000, 600)
+        .await
+        .unwrap());
     assert!(s.replay_seen(ReplayNs::RequestId, "req_1", 700).unwrap());
     assert!(!s.replay_seen(ReplayNs::RequestId, "req_1", 1000).unwrap());
     // Expired ids may be reused, and pruning removes them.
     assert_eq!(s.prune(2000).await.unwrap(), 2);
-    assert!(s.replay_remember(ReplayNs::RequestId, "req_1", 3000, 2000).await.unwrap());
+    assert!(s
+        .replay_remember(ReplayNs::RequestId, "req_1", 3000, 2000)
+        .await
+        .unwrap());
 }
 
 #[tokio::test]
@@ -117,7 +177,8 @@ async fn concurrent_writes_are_group_committed_and_all_land() {
     for i in 0..400u32 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.replay_remember(ReplayNs::RequestId, &format!("req_{i}"), 10_000, 1).await
+            s.replay_remember(ReplayNs::RequestId, &format!("req_{i}"), 10_000, 1)
+                .await
         }));
     }
     for t in tasks {
@@ -144,7 +205,12 @@ async fn map_full_fails_cleanly_and_keeps_earlier_data() {
     s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"small", b"{}")?))
         .await
         .unwrap();
-    assert_eq!(s.get_raw(Collection::VaultConfig, "settings").unwrap().unwrap(), b"{\"a\":1}");
+    assert_eq!(
+        s.get_raw(Collection::VaultConfig, "settings")
+            .unwrap()
+            .unwrap(),
+        b"{\"a\":1}"
+    );
     assert!(s.get_raw(Collection::VaultConfig, "big").unwrap().is_none());
 }
 
@@ -175,15 +241,28 @@ async fn a_failing_job_does_not_fail_its_batch() {
 #[tokio::test]
 async fn bind_code_lifecycle() {
     let (_d, s) = open();
-    let rec = BindCode { expires_at: 100, used: false, sealed_secret: "abc".into() };
+    let rec = BindCode {
+        expires_at: 100,
+        used: false,
+        sealed_secret: "abc".into(),
+    };
     s.put_bind_code("c1", &rec).await.unwrap();
-    assert_eq!(s.complete_binding("nope", "k1", 50).await.unwrap(), BindOutcome::Expired);
-    assert_eq!(s.complete_binding("c1", "k1", 100).await.unwrap(), BindOutcome::Expired);
+    assert_eq!(
+        s.complete_binding("nope", "k1", 50).await.unwrap(),
+        BindOutcome::Expired
+    );
+    assert_eq!(
+        s.complete_binding("c1", "k1", 100).await.unwrap(),
+        BindOutcome::Expired
+    );
     assert_eq!(
         s.complete_binding("c1", "k1", 50).await.unwrap(),
         BindOutcome::Bound { previous: None }
     );
-    assert_eq!(s.complete_binding("c1", "k2", 50).await.unwrap(), BindOutcome::Used);
+    assert_eq!(
+        s.complete_binding("c1", "k2", 50).await.unwrap(),
+        BindOutcome::Used
+    );
     assert!(s.bind_code("c1").unwrap().unwrap().sealed_secret.is_empty());
     assert_eq!(s.meta_get(META_HMAC_KEY_ID).unwrap().unwrap(), b"k1");
 }

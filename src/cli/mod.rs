@@ -1,0 +1,344 @@
+//! Command line: `dev`, `serve`, `init`, `register-url`, `configtest`.
+
+pub mod dev;
+
+use crate::config::{Config, Profile, DEFAULT_CONFIG_PATH};
+use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
+use crate::keys::{Backend, KeyBackendBase, RandomSource};
+use crate::server::listener::{load_tls, serve, ServeOptions};
+use crate::server::{app, AppState, Settings};
+use crate::store::{Store, META_WEBHOOK_ID};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use secrecy::SecretString;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tokenvault-webhook",
+    version,
+    about = "Hardware-backed Token Vault webhook appliance"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A complete throwaway appliance in DIR (own SoftHSM token, self-signed
+    /// TLS, DIR/config.toml), in the foreground. Re-running reuses DIR.
+    Dev {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Listen address (default 127.0.0.1:8443, or what DIR/config.toml says).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Key backend: pkcs11 (SoftHSM2).
+        #[arg(long, default_value = "pkcs11")]
+        backend: String,
+    },
+    /// Serve HTTPS with the configured keys and store.
+    Serve,
+    /// Create the AES key in the HSM, the store and the webhook id (idempotent).
+    Init,
+    /// Print a one-time registration URL (JSON) for binding to Token Vault.
+    RegisterUrl,
+    /// Check the configuration file and exit.
+    Configtest,
+}
+
+pub fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Sets what the PKCS#11 module reads from the environment. Must run before
+/// any thread exists.
+pub fn prepare_module_env(cfg: &Config) {
+    if let Some(conf) = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .and_then(|p| p.softhsm_conf.as_ref())
+    {
+        // SAFETY: called from main before the runtime or any thread starts.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    }
+}
+
+/// Reads a PIN from a file that only its owner can read.
+pub fn read_secret_file(path: &Path) -> Result<SecretString> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let raw = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    let pin = raw.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(SecretString::from(pin.to_string()))
+}
+
+fn read_pin(cfg: &Config) -> Result<SecretString> {
+    let p = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .ok_or_else(|| anyhow!("[keys.pkcs11] missing"))?;
+    if let Some(f) = &p.pin_file {
+        return read_secret_file(f);
+    }
+    if let Some(name) = &p.pin_credential {
+        let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+            .ok_or_else(|| anyhow!("pin_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)"))?;
+        return read_secret_file(&Path::new(&dir).join(name));
+    }
+    bail!("no PIN source configured")
+}
+
+pub fn open_pkcs11(cfg: &Config) -> Result<Arc<Pkcs11Backend>> {
+    let p = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .ok_or_else(|| anyhow!("[keys.pkcs11] missing"))?;
+    let module = match &p.module {
+        Some(m) => m.clone(),
+        None => find_softhsm_module().ok_or_else(|| {
+            anyhow!("no PKCS#11 module configured and SoftHSM2 not found (apt-get install softhsm2, or set keys.pkcs11.module)")
+        })?,
+    };
+    let ctx = open_module(&module)?;
+    let pin = read_pin(cfg)?;
+    Ok(Arc::new(Pkcs11Backend::connect(
+        ctx,
+        &p.token_label,
+        pin,
+        p.sessions,
+        p.copy_keys_to_session,
+    )?))
+}
+
+fn refuse_root(cfg: &Config) -> Result<()> {
+    if crate::sandbox::is_root() && cfg.profile != Profile::Dev {
+        bail!("refusing to run as root; run as the tokenvault-webhook user (profile = \"dev\" allows root for development)");
+    }
+    Ok(())
+}
+
+/// `init`: AES key, store, webhook id. Idempotent.
+pub fn init(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
+    if backend.ensure_aes_key()? {
+        tracing::info!("AES-256 key created in the HSM (sensitive, non-extractable)");
+    }
+    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let mut rnd = [0u8; 12];
+    backend.fill_random(&mut rnd)?;
+    let id = store.meta_get_or_init_blocking(
+        META_WEBHOOK_ID,
+        format!("wh_{}", hex::encode(rnd)).into_bytes(),
+    )?;
+    Ok((store, String::from_utf8_lossy(&id).into_owned()))
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Configtest => {
+            let cfg = Config::load(&cli.config)?;
+            let mut problems = Vec::new();
+            for (what, p) in [("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
+                if !p.exists() {
+                    problems.push(format!("{what}: {} does not exist", p.display()));
+                }
+            }
+            if problems.is_empty() {
+                if let Err(e) = load_tls(&cfg.tls.cert, &cfg.tls.key) {
+                    problems.push(e.to_string());
+                }
+            }
+            if let Some(p) = &cfg.keys.pkcs11 {
+                if p.module.is_none() && find_softhsm_module().is_none() {
+                    problems.push("keys.pkcs11.module unset and SoftHSM2 not found".into());
+                }
+                if let Some(f) = &p.pin_file {
+                    if let Err(e) = read_secret_file(f) {
+                        problems.push(e.to_string());
+                    }
+                }
+            }
+            if problems.is_empty() {
+                println!("{}: configuration OK", cli.config.display());
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("{}: {p}", cli.config.display());
+                }
+                bail!("{} problem(s) found", problems.len())
+            }
+        }
+        Command::Init => {
+            let cfg = load_for_run(&cli.config)?;
+            refuse_root(&cfg)?;
+            let backend = open_pkcs11(&cfg)?;
+            let (_store, id) = init(&cfg, &backend)?;
+            println!(
+                "initialised: webhook id {id}, store {}",
+                cfg.store.path.display()
+            );
+            Ok(())
+        }
+        Command::RegisterUrl => {
+            let cfg = load_for_run(&cli.config)?;
+            refuse_root(&cfg)?;
+            let backend = open_pkcs11(&cfg)?;
+            let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+            let backend: Backend = backend;
+            let (reg, rec) = crate::binding::prepare(
+                &backend,
+                &cfg.binding.frontend_url,
+                &cfg.public_url(cfg.server.listen),
+                cfg.binding.code_ttl_secs,
+                crate::server::now(),
+            )?;
+            store.put_bind_code_blocking(&reg.code, &rec)?;
+            println!("{}", serde_json::to_string_pretty(&reg)?);
+            Ok(())
+        }
+        Command::Serve => {
+            let cfg = load_for_run(&cli.config)?;
+            refuse_root(&cfg)?;
+            let backend = open_pkcs11(&cfg)?;
+            let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+            run_server(cfg, backend, store, None)
+        }
+        Command::Dev {
+            dir,
+            listen,
+            backend,
+        } => dev::run(&dir, listen, &backend),
+    }
+}
+
+/// Loads the config, exports module settings and starts logging: everything
+/// that must happen before any thread exists.
+pub fn load_for_run(path: &Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    prepare_module_env(&cfg);
+    init_logging(&cfg.log.level, cfg.log.json);
+    Ok(cfg)
+}
+
+pub fn run_server(
+    cfg: Config,
+    backend: Arc<Pkcs11Backend>,
+    store: Store,
+    listen: Option<SocketAddr>,
+) -> Result<()> {
+    if !backend.aes_key_present() {
+        bail!("no AES key in the HSM: run `tokenvault-webhook --config FILE init` first");
+    }
+    let webhook_id = store
+        .meta_get(META_WEBHOOK_ID)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .ok_or_else(|| {
+            anyhow!("store not initialised: run `tokenvault-webhook --config FILE init` first")
+        })?;
+    let dyn_backend: Backend = backend;
+    let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
+    let tls = load_tls(&cfg.tls.cert, &cfg.tls.key)?;
+    let listen = listen.unwrap_or(cfg.server.listen);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tvw-worker")
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let bound_addr = listener.local_addr()?;
+        let public_url = cfg.public_url(bound_addr);
+        let state = AppState::new(
+            dyn_backend,
+            store.clone(),
+            Settings {
+                public_url: public_url.clone(),
+                frontend_url: cfg.binding.frontend_url.clone(),
+                code_ttl_secs: cfg.binding.code_ttl_secs,
+                body_limit: cfg.server.body_limit_bytes,
+                webhook_id: webhook_id.clone(),
+            },
+            bound,
+        );
+        let pruner = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                match pruner.prune(crate::server::now()).await {
+                    Ok(n) if n > 0 => tracing::debug!(removed = n, "pruned replay memory"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "pruning failed"),
+                }
+            }
+        });
+        let opts = ServeOptions {
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+            handshake_timeout: Duration::from_secs(cfg.server.handshake_timeout_secs),
+            header_timeout: Duration::from_secs(cfg.server.header_timeout_secs),
+            idle_timeout: Duration::from_secs(cfg.server.idle_timeout_secs),
+            max_connections: cfg.server.max_connections,
+        };
+        tracing::info!(webhook_id = %webhook_id, bound, "tokenvault-webhook {} serving", crate::protocol::VERSION);
+        eprintln!("READY {public_url} (listening on {bound_addr})");
+        if !bound {
+            eprintln!(
+                "Not bound yet. From this machine run:\n  tokenvault-webhook --config {} register-url\nor open https://{}/bind in a browser here, then open the registrationUrl it gives.",
+                "<config>",
+                bound_addr
+            );
+        }
+        serve(listener, tls, app(state), opts, shutdown_signal()).await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,297 @@
+//! Strict, versioned configuration (TOML). Unknown keys are errors.
+//! The fully commented reference is `packaging/config.reference.toml`,
+//! which a test parses so the two cannot drift.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tokenvault-webhook/config.toml";
+pub const REFERENCE_CONFIG: &str = include_str!("../packaging/config.reference.toml");
+pub const CONFIG_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub version: u32,
+    #[serde(default)]
+    pub profile: Profile,
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub keys: KeysConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub binding: BindingConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    #[default]
+    Production,
+    Dev,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// The public HTTPS URL Token Vault will call. Defaults to https://<listen>.
+    pub public_url: Option<String>,
+    #[serde(default = "d_body_limit")]
+    pub body_limit_bytes: usize,
+    #[serde(default = "d_handshake")]
+    pub handshake_timeout_secs: u64,
+    #[serde(default = "d_header")]
+    pub header_timeout_secs: u64,
+    #[serde(default = "d_idle")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "d_max_conns")]
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    #[serde(default)]
+    pub backend: KeyBackendKind,
+    pub pkcs11: Option<Pkcs11Config>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyBackendKind {
+    #[default]
+    Pkcs11,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// Module path; default: the first SoftHSM2 found at the usual paths.
+    pub module: Option<PathBuf>,
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600 or stricter).
+    pub pin_file: Option<PathBuf>,
+    /// Name of a systemd credential holding the PIN ($CREDENTIALS_DIRECTORY/<name>).
+    pub pin_credential: Option<String>,
+    /// SoftHSM only: its configuration file (sets SOFTHSM2_CONF for the module).
+    pub softhsm_conf: Option<PathBuf>,
+    #[serde(default = "d_sessions")]
+    pub sessions: usize,
+    #[serde(default = "d_true")]
+    pub copy_keys_to_session: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    #[serde(default = "d_map_size")]
+    pub map_size_mib: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    #[serde(default = "d_frontend")]
+    pub frontend_url: String,
+    #[serde(default = "d_bind_ttl")]
+    pub code_ttl_secs: i64,
+}
+
+impl Default for BindingConfig {
+    fn default() -> Self {
+        BindingConfig {
+            frontend_url: d_frontend(),
+            code_ttl_secs: d_bind_ttl(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "d_level")]
+    pub level: String,
+    #[serde(default)]
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: d_level(),
+            json: false,
+        }
+    }
+}
+
+fn d_body_limit() -> usize {
+    1 << 20
+}
+fn d_handshake() -> u64 {
+    10
+}
+fn d_header() -> u64 {
+    10
+}
+fn d_idle() -> u64 {
+    60
+}
+fn d_max_conns() -> usize {
+    4096
+}
+fn d_sessions() -> usize {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_map_size() -> usize {
+    1024
+}
+fn d_frontend() -> String {
+    "https://tokenvault.uk".into()
+}
+fn d_bind_ttl() -> i64 {
+    300
+}
+fn d_level() -> String {
+    "info".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}: {1}")]
+    Parse(PathBuf, String),
+    #[error("{0}: {1}")]
+    Invalid(PathBuf, String),
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let mut c = Self::parse(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        // Relative paths are relative to the config file's directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.resolve_paths(base);
+        c.validate()
+            .map_err(|e| ConfigError::Invalid(path.into(), e))?;
+        Ok(c)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.store.path);
+        if let Some(p) = self.keys.pkcs11.as_mut() {
+            for f in [&mut p.module, &mut p.pin_file, &mut p.softhsm_conf]
+                .into_iter()
+                .flatten()
+            {
+                fix(f);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != CONFIG_VERSION {
+            return Err(format!(
+                "unsupported config version {} (this build reads version {CONFIG_VERSION})",
+                self.version
+            ));
+        }
+        match (&self.keys.backend, &self.keys.pkcs11) {
+            (KeyBackendKind::Pkcs11, None) => return Err("[keys.pkcs11] is required".into()),
+            (KeyBackendKind::Pkcs11, Some(p)) => {
+                if p.pin_file.is_some() == p.pin_credential.is_some() {
+                    return Err(
+                        "set exactly one of keys.pkcs11.pin_file and keys.pkcs11.pin_credential"
+                            .into(),
+                    );
+                }
+                if p.token_label.is_empty() || p.token_label.len() > 32 {
+                    return Err("keys.pkcs11.token_label must be 1-32 characters".into());
+                }
+                if p.sessions == 0 || p.sessions > 256 {
+                    return Err("keys.pkcs11.sessions must be 1-256".into());
+                }
+            }
+        }
+        if let Some(u) = &self.server.public_url {
+            let parsed = url::Url::parse(u).map_err(|e| format!("server.public_url: {e}"))?;
+            if parsed.scheme() != "https" {
+                return Err("server.public_url must be https".into());
+            }
+        }
+        let f = url::Url::parse(&self.binding.frontend_url)
+            .map_err(|e| format!("binding.frontend_url: {e}"))?;
+        if f.scheme() != "https" && self.profile != Profile::Dev {
+            return Err("binding.frontend_url must be https".into());
+        }
+        if self.server.body_limit_bytes < 1024 || self.server.body_limit_bytes > 64 << 20 {
+            return Err("server.body_limit_bytes must be between 1 KiB and 64 MiB".into());
+        }
+        if self.store.map_size_mib == 0 || self.store.map_size_mib > 1 << 20 {
+            return Err("store.map_size_mib must be between 1 and 1048576".into());
+        }
+        if !(60..=3600).contains(&self.binding.code_ttl_secs) {
+            return Err("binding.code_ttl_secs must be 60-3600".into());
+        }
+        Ok(())
+    }
+
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.server.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("https://{bound}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_config_parses_and_validates() {
+        let c = Config::parse(REFERENCE_CONFIG).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.version, 1);
+        assert_eq!(c.server.body_limit_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_versions_are_refused() {
+        let bad = REFERENCE_CONFIG.replace("[server]", "[server]\nlisten_typo = 1");
+        assert!(Config::parse(&bad).unwrap_err().contains("listen_typo"));
+        let v2 = REFERENCE_CONFIG.replace("version = 1", "version = 2");
+        assert!(Config::parse(&v2).unwrap().validate().is_err());
+        let http = REFERENCE_CONFIG.replace(
+            "# public_url = \"https://webhook.example.com\"",
+            "public_url = \"http://webhook.example.com\"",
+        );
+        assert!(Config::parse(&http).unwrap().validate().is_err());
+    }
+}

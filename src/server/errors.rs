@@ -1,0 +1,57 @@
+//! Domain → HTTP error mapping, one `match` per domain error type.
+
+use crate::binding::BindError;
+use crate::keys::KeyError;
+use crate::protocol::ApiError;
+use crate::store::StoreError;
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Unavailable | KeyError::NoAesKey => ApiError::KeysUnavailable,
+            KeyError::NoHmacKey => ApiError::SetupRequired,
+            KeyError::DecryptFailed | KeyError::InvalidInput => {
+                tracing::error!(error = %e, "key operation failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::MapFull => {
+                tracing::error!("LMDB map is full; raise store.map_size_mib");
+                ApiError::InsufficientStorage
+            }
+            StoreError::Corrupt(_) | StoreError::Lmdb(_) | StoreError::Closed => {
+                tracing::error!(error = %e, "store error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<BindError> for ApiError {
+    fn from(e: BindError) -> Self {
+        match e {
+            BindError::Keys(k) => k.into(),
+            BindError::Store(s) => s.into(),
+            BindError::Expired => ApiError::CodeExpired,
+            BindError::Used => ApiError::CodeUsed,
+            BindError::BadFrontend => {
+                tracing::error!("binding.frontend_url is not a valid URL");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

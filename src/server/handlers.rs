@@ -1,0 +1,341 @@
+//! Health, storage and exchange.
+
+use super::auth::{read_body, Signed};
+use super::{now, AppState};
+use crate::binding;
+use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
+use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
+use crate::protocol::{ApiError, CAPABILITIES, VERSION};
+use crate::store::{Projected, StoreError};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+// ---- health -------------------------------------------------------------
+
+fn health_body(s: &AppState) -> Value {
+    let mut healthy = s.backend.healthy();
+    if !healthy {
+        // Probe so a device that came back is noticed without a restart.
+        healthy = s.backend.probe().is_ok();
+    }
+    let token_count = s.store.count(Collection::Tokens);
+    let status = if healthy && token_count.is_ok() {
+        "healthy"
+    } else {
+        "degraded"
+    };
+    json!({
+        "status": status,
+        "version": VERSION,
+        "keyConfigured": s.backend.aes_key_present(),
+        "capabilities": CAPABILITIES,
+        "uptime": s.started.elapsed().as_secs(),
+        "tokenCount": token_count.unwrap_or(0),
+    })
+}
+
+pub async fn health_public(State(s): State<AppState>) -> Json<Value> {
+    Json(health_body(&s))
+}
+
+pub async fn health_signed(State(s): State<AppState>, signed: Signed) -> Json<Value> {
+    let mut v = health_body(&s);
+    if let Some(rid) = body_request_id(&signed) {
+        v["requestId"] = Value::String(rid);
+    }
+    Json(v)
+}
+
+fn body_request_id(signed: &Signed) -> Option<String> {
+    serde_json::from_slice::<Value>(&signed.body)
+        .ok()
+        .and_then(|v| {
+            v.get("requestId")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+}
+
+// ---- exchange -----------------------------------------------------------
+
+pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, &parts.headers, s.settings.body_limit).await?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?;
+    let code = v
+        .get("code")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| ApiError::invalid("Missing required field: code"))?;
+    if code.len() > 64 {
+        return Err(ApiError::CodeExpired);
+    }
+    let ex = binding::exchange(&s.backend, &s.store, code, now()).await?;
+    s.set_bound();
+    tracing::info!(webhook_id = %s.settings.webhook_id, "bound: HMAC key installed from exchange");
+    // Build the answer in zeroizing memory; it is wiped when hyper drops it.
+    let secret_b64 = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD.encode(ex.secret.as_slice()),
+    );
+    let body = zeroize::Zeroizing::new(
+        serde_json::to_vec(&json!({
+            "hmacSecret": secret_b64.as_str(),
+            "webhookId": s.settings.webhook_id,
+            "version": VERSION,
+            "capabilities": CAPABILITIES,
+        }))
+        .map_err(|_| ApiError::Internal)?,
+    );
+    let mut resp = Response::new(Body::from(Bytes::from_owner(body)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+// ---- storage ------------------------------------------------------------
+
+const MAX_KEY_LEN: usize = 256;
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty() && k.len() <= MAX_KEY_LEN && !k.contains('\0')
+}
+
+fn required_key(r: &StorageRequest) -> Result<String, ApiError> {
+    let k = r
+        .key
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid("Missing required field: key"))?;
+    if !valid_key(k) {
+        return Err(ApiError::invalid(format!(
+            "Field key must be 1-{MAX_KEY_LEN} bytes without NUL"
+        )));
+    }
+    Ok(k.to_string())
+}
+
+fn collection(name: Option<&str>) -> Result<Collection, ApiError> {
+    let name = name.ok_or_else(|| ApiError::invalid("Missing required field: collection"))?;
+    Collection::parse(name).ok_or_else(|| ApiError::invalid("Unknown collection"))
+}
+
+/// What a token document looks like outside the appliance: never its fields.
+fn token_view(raw: &[u8], key: &str) -> Result<Value, StoreError> {
+    let doc: TokenDocument =
+        serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    let mut meta = public_meta(&doc.meta);
+    meta.entry("serviceName")
+        .or_insert_with(|| Value::String(key.to_string()));
+    Ok(json!({"v": doc.v, "alg": doc.alg, "meta": meta}))
+}
+
+fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Projected, StoreError> {
+    move |k: &[u8], v: &[u8]| {
+        let key = String::from_utf8_lossy(k).into_owned();
+        match c {
+            Collection::Tokens => {
+                let view = token_view(v, &key)?;
+                let meta = view["meta"].as_object().cloned().unwrap_or_default();
+                Ok(Projected {
+                    item: json!({"key": key, "meta": meta}),
+                    filter_on: meta,
+                })
+            }
+            Collection::Audit => {
+                let rec: Value =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
+                let data = rec.get("data").cloned().unwrap_or(Value::Null);
+                Ok(Projected {
+                    filter_on: data.as_object().cloned().unwrap_or_default(),
+                    item: json!({"key": rec.get("key").cloned().unwrap_or(Value::Null), "data": data}),
+                })
+            }
+            Collection::ProxyConfigs | Collection::VaultConfig => {
+                let data: Value =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("document"))?;
+                Ok(Projected {
+                    filter_on: data.as_object().cloned().unwrap_or_default(),
+                    item: json!({"key": key, "data": data}),
+                })
+            }
+        }
+    }
+}
+
+fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiError> {
+    let limit = match o.limit {
+        None => None,
+        Some(l) if l >= 1 => Some(l as usize),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "options.limit must be a positive integer",
+            ))
+        }
+    };
+    let r = s.store.list(
+        c,
+        limit,
+        o.after.as_deref(),
+        o.filters.as_ref(),
+        &project(c),
+    )?;
+    Ok(serde_json::to_value(r).map_err(|_| ApiError::Internal)?)
+}
+
+/// Metadata writes to `tokens`. Credential material only enters through
+/// `/v1/store`; here it is refused, so nothing plaintext reaches LMDB.
+fn token_meta_update(data: &Value) -> Result<Map<String, Value>, ApiError> {
+    let obj = data
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("Field data must be an object"))?;
+    let refuse = || {
+        ApiError::invalid("Credential fields cannot be written through /v1/storage; use /v1/store")
+    };
+    if obj
+        .get("fields")
+        .is_some_and(|f| !f.is_null() && f.as_object().is_none_or(|o| !o.is_empty()))
+    {
+        return Err(refuse());
+    }
+    let meta = match obj.get("meta") {
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(ApiError::invalid("Field data.meta must be an object")),
+        None => obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "v" | "alg" | "fields"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    if CREDENTIAL_KEYS
+        .iter()
+        .any(|k| obj.contains_key(*k) || meta.contains_key(*k))
+    {
+        return Err(refuse());
+    }
+    Ok(meta)
+}
+
+pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
+    let req: StorageRequest = serde_json::from_slice(&signed.body)
+        .map_err(|_| ApiError::invalid("Request body must be a JSON storage request"))?;
+    let rid = req
+        .request_id
+        .clone()
+        .unwrap_or_else(|| signed.request_id.clone());
+    let op = req
+        .operation
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid("Missing required field: operation"))?;
+    let mut out = match op {
+        "list_batch" => {
+            let cols = req
+                .collections
+                .as_ref()
+                .ok_or_else(|| ApiError::invalid("Missing required field: collections"))?;
+            let opts = req.options.unwrap_or_default();
+            let mut results = Map::new();
+            for name in cols {
+                if let Some(c) = Collection::parse(name) {
+                    results.insert(name.clone(), list_one(&s, c, &opts)?);
+                }
+            }
+            json!({"results": results})
+        }
+        "list" => {
+            let c = collection(req.collection.as_deref())?;
+            list_one(&s, c, &req.options.unwrap_or_default())?
+        }
+        "get" => {
+            let c = collection(req.collection.as_deref())?;
+            let key = required_key(&req)?;
+            let data = match c {
+                Collection::Audit => s.store.audit_get(&key)?,
+                Collection::Tokens => s
+                    .store
+                    .get_raw(c, &key)?
+                    .map(|raw| token_view(&raw, &key))
+                    .transpose()?,
+                _ => s
+                    .store
+                    .get_raw(c, &key)?
+                    .map(|raw| serde_json::from_slice(&raw))
+                    .transpose()
+                    .map_err(|_| StoreError::Corrupt("document"))?,
+            };
+            json!({"data": data})
+        }
+        "set" => {
+            let c = collection(req.collection.as_deref())?;
+            let key = required_key(&req)?;
+            let data = req
+                .data
+                .clone()
+                .filter(|d| !d.is_null())
+                .ok_or_else(|| ApiError::invalid("Missing required field: data"))?;
+            match c {
+                Collection::Audit => s.store.audit_append(key, data).await?,
+                Collection::Tokens => {
+                    let meta = token_meta_update(&data)?;
+                    s.store
+                        .write(move |txn, dbs| {
+                            let mut doc = match dbs.tokens.get(txn, key.as_bytes())? {
+                                Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
+                                    .map_err(|_| StoreError::Corrupt("token document"))?,
+                                None => TokenDocument {
+                                    v: 1,
+                                    alg: "none".into(),
+                                    fields: Default::default(),
+                                    meta: Map::new(),
+                                },
+                            };
+                            for (k, v) in &meta {
+                                if !META_PROTECTED.contains(&k.as_str()) {
+                                    doc.meta.insert(k.clone(), v.clone());
+                                }
+                            }
+                            doc.meta
+                                .entry("serviceName")
+                                .or_insert_with(|| Value::String(key.clone()));
+                            let raw = serde_json::to_vec(&doc)
+                                .map_err(|_| StoreError::Corrupt("token document"))?;
+                            dbs.tokens.put(txn, key.as_bytes(), &raw)?;
+                            Ok(())
+                        })
+                        .await?
+                }
+                Collection::ProxyConfigs | Collection::VaultConfig => {
+                    let raw = serde_json::to_vec(&data).map_err(|_| ApiError::Internal)?;
+                    let db = s.store.dbs().collection(c);
+                    s.store
+                        .write(move |txn, _| Ok(db.put(txn, key.as_bytes(), &raw)?))
+                        .await?
+                }
+            }
+            json!({"status": "ok"})
+        }
+        "delete" => {
+            let c = collection(req.collection.as_deref())?;
+            let key = required_key(&req)?;
+            if c == Collection::Audit {
+                return Err(ApiError::invalid("The audit collection is append-only"));
+            }
+            let db = s.store.dbs().collection(c);
+            s.store
+                .write(move |txn, _| Ok(db.delete(txn, key.as_bytes())?))
+                .await?;
+            json!({"status": "ok"})
+        }
+        _ => return Err(ApiError::invalid("Unknown operation")),
+    };
+    out["requestId"] = Value::String(rid);
+    Ok((StatusCode::OK, Json(out)).into_response())
+}

@@ -1,0 +1,124 @@
+//! HTTP layer: `app(state) -> Router`, the TLS accept loop, middleware.
+
+pub mod auth;
+pub mod bind;
+pub mod errors;
+pub mod handlers;
+pub mod listener;
+
+use crate::keys::Backend;
+use crate::store::Store;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Peer address of the TCP connection, set by the accept loop.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl PeerAddr {
+    pub fn is_loopback(&self) -> bool {
+        match self.0.ip() {
+            std::net::IpAddr::V4(v4) => v4.is_loopback(),
+            std::net::IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        }
+    }
+}
+
+pub struct Settings {
+    pub public_url: String,
+    pub frontend_url: String,
+    pub code_ttl_secs: i64,
+    pub body_limit: usize,
+    pub webhook_id: String,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Backend,
+    pub store: Store,
+    pub settings: Arc<Settings>,
+    pub started: Instant,
+    bound: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(backend: Backend, store: Store, settings: Settings, bound: bool) -> Self {
+        AppState {
+            backend,
+            store,
+            settings: Arc::new(settings),
+            started: Instant::now(),
+            bound: Arc::new(AtomicBool::new(bound)),
+        }
+    }
+    pub fn is_bound(&self) -> bool {
+        self.bound.load(Ordering::Acquire)
+    }
+    pub fn set_bound(&self) {
+        self.bound.store(true, Ordering::Release);
+    }
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/v1/health",
+            get(handlers::health_public).post(handlers::health_signed),
+        )
+        .route("/v1/storage", post(handlers::storage))
+        .route("/v1/exchange", post(handlers::exchange))
+        .route("/v1/register-url", get(bind::register_url))
+        .route("/bind", get(bind::bind_page).post(bind::bind_start))
+        .fallback(errors::not_found)
+        .method_not_allowed_fallback(errors::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access_log,
+        ))
+        .with_state(state)
+}
+
+/// One line per request: method, path (no query), status, latency, request
+/// id, peer. Never a body, ticket or secret header.
+async fn access_log(State(_s): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let rid = req
+        .headers()
+        .get(crate::protocol::signature::REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::protocol::signature::validate_request_id(v).is_ok())
+        .map(str::to_string);
+    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let resp = next.run(req).await;
+    tracing::info!(
+        target: "access",
+        method = %method,
+        path = %path,
+        status = resp.status().as_u16(),
+        latency_us = start.elapsed().as_micros() as u64,
+        request_id = rid.as_deref().unwrap_or("-"),
+        peer = %peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests;
