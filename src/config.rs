@@ -24,6 +24,9 @@ pub struct Config {
     pub binding: BindingConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The file this was loaded from.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -187,6 +190,7 @@ impl Config {
         // Relative paths are relative to the config file's directory.
         let base = path.parent().unwrap_or(Path::new("."));
         c.resolve_paths(base);
+        c.source = path.to_path_buf();
         c.validate()
             .map_err(|e| ConfigError::Invalid(path.into(), e))?;
         Ok(c)

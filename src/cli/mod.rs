@@ -61,6 +61,7 @@ pub fn init_logging(level: &str, json: bool) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(true);
     if json {
         b.json().init();
@@ -319,7 +320,7 @@ pub fn run_server(
         if !bound {
             eprintln!(
                 "Not bound yet. From this machine run:\n  tokenvault-webhook --config {} register-url\nor open https://{}/bind in a browser here, then open the registrationUrl it gives.",
-                "<config>",
+                cfg.source.display(),
                 bound_addr
             );
         }

@@ -297,42 +297,58 @@ impl Pkcs11Backend {
         }
     }
 
-    /// Runs `f` on a pooled session. A device error drops the session, marks
-    /// the backend unhealthy and returns `Unavailable`; the next call opens a
-    /// fresh session, so a token that comes back is used again.
+    /// Runs `f` on a pooled session. On a device or session error the pool
+    /// is emptied and `f` is retried once on a fresh session (a token that
+    /// came back is used again without a restart); if that fails too the
+    /// backend is marked unhealthy and `Unavailable` is returned.
     fn with_session<T>(
         &self,
-        f: impl FnOnce(&mut Pooled) -> Result<T, CkError>,
+        mut f: impl FnMut(&mut Pooled) -> Result<T, CkError>,
     ) -> Result<T, KeyError> {
-        let popped = self.pool.lock().ok().and_then(|mut p| p.pop());
-        let mut p = match popped {
-            Some(p) => p,
-            None => self.open_session().map_err(|e| {
-                tracing::error!(error = %e, "PKCS#11 session could not be opened");
-                self.healthy.store(false, Ordering::Relaxed);
-                KeyError::Unavailable
-            })?,
-        };
-        match f(&mut p) {
-            Ok(v) => {
-                self.healthy.store(true, Ordering::Relaxed);
-                self.give_back(p);
-                Ok(v)
-            }
-            Err(e) if is_device_error(&e) => {
-                tracing::error!(error = %e, "PKCS#11 operation failed; session dropped");
-                self.healthy.store(false, Ordering::Relaxed);
-                Err(KeyError::Unavailable)
-            }
-            Err(CkError::InvalidValue) => {
-                self.give_back(p);
-                Err(KeyError::NoHmacKey)
-            }
-            Err(e) => {
-                // Data errors (bad tag etc.): the session is fine but its
-                // operation state is unknown, so do not reuse it.
-                tracing::debug!(error = %e, "PKCS#11 data error");
-                Err(KeyError::DecryptFailed)
+        let mut fresh = false;
+        loop {
+            let popped = if fresh {
+                None
+            } else {
+                self.pool.lock().ok().and_then(|mut p| p.pop())
+            };
+            let mut p = match popped {
+                Some(p) => p,
+                None => self.open_session().map_err(|e| {
+                    tracing::error!(error = %e, "PKCS#11 session could not be opened");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    KeyError::Unavailable
+                })?,
+            };
+            match f(&mut p) {
+                Ok(v) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    self.give_back(p);
+                    return Ok(v);
+                }
+                Err(e) if is_device_error(&e) => {
+                    drop(p);
+                    if let Ok(mut pool) = self.pool.lock() {
+                        pool.clear();
+                    }
+                    if fresh {
+                        tracing::error!(error = %e, "PKCS#11 operation failed on a fresh session");
+                        self.healthy.store(false, Ordering::Relaxed);
+                        return Err(KeyError::Unavailable);
+                    }
+                    tracing::warn!(error = %e, "PKCS#11 session failed; retrying on a fresh session");
+                    fresh = true;
+                }
+                Err(CkError::InvalidValue) => {
+                    self.give_back(p);
+                    return Err(KeyError::NoHmacKey);
+                }
+                Err(e) => {
+                    // Data errors (bad tag etc.): the session is fine but its
+                    // operation state is unknown, so it is not reused.
+                    tracing::debug!(error = %e, "PKCS#11 data error");
+                    return Err(KeyError::DecryptFailed);
+                }
             }
         }
     }
@@ -594,12 +610,36 @@ pub mod testing {
 
 #[cfg(test)]
 mod tests {
+    use super::{GcmParams, Mechanism, Ulong};
+    use crate::keys::{KeyBackendBase, MacKeys, SealKeys};
+
     #[test]
     fn softhsm_backend_conforms_and_keys_are_non_extractable() {
         let t = super::testing::fresh_token();
         super::super::conformance::run_all(&t.backend);
         let (sensitive, extractable) = t.backend.aes_key_attributes().unwrap();
         assert!(sensitive && !extractable);
+
+        // Pull the login from under the pool: C_Logout destroys the private
+        // session-object key copies of every pooled session.
+        let sealed = t.backend.seal(b"a", b"before").unwrap();
+        {
+            let pool = t.backend.pool.lock().unwrap();
+            assert!(!pool.is_empty());
+            pool[0].session.logout().unwrap();
+            // The scenario is real: pooled key handles are now dead.
+            let p = pool.iter().find(|p| p.aes.is_some()).unwrap();
+            let mut iv = [0u8; 12];
+            let params = GcmParams::new(&mut iv, b"", Ulong::from(128u64)).unwrap();
+            assert!(p
+                .session
+                .encrypt(&Mechanism::AesGcm(params), p.aes.unwrap(), b"x")
+                .is_err());
+        }
+        // The next operations recover on a fresh session, without a restart.
+        assert_eq!(t.backend.open(b"a", &sealed).unwrap().as_slice(), b"before");
+        t.backend.hmac_sha256(b"x").unwrap();
+        assert!(t.backend.healthy());
         // No key bytes in any token file in plaintext form is SoftHSM's job;
         // our job is that nothing outside the token dir holds key material.
         assert!(t.dir.path().join("tokens").exists());

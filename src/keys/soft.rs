@@ -10,9 +10,18 @@ use sha2::Sha256;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+/// Installed HMAC keys by id, and the active id.
+type HmacKeys = (HashMap<String, Zeroizing<Vec<u8>>>, Option<String>);
+
 pub struct SoftBackend {
     aes: Option<Zeroizing<[u8; 32]>>,
-    hmac: Mutex<(HashMap<String, Zeroizing<Vec<u8>>>, Option<String>)>,
+    hmac: Mutex<HmacKeys>,
+}
+
+impl Default for SoftBackend {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SoftBackend {

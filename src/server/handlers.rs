@@ -188,7 +188,7 @@ fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiEr
         o.filters.as_ref(),
         &project(c),
     )?;
-    Ok(serde_json::to_value(r).map_err(|_| ApiError::Internal)?)
+    serde_json::to_value(r).map_err(|_| ApiError::Internal)
 }
 
 /// Metadata writes to `tokens`. Credential material only enters through

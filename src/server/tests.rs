@@ -1,1 +1,882 @@
+//! Handler tests with `oneshot` (test-only software key backend, real LMDB).
 
+use super::*;
+use crate::keys::soft::SoftBackend;
+use crate::protocol::storage::Collection;
+use crate::store::BindCode;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+struct T {
+    _dir: tempfile::TempDir,
+    state: AppState,
+    secret: Option<Vec<u8>>,
+}
+
+fn state_with(map_mib: usize, body_limit: usize) -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), map_mib << 20).unwrap();
+    let backend: Backend = Arc::new(SoftBackend::new());
+    let state = AppState::new(
+        backend,
+        store,
+        Settings {
+            public_url: "https://hook.example.com".into(),
+            frontend_url: "https://tokenvault.uk".into(),
+            code_ttl_secs: 300,
+            body_limit,
+            webhook_id: "wh_test".into(),
+        },
+        false,
+    );
+    T {
+        _dir: dir,
+        state,
+        secret: None,
+    }
+}
+
+const LOOPBACK: &str = "127.0.0.1:5000";
+const REMOTE: &str = "203.0.113.9:5000";
+
+async fn send(t: &T, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let resp = app(t.state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, v, headers)
+}
+
+fn req(method: Method, path: &str, peer: Option<&str>, body: Vec<u8>) -> Request<Body> {
+    let mut r = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    if let Some(p) = peer {
+        r.extensions_mut().insert(PeerAddr(p.parse().unwrap()));
+    }
+    r
+}
+
+fn sign(secret: &[u8], ts: &str, body: &[u8]) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(ts.as_bytes());
+    m.update(b".");
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+fn signed_req(secret: &[u8], path: &str, body: &Value, rid: &str, ts: i64) -> Request<Body> {
+    let raw = serde_json::to_vec(body).unwrap();
+    let ts = ts.to_string();
+    let mut r = req(Method::POST, path, Some(LOOPBACK), raw.clone());
+    let h = r.headers_mut();
+    h.insert(
+        "x-tokenvault-signature",
+        sign(secret, &ts, &raw).parse().unwrap(),
+    );
+    h.insert("x-tokenvault-timestamp", ts.parse().unwrap());
+    h.insert("x-tokenvault-request-id", rid.parse().unwrap());
+    r
+}
+
+static RID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+fn rid() -> String {
+    format!(
+        "req_{:012x}",
+        RID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+async fn call(t: &T, path: &str, body: Value) -> (StatusCode, Value) {
+    let (s, v, _) = send(
+        t,
+        signed_req(t.secret.as_ref().unwrap(), path, &body, &rid(), now()),
+    )
+    .await;
+    (s, v)
+}
+
+async fn register(t: &T) -> Value {
+    let (s, v, h) = send(
+        t,
+        req(Method::GET, "/v1/register-url", Some(LOOPBACK), vec![]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["cache-control"], "no-store");
+    v
+}
+
+async fn bind(t: &mut T) {
+    let reg = register(t).await;
+    let (s, v, _) = send(
+        t,
+        req(
+            Method::POST,
+            "/v1/exchange",
+            None,
+            serde_json::to_vec(&json!({"code": reg["code"]})).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(v["hmacSecret"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(secret.len(), 32);
+    t.secret = Some(secret);
+}
+
+#[tokio::test]
+async fn health_get_head_and_shape() {
+    let t = state_with(16, 1 << 20);
+    let (s, v, _) = send(&t, req(Method::GET, "/v1/health", None, vec![])).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["keyConfigured"], true);
+    assert_eq!(v["capabilities"], json!(crate::protocol::CAPABILITIES));
+    assert_eq!(v["tokenCount"], 0);
+    assert!(v["uptime"].is_u64());
+    assert_eq!(v["version"], crate::protocol::VERSION);
+    let (s, v, _) = send(&t, req(Method::HEAD, "/v1/health", None, vec![])).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, Value::Null);
+    // keyConfigured reflects the backend.
+    let mut t2 = state_with(16, 1 << 20);
+    t2.state.backend = Arc::new(SoftBackend::without_aes());
+    let (_, v, _) = send(&t2, req(Method::GET, "/v1/health", None, vec![])).await;
+    assert_eq!(v["keyConfigured"], false);
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_are_json() {
+    let t = state_with(16, 1 << 20);
+    let (s, v, _) = send(&t, req(Method::GET, "/nope", None, vec![])).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, v, _) = send(&t, req(Method::DELETE, "/v1/storage", None, vec![])).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+}
+
+#[tokio::test]
+async fn signed_endpoints_need_binding_first() {
+    let t = state_with(16, 1 << 20);
+    let secret = [7u8; 32];
+    for path in ["/v1/storage", "/v1/health"] {
+        let (s, v, _) = send(
+            &t,
+            signed_req(
+                &secret,
+                path,
+                &json!({"operation":"list","collection":"tokens"}),
+                &rid(),
+                now(),
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        assert_eq!(v["error"], "setup_required");
+        assert_eq!(v["message"], "Complete /v1/exchange first");
+    }
+}
+
+#[tokio::test]
+async fn register_url_is_loopback_only_and_well_formed() {
+    let t = state_with(16, 1 << 20);
+    for peer in [Some(REMOTE), None, Some("[2001:db8::1]:443")] {
+        let (s, v, _) = send(&t, req(Method::GET, "/v1/register-url", peer, vec![])).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{peer:?}");
+        assert_eq!(v["error"], "not_found");
+        let (s, _, _) = send(&t, req(Method::GET, "/bind", peer, vec![])).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        let (s, _, _) = send(&t, req(Method::POST, "/bind", peer, vec![])).await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+    // IPv6 loopback and v4-mapped loopback are local.
+    for peer in ["[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+        let (s, _, _) = send(&t, req(Method::GET, "/v1/register-url", Some(peer), vec![])).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let reg = register(&t).await;
+    assert_eq!(reg["expiresIn"], 300);
+    assert_eq!(reg["webhookUrl"], "https://hook.example.com");
+    let code = reg["code"].as_str().unwrap();
+    assert_eq!(uuid::Uuid::parse_str(code).unwrap().get_version_num(), 4);
+    let url = url::Url::parse(reg["registrationUrl"].as_str().unwrap()).unwrap();
+    assert_eq!(url.origin().ascii_serialization(), "https://tokenvault.uk");
+    assert_eq!(url.path(), "/vault/webhook-bind");
+    let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["code"], code);
+    let wu = base64::engine::general_purpose::STANDARD
+        .decode(&q["webhook_url"])
+        .unwrap();
+    assert_eq!(wu, b"https://hook.example.com");
+    // The raw query is properly encoded (base64 '=' and '+' escaped).
+    let raw_wu = url
+        .query()
+        .unwrap()
+        .split('&')
+        .find_map(|p| p.strip_prefix("webhook_url="))
+        .unwrap();
+    assert!(
+        raw_wu
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'%'),
+        "{raw_wu}"
+    );
+    // hmac_hash is the SHA-256 of the secret the exchange later returns.
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/exchange",
+            None,
+            serde_json::to_vec(&json!({"code": code})).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let secret = base64::engine::general_purpose::STANDARD
+        .decode(v["hmacSecret"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&secret)), q["hmac_hash"]);
+    assert_eq!(v["webhookId"], "wh_test");
+    assert_eq!(v["capabilities"], json!(crate::protocol::CAPABILITIES));
+    assert_eq!(v["version"], crate::protocol::VERSION);
+}
+
+#[tokio::test]
+async fn bind_page_and_button() {
+    let mut t = state_with(16, 1 << 20);
+    let (s, v, _) = send(&t, req(Method::GET, "/bind", Some(LOOPBACK), vec![])).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.as_str().unwrap().contains("Connect to TokenVault"));
+    let (s, _, h) = send(&t, req(Method::POST, "/bind", Some(LOOPBACK), vec![])).await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    assert!(h["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("https://tokenvault.uk/vault/webhook-bind?code="));
+    bind(&mut t).await;
+    let (_, v, _) = send(&t, req(Method::GET, "/bind", Some(LOOPBACK), vec![])).await;
+    assert!(v.as_str().unwrap().contains("wh_test"));
+    let (_, v, _) = send(
+        &t,
+        req(Method::GET, "/bind?force=1", Some(LOOPBACK), vec![]),
+    )
+    .await;
+    assert!(v.as_str().unwrap().contains("Connect to TokenVault"));
+}
+
+#[tokio::test]
+async fn exchange_errors() {
+    let t = state_with(16, 1 << 20);
+    let ex = |body: Value| {
+        req(
+            Method::POST,
+            "/v1/exchange",
+            None,
+            serde_json::to_vec(&body).unwrap(),
+        )
+    };
+    let (s, v, _) = send(
+        &t,
+        ex(json!({"code": "550e8400-e29b-41d4-a716-446655440000"})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::GONE, Some("code_expired"))
+    );
+    assert_eq!(v["message"], "Registration code expired or not found");
+    let (s, v, _) = send(&t, ex(json!({}))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let (s, _, _) = send(
+        &t,
+        req(Method::POST, "/v1/exchange", None, b"not json".to_vec()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Expired code.
+    t.state
+        .store
+        .put_bind_code(
+            "old",
+            &BindCode {
+                expires_at: now() - 1,
+                used: false,
+                sealed_secret: "x".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let (s, v, _) = send(&t, ex(json!({"code": "old"}))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::GONE, Some("code_expired"))
+    );
+    // Used code.
+    let reg = register(&t).await;
+    let (s, _, _) = send(&t, ex(json!({"code": reg["code"]}))).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v, _) = send(&t, ex(json!({"code": reg["code"]}))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::GONE, Some("code_used"))
+    );
+    assert_eq!(v["message"], "Registration code already used");
+    assert!(!v.to_string().contains("hmacSecret"));
+}
+
+#[tokio::test]
+async fn rebind_rotates_the_hmac_key() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let old = t.secret.clone().unwrap();
+    assert_eq!(call(&t, "/v1/health", json!({})).await.0, StatusCode::OK);
+    bind(&mut t).await;
+    assert_ne!(t.secret.as_ref().unwrap(), &old);
+    assert_eq!(call(&t, "/v1/health", json!({})).await.0, StatusCode::OK);
+    let (s, v, _) = send(
+        &t,
+        signed_req(&old, "/v1/health", &json!({}), &rid(), now()),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("auth_failed"))
+    );
+}
+
+#[tokio::test]
+async fn hmac_failures_and_replay() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let secret = t.secret.clone().unwrap();
+    let body = json!({"operation":"list","collection":"tokens"});
+    let bad = |r: Request<Body>| async {
+        let (s, v, _) = send(&t, r).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("auth_failed")),
+            "{v}"
+        );
+        v
+    };
+    // Wrong secret.
+    bad(signed_req(&[9u8; 32], "/v1/storage", &body, &rid(), now())).await;
+    // Stale and future timestamps.
+    bad(signed_req(
+        &secret,
+        "/v1/storage",
+        &body,
+        &rid(),
+        now() - 301,
+    ))
+    .await;
+    bad(signed_req(
+        &secret,
+        "/v1/storage",
+        &body,
+        &rid(),
+        now() + 301,
+    ))
+    .await;
+    // Missing and malformed headers.
+    for h in [
+        "x-tokenvault-signature",
+        "x-tokenvault-timestamp",
+        "x-tokenvault-request-id",
+    ] {
+        let mut r = signed_req(&secret, "/v1/storage", &body, &rid(), now());
+        r.headers_mut().remove(h);
+        bad(r).await;
+    }
+    let mut r = signed_req(&secret, "/v1/storage", &body, &rid(), now());
+    let up = r.headers()["x-tokenvault-signature"]
+        .to_str()
+        .unwrap()
+        .to_uppercase()
+        .replace("SHA256=", "sha256=");
+    r.headers_mut()
+        .insert("x-tokenvault-signature", up.parse().unwrap());
+    bad(r).await;
+    // The body is verified as received: re-serialising (spaces) breaks the MAC.
+    let mut r = signed_req(&secret, "/v1/storage", &body, &rid(), now());
+    let sig = r.headers()["x-tokenvault-signature"].clone();
+    let ts = r.headers()["x-tokenvault-timestamp"].clone();
+    let id = rid();
+    r = req(
+        Method::POST,
+        "/v1/storage",
+        Some(LOOPBACK),
+        br#"{"operation": "list", "collection": "tokens"}"#.to_vec(),
+    );
+    r.headers_mut().insert("x-tokenvault-signature", sig);
+    r.headers_mut().insert("x-tokenvault-timestamp", ts);
+    r.headers_mut()
+        .insert("x-tokenvault-request-id", id.parse().unwrap());
+    bad(r).await;
+    // A failed signature does not burn the id: the genuine request still goes through once.
+    let id = rid();
+    bad(signed_req(&[9u8; 32], "/v1/storage", &body, &id, now())).await;
+    let (s, _, _) = send(&t, signed_req(&secret, "/v1/storage", &body, &id, now())).await;
+    assert_eq!(s, StatusCode::OK);
+    let v = bad(signed_req(&secret, "/v1/storage", &body, &id, now())).await;
+    assert_eq!(v["message"], "Request id already used");
+}
+
+#[tokio::test]
+async fn storage_operations_and_errors() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    // set/get/delete on proxy_configs and vault_config; requestId echoed.
+    let (s, v) = call(&t, "/v1/storage", json!({"requestId":"req_x1","operation":"set","collection":"proxy_configs","key":"proxy-abc","data":{"name":"GitHub MCP","upstreamUrl":"https://api.github.com/mcp","serviceName":"github"}})).await;
+    assert_eq!(
+        (s, v),
+        (StatusCode::OK, json!({"requestId":"req_x1","status":"ok"}))
+    );
+    let (_, v) = call(&t, "/v1/storage", json!({"requestId":"req_x2","operation":"get","collection":"proxy_configs","key":"proxy-abc"})).await;
+    assert_eq!(v["data"]["upstreamUrl"], "https://api.github.com/mcp");
+    assert_eq!(v["requestId"], "req_x2");
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"vault_config","key":"settings"}),
+    )
+    .await;
+    assert_eq!(v["data"], Value::Null);
+    call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"set","collection":"vault_config","key":"settings","data":{"a":1}}),
+    )
+    .await;
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"vault_config","key":"settings"}),
+    )
+    .await;
+    assert_eq!(v["data"], json!({"a":1}));
+    let (s, _) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"delete","collection":"proxy_configs","key":"proxy-abc"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"proxy_configs","key":"proxy-abc"}),
+    )
+    .await;
+    assert_eq!(v["data"], Value::Null);
+
+    // Errors.
+    for (body, msg) in [
+        (
+            json!({"collection":"tokens"}),
+            "Missing required field: operation",
+        ),
+        (
+            json!({"operation":"frobnicate","collection":"tokens"}),
+            "Unknown operation",
+        ),
+        (
+            json!({"operation":"list","collection":"secrets"}),
+            "Unknown collection",
+        ),
+        (
+            json!({"operation":"list"}),
+            "Missing required field: collection",
+        ),
+        (
+            json!({"operation":"get","collection":"tokens"}),
+            "Missing required field: key",
+        ),
+        (
+            json!({"operation":"set","collection":"vault_config","key":"k"}),
+            "Missing required field: data",
+        ),
+        (
+            json!({"operation":"delete","collection":"audit","key":"2026-01-01T00:00:00Z"}),
+            "The audit collection is append-only",
+        ),
+        (
+            json!({"operation":"list_batch"}),
+            "Missing required field: collections",
+        ),
+        (
+            json!({"operation":"list","collection":"tokens","options":{"limit":0}}),
+            "options.limit must be a positive integer",
+        ),
+    ] {
+        let (s, v) = call(&t, "/v1/storage", body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(v, json!({"error":"invalid_request","message":msg}));
+    }
+    let (s, _) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"tokens","key":""}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"tokens","key":"x".repeat(300)}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, _) = call(&t, "/v1/storage", json!([1, 2])).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn tokens_never_leave_with_credentials() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    // A sealed document as /v1/store will write it.
+    let sealed = t.state.backend.seal(b"aad", b"ghp_supersecret").unwrap();
+    let doc = json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken": base64::engine::general_purpose::STANDARD.encode(&sealed)},
+        "meta":{"serviceName":"github","tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","hasRefreshToken":false,"internalNote":"x"}});
+    let raw = serde_json::to_vec(&doc).unwrap();
+    t.state
+        .store
+        .write(move |txn, dbs| Ok(dbs.tokens.put(txn, b"github", &raw)?))
+        .await
+        .unwrap();
+
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens"}),
+    )
+    .await;
+    assert_eq!(
+        v["items"],
+        json!([{"key":"github","meta":{"serviceName":"github","tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","hasRefreshToken":false}}])
+    );
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"tokens","key":"github"}),
+    )
+    .await;
+    assert!(v["data"].get("fields").is_none());
+    assert_eq!(v["data"]["meta"]["serviceName"], "github");
+    let text = v.to_string();
+    assert!(!text.contains(&base64::engine::general_purpose::STANDARD.encode(&sealed)));
+
+    // Metadata updates keep the sealed fields and protected meta.
+    let (s, _) = call(&t, "/v1/storage", json!({"operation":"set","collection":"tokens","key":"github","data":{"meta":{"displayName":"GH","hasRefreshToken":true}}})).await;
+    assert_eq!(s, StatusCode::OK);
+    let stored: Value = serde_json::from_slice(
+        &t.state
+            .store
+            .get_raw(Collection::Tokens, "github")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["fields"], doc["fields"]);
+    assert_eq!(stored["meta"]["displayName"], "GH");
+    assert_eq!(stored["meta"]["hasRefreshToken"], false);
+
+    // Credential material through /v1/storage is refused and writes nothing.
+    for data in [
+        json!({"accessToken":"ghp_x"}),
+        json!({"meta":{"refreshToken":"r"}}),
+        json!({"v":1,"alg":"none","fields":{"accessToken":"ghp_x"},"meta":{}}),
+        json!({"totpSecret":"JBSWY3DPEHPK3PXP"}),
+    ] {
+        let (s, v) = call(
+            &t,
+            "/v1/storage",
+            json!({"operation":"set","collection":"tokens","key":"other","data":data}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(!v.to_string().contains("ghp_x") && !v.to_string().contains("JBSW"));
+    }
+    assert!(t
+        .state
+        .store
+        .get_raw(Collection::Tokens, "other")
+        .unwrap()
+        .is_none());
+
+    // Filters on tokens match meta; list_batch skips unknown collections.
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens","options":{"filters":{"tokenType":"JWT"}}}),
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let (_, v) = call(&t, "/v1/storage", json!({"operation":"list","collection":"tokens","options":{"filters":{"tokenType":"PlainText"}}})).await;
+    assert_eq!(v["items"], json!([]));
+    assert_eq!(v["pagination"]["totalCount"], 0);
+    let (_, v) = call(&t, "/v1/storage", json!({"requestId":"req_b","operation":"list_batch","collections":["tokens","nope","audit"]})).await;
+    assert_eq!(
+        v["results"].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["audit", "tokens"]
+    );
+    assert_eq!(v["results"]["tokens"]["items"][0]["key"], "github");
+    assert_eq!(v["requestId"], "req_b");
+    let (_, v) = call(&t, "/v1/health", json!({})).await;
+    assert_eq!(v["tokenCount"], 1);
+}
+
+#[tokio::test]
+async fn limits_clamp_and_pages_walk() {
+    let mut t = state_with(64, 1 << 20);
+    bind(&mut t).await;
+    for i in 0..250 {
+        let k = format!("svc-{i:03}");
+        let raw =
+            serde_json::to_vec(&json!({"v":1,"alg":"none","meta":{"serviceName":k}})).unwrap();
+        t.state
+            .store
+            .write(move |txn, dbs| Ok(dbs.tokens.put(txn, k.as_bytes(), &raw)?))
+            .await
+            .unwrap();
+    }
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens","options":{"limit":500}}),
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 200);
+    assert_eq!(
+        v["pagination"],
+        json!({"hasMore":true,"nextCursor":"svc-199","totalCount":250})
+    );
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens"}),
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 250, "default is all");
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens","options":{"limit":200,"after":"svc-199"}}),
+    )
+    .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 50);
+    assert_eq!(v["items"][0]["key"], "svc-200");
+    assert_eq!(v["pagination"]["hasMore"], false);
+}
+
+#[tokio::test]
+async fn body_limit_and_full_store() {
+    let mut t = state_with(1, 8 << 20);
+    bind(&mut t).await;
+    // A write larger than the map: 507, nothing written, earlier data intact.
+    call(&t, "/v1/storage", json!({"operation":"set","collection":"vault_config","key":"settings","data":{"keep":true}})).await;
+    let (s, v) = call(&t, "/v1/storage", json!({"operation":"set","collection":"vault_config","key":"big","data":{"blob":"x".repeat(3 << 20)}})).await;
+    assert_eq!(s, StatusCode::INSUFFICIENT_STORAGE);
+    assert_eq!(v["error"], "insufficient_storage");
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"vault_config","key":"settings"}),
+    )
+    .await;
+    assert_eq!(v["data"], json!({"keep":true}));
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"vault_config","key":"big"}),
+    )
+    .await;
+    assert_eq!(v["data"], Value::Null);
+
+    let mut small = state_with(16, 4096);
+    bind(&mut small).await;
+    let (s, v) = call(&small, "/v1/storage", json!({"operation":"set","collection":"vault_config","key":"k","data":{"blob":"x".repeat(5000)}})).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"], "payload_too_large");
+}
+
+#[tokio::test]
+async fn audit_via_storage_keeps_duplicates_newest_first() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    for i in 0..3 {
+        call(&t, "/v1/storage", json!({"operation":"set","collection":"audit","key":"2026-02-15T10:30:00Z","data":{"event_type":"SECRET_ACCESS","n":i}})).await;
+    }
+    call(&t, "/v1/storage", json!({"operation":"set","collection":"audit","key":"2026-02-15T10:31:00Z","data":{"event_type":"TOKEN_REFRESH","n":3}})).await;
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"audit"}),
+    )
+    .await;
+    let ns: Vec<i64> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ns, [3, 2, 1, 0]);
+    assert_eq!(v["items"][0]["key"], "2026-02-15T10:31:00Z");
+    let (_, v) = call(&t, "/v1/storage", json!({"operation":"list","collection":"audit","options":{"filters":{"event_type":"SECRET_ACCESS"},"limit":2}})).await;
+    assert_eq!(v["pagination"]["totalCount"], 3);
+    assert_eq!(v["pagination"]["hasMore"], true);
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"get","collection":"audit","key":"2026-02-15T10:30:00Z"}),
+    )
+    .await;
+    assert_eq!(v["data"]["n"], 2);
+}
+
+/// Delegates to the software backend; while `down`, every device call fails.
+struct Flaky {
+    inner: SoftBackend,
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Flaky {
+    fn check(&self) -> Result<(), crate::keys::KeyError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(crate::keys::KeyError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl crate::keys::KeyBackendBase for Flaky {
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+    fn healthy(&self) -> bool {
+        self.check().is_ok()
+    }
+    fn aes_key_present(&self) -> bool {
+        true
+    }
+    fn probe(&self) -> Result<(), crate::keys::KeyError> {
+        self.check()
+    }
+}
+impl crate::keys::RandomSource for Flaky {
+    fn fill_random(&self, b: &mut [u8]) -> Result<(), crate::keys::KeyError> {
+        self.check()?;
+        self.inner.fill_random(b)
+    }
+}
+impl crate::keys::MacKeys for Flaky {
+    fn install_hmac(
+        &self,
+        s: &secrecy::SecretSlice<u8>,
+    ) -> Result<crate::keys::HmacKeyId, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.install_hmac(s)
+    }
+    fn activate_hmac(&self, id: &crate::keys::HmacKeyId) -> Result<(), crate::keys::KeyError> {
+        self.check()?;
+        self.inner.activate_hmac(id)
+    }
+    fn destroy_hmac_except(
+        &self,
+        k: Option<&crate::keys::HmacKeyId>,
+    ) -> Result<usize, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.destroy_hmac_except(k)
+    }
+    fn hmac_sha256(&self, d: &[u8]) -> Result<[u8; 32], crate::keys::KeyError> {
+        self.check()?;
+        self.inner.hmac_sha256(d)
+    }
+}
+impl crate::keys::SealKeys for Flaky {
+    fn seal(&self, a: &[u8], p: &[u8]) -> Result<Vec<u8>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.seal(a, p)
+    }
+    fn open(
+        &self,
+        a: &[u8],
+        s: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.open(a, s)
+    }
+}
+
+#[tokio::test]
+async fn hsm_outage_is_503_and_degraded_then_recovers() {
+    let mut t = state_with(16, 1 << 20);
+    let flaky = Arc::new(Flaky {
+        inner: SoftBackend::new(),
+        down: false.into(),
+    });
+    t.state.backend = flaky.clone();
+    bind(&mut t).await;
+    assert_eq!(call(&t, "/v1/health", json!({})).await.0, StatusCode::OK);
+    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (s, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"tokens"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(v["error"], "hsm_unavailable");
+    let (_, v, _) = send(&t, req(Method::GET, "/v1/health", None, vec![])).await;
+    assert_eq!(v["status"], "degraded");
+    let (s, _, _) = send(
+        &t,
+        req(Method::GET, "/v1/register-url", Some(LOOPBACK), vec![]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    // The device comes back: no restart needed.
+    flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (_, v, _) = send(&t, req(Method::GET, "/v1/health", None, vec![])).await;
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(
+        call(
+            &t,
+            "/v1/storage",
+            json!({"operation":"list","collection":"tokens"})
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+}

@@ -91,6 +91,11 @@ const META_AUDIT_SEQ: &[u8] = b"audit_seq";
 const META_SCHEMA: &[u8] = b"schema_version";
 const SCHEMA_VERSION: &[u8] = b"1";
 
+type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
+type Done = oneshot::Receiver<Result<(), StoreError>>;
+/// Turns a stored (key, value) into a listing item.
+pub type Projector<'a> = &'a dyn Fn(&[u8], &[u8]) -> Result<Projected, StoreError>;
+
 /// One item of a listing: what goes on the wire, and what filters look at.
 pub struct Projected {
     pub item: Value,
@@ -173,13 +178,7 @@ impl Store {
     fn enqueue<T: Send + 'static>(
         &self,
         mut f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<
-        (
-            oneshot::Receiver<Result<(), StoreError>>,
-            Arc<std::sync::Mutex<Option<T>>>,
-        ),
-        StoreError,
-    > {
+    ) -> Result<(Done, Slot<T>), StoreError> {
         let slot = Arc::new(std::sync::Mutex::new(None));
         let s2 = slot.clone();
         let (tx, rx) = oneshot::channel();
@@ -197,7 +196,7 @@ impl Store {
         Ok((rx, slot))
     }
 
-    fn take<T>(slot: Arc<std::sync::Mutex<Option<T>>>) -> Result<T, StoreError> {
+    fn take<T>(slot: Slot<T>) -> Result<T, StoreError> {
         slot.lock()
             .ok()
             .and_then(|mut g| g.take())
@@ -441,7 +440,7 @@ impl Store {
         limit: Option<usize>,
         after: Option<&str>,
         filters: Option<&Map<String, Value>>,
-        project: &dyn Fn(&[u8], &[u8]) -> Result<Projected, StoreError>,
+        project: Projector<'_>,
     ) -> Result<ListResult, StoreError> {
         let r = self.read()?;
         let db = self.dbs.collection(c);

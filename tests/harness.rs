@@ -1,0 +1,280 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Test harness: the real binary, real TLS, a fresh SoftHSM token and LMDB
+//! store per appliance (inside its own temp dir), killed on drop.
+#![allow(dead_code)]
+
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault-webhook");
+
+pub fn require_softhsm() {
+    let found = [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib64/pkcs11/libsofthsm2.so",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists());
+    assert!(
+        found,
+        "SoftHSM2 is required (apt-get install softhsm2); this test does not skip"
+    );
+}
+
+pub struct Appliance {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    pub base: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub client: reqwest::Client,
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Appliance {
+    /// `dev --dir DIR --listen 127.0.0.1:0` in a new temp dir.
+    pub fn start_new() -> (tempfile::TempDir, Appliance) {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Appliance::start_dev(&tmp.path().join("appliance"));
+        (tmp, a)
+    }
+
+    pub fn start_dev(dir: &Path) -> Appliance {
+        require_softhsm();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("dev")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0");
+        Self::spawn(cmd, dir)
+    }
+
+    /// `serve --config DIR/config.toml` on an existing dev dir.
+    pub fn start_serve(dir: &Path) -> Appliance {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("serve");
+        Self::spawn(cmd, dir)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path) -> Appliance {
+        cmd.env("RUST_LOG", "info")
+            .env_remove("SOFTHSM2_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn tokenvault-webhook");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("READY ") {
+                    let url = rest.split_whitespace().next().unwrap_or("").to_string();
+                    let _ = tx.send(url);
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        // A bound on start-up, not a performance assertion.
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(u) => u,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "appliance did not become ready:\n{}",
+                    log.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let client = client_trusting(&dir.join("tls/cert.pem"));
+        Appliance {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            base,
+            log,
+            client,
+            secret: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// register-url from the CLI, then /v1/exchange over HTTPS.
+    pub async fn bind(&mut self) -> Value {
+        let reg = cli_json(&["--config", self.config().to_str().unwrap(), "register-url"]);
+        let r = self
+            .client
+            .post(self.url("/v1/exchange"))
+            .json(&json!({"code": reg["code"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let s = base64::engine::general_purpose::STANDARD
+            .decode(v["hmacSecret"].as_str().unwrap())
+            .unwrap();
+        self.secret = Some(s);
+        v
+    }
+
+    pub async fn signed_with(
+        &self,
+        secret: &[u8],
+        path: &str,
+        body: &Value,
+        rid: &str,
+    ) -> (u16, Value) {
+        let raw = serde_json::to_vec(body).unwrap();
+        let ts = now().to_string();
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .header("x-tokenvault-signature", sign(secret, &ts, &raw))
+            .header("x-tokenvault-timestamp", &ts)
+            .header("x-tokenvault-request-id", rid)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn signed(&self, path: &str, body: Value) -> (u16, Value) {
+        let secret = self.secret.clone().expect("bind first");
+        self.signed_with(&secret, path, &body, &new_rid()).await
+    }
+
+    pub async fn storage(&self, body: Value) -> Value {
+        let (s, v) = self.signed("/v1/storage", body.clone()).await;
+        assert_eq!(s, 200, "{body} -> {v}");
+        v
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client_trusting(cert: &Path) -> reqwest::Client {
+    let pem = std::fs::read(cert).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .tls_built_in_root_certs(false)
+        .https_only(true)
+        .build()
+        .unwrap()
+}
+
+pub fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SOFTHSM2_CONF")
+        .output()
+        .unwrap()
+}
+
+pub fn cli_json(args: &[&str]) -> Value {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+pub fn sign(secret: &[u8], ts: &str, body: &[u8]) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(ts.as_bytes());
+    m.update(b".");
+    m.update(body);
+    format!("sha256={}", hex::encode(m.finalize().into_bytes()))
+}
+
+pub fn new_rid() -> String {
+    let mut b = [0u8; 6];
+    getrandom::getrandom(&mut b).unwrap();
+    format!("req_{}", hex::encode(b))
+}
+
+/// Every file under `dir` (recursively), skipping `skip` subtrees.
+pub fn files_under(dir: &Path, skip: &[&Path]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if skip.iter().any(|s| d.starts_with(s)) {
+            continue;
+        }
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
