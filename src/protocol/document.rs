@@ -68,10 +68,10 @@ pub const CREDENTIAL_KEYS: &[&str] = &[
     "apiKey",
 ];
 
-pub fn public_meta(meta: &Map<String, Value>) -> Map<String, Value> {
-    meta.iter()
+/// Keeps only allowlisted meta keys (moves, no copies).
+pub fn public_meta(meta: Map<String, Value>) -> Map<String, Value> {
+    meta.into_iter()
         .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
@@ -83,7 +83,7 @@ mod tests {
     #[test]
     fn allowlist_drops_unknown_and_credential_keys() {
         let meta = json!({"serviceName":"gh","accessToken":"x","weird":1,"tokenType":"JWT"});
-        let out = public_meta(meta.as_object().unwrap());
+        let out = public_meta(meta.as_object().unwrap().clone());
         assert_eq!(
             Value::Object(out),
             json!({"serviceName":"gh","tokenType":"JWT"})

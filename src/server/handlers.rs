@@ -6,7 +6,7 @@ use crate::binding;
 use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, CAPABILITIES, VERSION};
-use crate::store::{Projected, StoreError};
+use crate::store::StoreError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -128,44 +128,56 @@ fn collection(name: Option<&str>) -> Result<Collection, ApiError> {
     Collection::parse(name).ok_or_else(|| ApiError::invalid("Unknown collection"))
 }
 
-/// What a token document looks like outside the appliance: never its fields.
-fn token_view(raw: &[u8], key: &str) -> Result<Value, StoreError> {
-    let doc: TokenDocument =
-        serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt("token document"))?;
-    let mut meta = public_meta(&doc.meta);
-    meta.entry("serviceName")
-        .or_insert_with(|| Value::String(key.to_string()));
-    Ok(json!({"v": doc.v, "alg": doc.alg, "meta": meta}))
+/// The parts of a stored token document that may leave the appliance.
+/// `fields` is skipped by the parser, never copied.
+#[derive(serde::Deserialize)]
+struct TokenMetaView {
+    #[serde(default)]
+    v: u32,
+    #[serde(default)]
+    alg: String,
+    #[serde(default)]
+    meta: Map<String, Value>,
 }
 
-fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Projected, StoreError> {
+fn token_meta(raw: &[u8], key: &str) -> Result<(u32, String, Map<String, Value>), StoreError> {
+    let doc: TokenMetaView =
+        serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    let mut meta = public_meta(doc.meta);
+    meta.entry("serviceName")
+        .or_insert_with(|| Value::String(key.to_string()));
+    Ok((doc.v, doc.alg, meta))
+}
+
+/// What a token document looks like outside the appliance: never its fields.
+fn token_view(raw: &[u8], key: &str) -> Result<Value, StoreError> {
+    let (v, alg, meta) = token_meta(raw, key)?;
+    Ok(json!({"v": v, "alg": alg, "meta": Value::Object(meta)}))
+}
+
+fn obj(pairs: [(&str, Value); 2]) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, StoreError> {
     move |k: &[u8], v: &[u8]| {
         let key = String::from_utf8_lossy(k).into_owned();
         match c {
             Collection::Tokens => {
-                let view = token_view(v, &key)?;
-                let meta = view["meta"].as_object().cloned().unwrap_or_default();
-                Ok(Projected {
-                    item: json!({"key": key, "meta": meta}),
-                    filter_on: meta,
-                })
+                let (_, _, meta) = token_meta(v, &key)?;
+                Ok(obj([
+                    ("key", Value::String(key)),
+                    ("meta", Value::Object(meta)),
+                ]))
             }
+            // Stored as {key, data}: already the wire shape.
             Collection::Audit => {
-                let rec: Value =
-                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
-                let data = rec.get("data").cloned().unwrap_or(Value::Null);
-                Ok(Projected {
-                    filter_on: data.as_object().cloned().unwrap_or_default(),
-                    item: json!({"key": rec.get("key").cloned().unwrap_or(Value::Null), "data": data}),
-                })
+                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))
             }
             Collection::ProxyConfigs | Collection::VaultConfig => {
                 let data: Value =
                     serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("document"))?;
-                Ok(Projected {
-                    filter_on: data.as_object().cloned().unwrap_or_default(),
-                    item: json!({"key": key, "data": data}),
-                })
+                Ok(obj([("key", Value::String(key)), ("data", data)]))
             }
         }
     }
@@ -181,14 +193,29 @@ fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiEr
             ))
         }
     };
+    let filter_field = if c == Collection::Tokens {
+        "meta"
+    } else {
+        "data"
+    };
     let r = s.store.list(
         c,
         limit,
         o.after.as_deref(),
         o.filters.as_ref(),
+        filter_field,
         &project(c),
     )?;
-    serde_json::to_value(r).map_err(|_| ApiError::Internal)
+    let mut page = Map::new();
+    page.insert("hasMore".into(), Value::Bool(r.pagination.has_more));
+    if let Some(n) = r.pagination.next_cursor {
+        page.insert("nextCursor".into(), Value::String(n));
+    }
+    page.insert("totalCount".into(), Value::from(r.pagination.total_count));
+    Ok(obj([
+        ("items", Value::Array(r.items)),
+        ("pagination", Value::Object(page)),
+    ]))
 }
 
 /// Metadata writes to `tokens`. Credential material only enters through

@@ -93,14 +93,8 @@ const SCHEMA_VERSION: &[u8] = b"1";
 
 type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
 type Done = oneshot::Receiver<Result<(), StoreError>>;
-/// Turns a stored (key, value) into a listing item.
-pub type Projector<'a> = &'a dyn Fn(&[u8], &[u8]) -> Result<Projected, StoreError>;
-
-/// One item of a listing: what goes on the wire, and what filters look at.
-pub struct Projected {
-    pub item: Value,
-    pub filter_on: Map<String, Value>,
-}
+/// Turns a stored (key, value) into a listing item (a JSON object).
+pub type Projector<'a> = &'a dyn Fn(&[u8], &[u8]) -> Result<Value, StoreError>;
 
 #[derive(Clone)]
 pub struct Store {
@@ -433,32 +427,37 @@ impl Store {
     }
 
     /// Lists a collection: ascending by key (audit: newest first), cursor
-    /// exclusive, equality filters AND-ed on what `project` exposes.
+    /// exclusive, equality filters AND-ed on the item's `filter_field` object.
     pub fn list(
         &self,
         c: Collection,
         limit: Option<usize>,
         after: Option<&str>,
         filters: Option<&Map<String, Value>>,
+        filter_field: &str,
         project: Projector<'_>,
     ) -> Result<ListResult, StoreError> {
         let r = self.read()?;
         let db = self.dbs.collection(c);
         let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
-        let matches = |p: &Projected| match filters {
+        let matches = |item: &Value| match filters {
             None => true,
-            Some(f) => f.iter().all(|(k, v)| p.filter_on.get(k) == Some(v)),
+            Some(f) => {
+                let target = item.get(filter_field).and_then(Value::as_object);
+                f.iter()
+                    .all(|(k, v)| target.and_then(|t| t.get(k)) == Some(v))
+            }
         };
         let mut items = Vec::new();
         let mut last_key: Option<Vec<u8>> = None;
         let mut has_more = false;
         let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, StoreError> {
-            let p = project(k, v)?;
-            if !matches(&p) {
+            let item = project(k, v)?;
+            if !matches(&item) {
                 return Ok(true);
             }
             if items.len() < limit {
-                items.push(p.item);
+                items.push(item);
                 last_key = Some(k.to_vec());
                 Ok(true)
             } else {

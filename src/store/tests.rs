@@ -7,20 +7,13 @@ fn open() -> (tempfile::TempDir, Store) {
     (d, s)
 }
 
-fn project_audit(_k: &[u8], v: &[u8]) -> Result<Projected, StoreError> {
-    let rec: Value = serde_json::from_slice(v).unwrap();
-    Ok(Projected {
-        filter_on: rec["data"].as_object().cloned().unwrap_or_default(),
-        item: rec,
-    })
+fn project_audit(_k: &[u8], v: &[u8]) -> Result<Value, StoreError> {
+    Ok(serde_json::from_slice(v).unwrap())
 }
 
-fn project_plain(k: &[u8], v: &[u8]) -> Result<Projected, StoreError> {
+fn project_plain(k: &[u8], v: &[u8]) -> Result<Value, StoreError> {
     let data: Value = serde_json::from_slice(v).unwrap();
-    Ok(Projected {
-        filter_on: data.as_object().cloned().unwrap_or_default(),
-        item: json!({"key": String::from_utf8_lossy(k), "data": data}),
-    })
+    Ok(json!({"key": String::from_utf8_lossy(k), "data": data}))
 }
 
 #[tokio::test]
@@ -45,6 +38,7 @@ async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
                 Some(7),
                 after.as_deref(),
                 None,
+                "data",
                 &project_audit,
             )
             .unwrap();
@@ -76,7 +70,14 @@ async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
     let mut f = Map::new();
     f.insert("source".into(), json!("agent"));
     let page = s
-        .list(Collection::Audit, Some(3), None, Some(&f), &project_audit)
+        .list(
+            Collection::Audit,
+            Some(3),
+            None,
+            Some(&f),
+            "data",
+            &project_audit,
+        )
         .unwrap();
     assert_eq!(page.pagination.total_count, 15);
     assert!(page.pagination.has_more);
@@ -88,6 +89,7 @@ async fn audit_duplicates_kept_and_cursor_walk_is_exact() {
             None,
             Some("2026-02-15T10:30:02Z"),
             None,
+            "data",
             &project_audit,
         )
         .unwrap();
@@ -118,6 +120,7 @@ async fn ascending_listing_with_cursor() {
             Some(2),
             None,
             None,
+            "data",
             &project_plain,
         )
         .unwrap();
@@ -135,6 +138,7 @@ async fn ascending_listing_with_cursor() {
             Some(2),
             Some("d"),
             None,
+            "data",
             &project_plain,
         )
         .unwrap();

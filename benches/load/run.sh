@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Load figures for BENCHMARKS.md: a release `dev` appliance (SoftHSM2, TLS,
+# LMDB) in a temp dir, bound like Token Vault does, then wrk at 64
+# connections. Every signed request carries its own pre-signed, single-use
+# request id. Usage: benches/load/run.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+secs=${1:-10}
+.ci/install-deps
+command -v wrk >/dev/null || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo; $sudo apt-get install -y -qq wrk >/dev/null; }
+cargo build --release --quiet
+bin=target/release/tokenvault-webhook
+dir=$(mktemp -d)
+port=${PORT:-18555}
+$bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
+for _ in $(seq 100); do grep -q READY "$dir/log" 2>/dev/null && break; sleep 0.1; done
+grep -q READY "$dir/log" || { cat "$dir/log"; exit 1; }
+base=https://127.0.0.1:$port
+code=$($bin --config "$dir/a/config.toml" register-url | python3 -c 'import json,sys;print(json.load(sys.stdin)["code"])')
+secret=$(curl -s --cacert "$dir/a/tls/cert.pem" "$base/v1/exchange" -d "{\"code\":\"$code\"}" | python3 -c 'import json,sys;print(json.load(sys.stdin)["hmacSecret"])')
+gen() { python3 benches/load/gen_signed.py "$secret" "$1" "$2" "$3" "$4"; }
+report() { # name, wrk output
+  local rps p50 p99 errs
+  rps=$(grep Requests/sec <<<"$2" | awk '{print $2}')
+  p50=$(grep " 50%" <<<"$2" | awk '{print $2}')
+  p99=$(grep " 99%" <<<"$2" | awk '{print $2}')
+  errs=$(grep -E "non2xx=|Non-2xx" <<<"$2" | grep -oE "[0-9]+$" || echo 0)
+  printf "| %-34s | %9s | %8s | %8s | %6s | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
+}
+signed() { # name, path, n, body
+  gen "$2" "$4" "$3" "$dir/reqs"
+  out=$(REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base" 2>&1)
+  report "$1" "$out"
+}
+echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | peak RSS |"
+echo "|---|---|---|---|---|---|"
+report "GET /v1/health (floor)" "$(wrk -t2 -c64 -d${secs}s --latency "$base/v1/health" 2>&1)"
+signed "POST /v1/health (HMAC + replay)" /v1/health $((secs * 25000)) '{"requestId":"req_bench"}'
+gen /v1/storage '{"operation":"set","collection":"tokens","key":"svc-{i}","data":{"meta":{"tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","displayName":"Service {i}"}}}' 200 "$dir/set"
+REQS="$dir/set" PATH_=/v1/storage WRK_THREADS=1 wrk -t1 -c1 -d5s -s benches/load/signed.lua "$base" >/dev/null 2>&1
+signed "POST /v1/storage list 200 tokens" /v1/storage $((secs * 6000)) '{"operation":"list","collection":"tokens","options":{"limit":200}}'
+signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operation":"set","collection":"proxy_configs","key":"p-{i}","data":{"name":"x","serviceName":"github"}}'
