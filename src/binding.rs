@@ -6,7 +6,6 @@ use crate::store::{BindCode, BindOutcome, Store, StoreError};
 use base64::Engine;
 use secrecy::SecretSlice;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Serialize)]
@@ -51,7 +50,7 @@ pub fn prepare(
         .to_string();
     let mut secret = Zeroizing::new([0u8; 32]);
     backend.fill_random(secret.as_mut())?;
-    let hash = hex::encode(Sha256::digest(secret.as_ref()));
+    let hash = crate::protocol::registration_hmac_hash(secret.as_ref());
     let sealed = backend.seal(&aad(&code), secret.as_ref())?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut url = url::Url::parse(&format!(

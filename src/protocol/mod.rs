@@ -13,3 +13,21 @@ pub use error::ApiError;
 pub const CAPABILITIES: &[&str] = &["storage"];
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// `hmac_hash` of a registration URL: lowercase hex SHA-256 of the raw secret.
+pub fn registration_hmac_hash(secret: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn spec_vector_hmac_hash() {
+        let secret: Vec<u8> = (0u8..32).collect();
+        assert_eq!(
+            super::registration_hmac_hash(&secret),
+            "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
+        );
+    }
+}
