@@ -23,6 +23,8 @@ pub struct Config {
     #[serde(default)]
     pub binding: BindingConfig,
     #[serde(default)]
+    pub direct_access: DirectAccessConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The file this was loaded from.
     #[serde(skip)]
@@ -119,6 +121,52 @@ impl Default for BindingConfig {
             code_ttl_secs: d_bind_ttl(),
         }
     }
+}
+
+/// The endpoints browsers and agents call directly (`/v1/store`, `/v1/credential`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectAccessConfig {
+    /// Origins allowed by CORS (exact match; never `*`).
+    #[serde(default = "d_origins")]
+    pub allowed_origins: Vec<String>,
+    /// Peers (CIDRs) that may never use these endpoints, e.g. Token Vault's own egress.
+    #[serde(default)]
+    pub deny_cidrs: Vec<ipnet::IpNet>,
+    /// Reverse proxies whose X-Forwarded-For is believed (empty: none).
+    #[serde(default)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Requests per minute per client address (0 disables the limit).
+    #[serde(default = "d_rate")]
+    pub rate_limit_per_minute: u32,
+    /// Requests a client may send in a burst above the steady rate.
+    #[serde(default = "d_burst")]
+    pub rate_limit_burst: u32,
+}
+
+impl Default for DirectAccessConfig {
+    fn default() -> Self {
+        DirectAccessConfig {
+            allowed_origins: d_origins(),
+            deny_cidrs: Vec::new(),
+            trusted_proxies: Vec::new(),
+            rate_limit_per_minute: d_rate(),
+            rate_limit_burst: d_burst(),
+        }
+    }
+}
+
+fn d_origins() -> Vec<String> {
+    vec![
+        "https://tokenvault.uk".into(),
+        "https://tokenvault.one".into(),
+    ]
+}
+fn d_rate() -> u32 {
+    6000
+}
+fn d_burst() -> u32 {
+    600
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +307,15 @@ impl Config {
         }
         if self.store.map_size_mib == 0 || self.store.map_size_mib > 1 << 20 {
             return Err("store.map_size_mib must be between 1 and 1048576".into());
+        }
+        for o in &self.direct_access.allowed_origins {
+            let u = url::Url::parse(o)
+                .map_err(|e| format!("direct_access.allowed_origins {o:?}: {e}"))?;
+            if o == "*" || u.origin().ascii_serialization() != *o {
+                return Err(format!(
+                    "direct_access.allowed_origins {o:?} must be an exact origin like https://tokenvault.uk"
+                ));
+            }
         }
         if !(60..=3600).contains(&self.binding.code_ttl_secs) {
             return Err("binding.code_ttl_secs must be 60-3600".into());

@@ -3,6 +3,7 @@
 pub mod binding;
 pub mod cli;
 pub mod config;
+pub mod custody;
 pub mod keys;
 pub mod protocol;
 pub mod sandbox;

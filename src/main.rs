@@ -1,6 +1,10 @@
 use clap::Parser;
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOC: tokenvault_webhook::sandbox::zalloc::ZeroizingAlloc =
+    tokenvault_webhook::sandbox::zalloc::ZeroizingAlloc;
+
 fn main() -> ExitCode {
     // Before anything else: no core dumps, not dumpable, umask 027.
     if let Err(e) = tokenvault_webhook::sandbox::harden_process() {

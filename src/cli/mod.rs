@@ -287,6 +287,17 @@ pub fn run_server(
             dyn_backend,
             store.clone(),
             Settings {
+                direct: crate::server::direct::DirectSettings {
+                    allowed_origins: cfg.direct_access.allowed_origins.clone(),
+                    deny: cfg.direct_access.deny_cidrs.clone(),
+                    trusted_proxies: cfg.direct_access.trusted_proxies.clone(),
+                    limiter: crate::server::direct::RateLimiter::new(
+                        cfg.direct_access.rate_limit_per_minute,
+                        cfg.direct_access.rate_limit_burst,
+                    ),
+                },
+                minter: crate::custody::gcp::Minter::new(cfg.profile == Profile::Dev)
+                    .map_err(|e| anyhow!("HTTP client: {e}"))?,
                 public_url: public_url.clone(),
                 frontend_url: cfg.binding.frontend_url.clone(),
                 code_ttl_secs: cfg.binding.code_ttl_secs,

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 pub struct TokenDocument {
     pub v: u32,
     pub alg: String,
+    /// Field encoding of this appliance (absent in the spec's own formats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
     #[serde(default)]
@@ -41,11 +44,17 @@ pub const META_ALLOWLIST: &[&str] = &[
     "hasTotpSecret",
     "refreshMode",
     "lastRefreshedAt",
+    "hasCertificate",
+    "hasPrivateKey",
+    "hasSSHKey",
 ];
 
 /// Meta keys describing the sealed fields: set by the appliance, never by `/v1/storage`.
 pub const META_PROTECTED: &[&str] = &[
     "hasRefreshToken",
+    "hasCertificate",
+    "hasPrivateKey",
+    "hasSSHKey",
     "hasTotpSecret",
     "creationId",
     "totpAlgorithm",

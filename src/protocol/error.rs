@@ -32,6 +32,16 @@ pub enum ApiError {
     CodeUsed,
     /// 413: body over the configured limit.
     PayloadTooLarge,
+    /// 403: this client address may not use direct access.
+    Forbidden,
+    /// 409: `mode=create` on a service that already has a token.
+    AlreadyExists(String),
+    /// 409: the ticket's creation id is not the stored token's.
+    StaleCreation,
+    /// 429: per-address rate limit; retry after this many seconds.
+    RateLimited(u64),
+    /// 502: minting a GCP access token failed.
+    GcpMintFailed(&'static str),
     /// 503: the key backend (HSM) is unavailable.
     KeysUnavailable,
     /// 507: the LMDB map is full; nothing was written.
@@ -65,6 +75,11 @@ impl ApiError {
             ApiError::CodeExpired => "code_expired",
             ApiError::CodeUsed => "code_used",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::Forbidden => "forbidden",
+            ApiError::AlreadyExists(_) => "already_exists",
+            ApiError::StaleCreation => "stale_creation",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::GcpMintFailed(_) => "gcp_mint_failed",
             ApiError::KeysUnavailable => "hsm_unavailable",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Internal => "internal_error",
@@ -82,6 +97,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::CodeExpired | ApiError::CodeUsed => StatusCode::GONE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::AlreadyExists(_) | ApiError::StaleCreation => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::GcpMintFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -100,6 +119,13 @@ impl ApiError {
             ApiError::CodeExpired => "Registration code expired or not found".into(),
             ApiError::CodeUsed => "Registration code already used".into(),
             ApiError::PayloadTooLarge => "Request body exceeds the configured limit".into(),
+            ApiError::Forbidden => "This client may not access credentials".into(),
+            ApiError::AlreadyExists(s) => format!("A token already exists for service: {s}"),
+            ApiError::StaleCreation => {
+                "The stored token is not the one this ticket was issued for".into()
+            }
+            ApiError::RateLimited(_) => "Too many requests; slow down".into(),
+            ApiError::GcpMintFailed(m) => format!("Could not mint a GCP access token: {m}"),
             ApiError::KeysUnavailable => "Key backend unavailable; retry later".into(),
             ApiError::InsufficientStorage => "Store is full; nothing was written".into(),
             ApiError::Internal => "Internal error".into(),
@@ -114,7 +140,13 @@ impl IntoResponse for ApiError {
             error: self.code(),
             message: &msg,
         };
-        (self.status(), axum::Json(body)).into_response()
+        let mut r = (self.status(), axum::Json(body)).into_response();
+        if let ApiError::RateLimited(secs) = self {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        r
     }
 }
 

@@ -10,7 +10,7 @@ pub use error::ApiError;
 
 /// Capabilities this build implements. `/v1/exchange` and `/v1/health` both
 /// answer with exactly this list.
-pub const CAPABILITIES: &[&str] = &["storage"];
+pub const CAPABILITIES: &[&str] = &["storage", "credential", "store", "ticketConstraints"];
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -1,6 +1,8 @@
 //! Process hardening applied first thing in `main`. Landlock comes with the
 //! packaging work; see SECURITY.md.
 
+pub mod zalloc;
+
 /// No core dumps, not ptrace-attachable by same-uid processes, umask 027.
 pub fn harden_process() -> Result<(), String> {
     // SAFETY: plain syscalls with constant arguments.

@@ -3,13 +3,13 @@
 use super::auth::{read_body, Signed};
 use super::{now, AppState};
 use crate::binding;
+use crate::custody::fields::{self, seal_token_data};
 use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, CAPABILITIES, VERSION};
-use crate::store::StoreError;
-use axum::body::{Body, Bytes};
+use crate::store::{PutOutcome, StoreError};
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
@@ -79,27 +79,15 @@ pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Respons
     let ex = binding::exchange(&s.backend, &s.store, code, now()).await?;
     s.set_bound();
     tracing::info!(webhook_id = %s.settings.webhook_id, "bound: HMAC key installed from exchange");
-    // Build the answer in zeroizing memory; it is wiped when hyper drops it.
     let secret_b64 = zeroize::Zeroizing::new(
         base64::engine::general_purpose::STANDARD.encode(ex.secret.as_slice()),
     );
-    let body = zeroize::Zeroizing::new(
-        serde_json::to_vec(&json!({
-            "hmacSecret": secret_b64.as_str(),
-            "webhookId": s.settings.webhook_id,
-            "version": VERSION,
-            "capabilities": CAPABILITIES,
-        }))
-        .map_err(|_| ApiError::Internal)?,
-    );
-    let mut resp = Response::new(Body::from(Bytes::from_owner(body)));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    super::custody::secret_json(&json!({
+        "hmacSecret": secret_b64.as_str(),
+        "webhookId": s.settings.webhook_id,
+        "version": VERSION,
+        "capabilities": CAPABILITIES,
+    }))
 }
 
 // ---- storage ------------------------------------------------------------
@@ -218,37 +206,84 @@ fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiEr
     ]))
 }
 
-/// Metadata writes to `tokens`. Credential material only enters through
-/// `/v1/store`; here it is refused, so nothing plaintext reaches LMDB.
-fn token_meta_update(data: &Value) -> Result<Map<String, Value>, ApiError> {
+/// What a `/v1/storage set` on `tokens` asks for.
+enum TokenWrite {
+    /// Metadata only: merged onto the document, sealed fields kept.
+    Meta(Map<String, Value>),
+    /// Carries plaintext credential fields: sealed like `/v1/store`, plus meta.
+    Credential {
+        token_data: Value,
+        meta: Map<String, Value>,
+    },
+}
+
+fn token_write(data: &Value) -> Result<TokenWrite, ApiError> {
     let obj = data
         .as_object()
         .ok_or_else(|| ApiError::invalid("Field data must be an object"))?;
-    let refuse = || {
-        ApiError::invalid("Credential fields cannot be written through /v1/storage; use /v1/store")
-    };
-    if obj
-        .get("fields")
-        .is_some_and(|f| !f.is_null() && f.as_object().is_none_or(|o| !o.is_empty()))
-    {
-        return Err(refuse());
-    }
     let meta = match obj.get("meta") {
         Some(Value::Object(m)) => m.clone(),
         Some(_) => return Err(ApiError::invalid("Field data.meta must be an object")),
-        None => obj
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "v" | "alg" | "fields"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        None => Map::new(),
     };
-    if CREDENTIAL_KEYS
-        .iter()
-        .any(|k| obj.contains_key(*k) || meta.contains_key(*k))
-    {
-        return Err(refuse());
+    let has_fields = obj
+        .get("fields")
+        .is_some_and(|f| f.as_object().is_some_and(|o| !o.is_empty()));
+    if has_fields {
+        if obj
+            .get("alg")
+            .and_then(Value::as_str)
+            .is_some_and(|a| a != fields::ALG_NONE)
+        {
+            return Err(ApiError::invalid(
+                "Encrypted fields from another webhook cannot be stored here; use `tokenvault-webhook import`",
+            ));
+        }
+        let mut td = obj.get("fields").cloned().unwrap_or(Value::Null);
+        if let (Some(t), Some(m)) = (td.as_object_mut(), Some(&meta)) {
+            for k in fields::META_INPUT {
+                if let Some(v) = m.get(*k) {
+                    t.entry(k.to_string()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+        return Ok(TokenWrite::Credential {
+            token_data: td,
+            meta,
+        });
     }
-    Ok(meta)
+    if CREDENTIAL_KEYS.iter().any(|k| obj.contains_key(*k)) {
+        let td: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "v" | "alg" | "fields" | "meta" | "enc"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return Ok(TokenWrite::Credential {
+            token_data: Value::Object(td),
+            meta,
+        });
+    }
+    if meta.is_empty() {
+        // A flat metadata object.
+        let flat: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "v" | "alg" | "fields" | "enc"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return Ok(TokenWrite::Meta(flat));
+    }
+    Ok(TokenWrite::Meta(meta))
+}
+
+fn merge_meta(doc: &mut TokenDocument, meta: &Map<String, Value>, key: &str) {
+    for (k, v) in meta {
+        if !META_PROTECTED.contains(&k.as_str()) && !CREDENTIAL_KEYS.contains(&k.as_str()) {
+            doc.meta.insert(k.clone(), v.clone());
+        }
+    }
+    doc.meta
+        .entry("serviceName")
+        .or_insert_with(|| Value::String(key.to_string()));
 }
 
 pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
@@ -310,35 +345,40 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                 .ok_or_else(|| ApiError::invalid("Missing required field: data"))?;
             match c {
                 Collection::Audit => s.store.audit_append(key, data).await?,
-                Collection::Tokens => {
-                    let meta = token_meta_update(&data)?;
-                    s.store
-                        .write(move |txn, dbs| {
-                            let mut doc = match dbs.tokens.get(txn, key.as_bytes())? {
-                                Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
-                                    .map_err(|_| StoreError::Corrupt("token document"))?,
-                                None => TokenDocument {
-                                    v: 1,
-                                    alg: "none".into(),
-                                    fields: Default::default(),
-                                    meta: Map::new(),
-                                },
-                            };
-                            for (k, v) in &meta {
-                                if !META_PROTECTED.contains(&k.as_str()) {
-                                    doc.meta.insert(k.clone(), v.clone());
-                                }
+                Collection::Tokens => match token_write(&data)? {
+                    TokenWrite::Credential { token_data, meta } => {
+                        let mut doc = seal_token_data(&s.backend, &key, &token_data, None)?.doc;
+                        merge_meta(&mut doc, &meta, &key);
+                        match s.store.put_token(key, doc, None, false, now()).await? {
+                            PutOutcome::Stored(_) => {}
+                            PutOutcome::Exists | PutOutcome::NonceUsed => {
+                                return Err(ApiError::Internal)
                             }
-                            doc.meta
-                                .entry("serviceName")
-                                .or_insert_with(|| Value::String(key.clone()));
-                            let raw = serde_json::to_vec(&doc)
-                                .map_err(|_| StoreError::Corrupt("token document"))?;
-                            dbs.tokens.put(txn, key.as_bytes(), &raw)?;
-                            Ok(())
-                        })
-                        .await?
-                }
+                        }
+                    }
+                    TokenWrite::Meta(meta) => {
+                        s.store
+                            .write(move |txn, dbs| {
+                                let mut doc = match dbs.tokens.get(txn, key.as_bytes())? {
+                                    Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
+                                        .map_err(|_| StoreError::Corrupt("token document"))?,
+                                    None => TokenDocument {
+                                        v: 1,
+                                        alg: fields::ALG_NONE.into(),
+                                        enc: None,
+                                        fields: Default::default(),
+                                        meta: Map::new(),
+                                    },
+                                };
+                                merge_meta(&mut doc, &meta, &key);
+                                let raw = serde_json::to_vec(&doc)
+                                    .map_err(|_| StoreError::Corrupt("token document"))?;
+                                dbs.tokens.put(txn, key.as_bytes(), &raw)?;
+                                Ok(())
+                            })
+                            .await?
+                    }
+                },
                 Collection::ProxyConfigs | Collection::VaultConfig => {
                     let raw = serde_json::to_vec(&data).map_err(|_| ApiError::Internal)?;
                     let db = s.store.dbs().collection(c);

@@ -2,6 +2,8 @@
 
 pub mod auth;
 pub mod bind;
+pub mod custody;
+pub mod direct;
 pub mod errors;
 pub mod handlers;
 pub mod listener;
@@ -9,6 +11,7 @@ pub mod listener;
 use crate::keys::Backend;
 use crate::store::Store;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -34,6 +37,8 @@ impl PeerAddr {
 }
 
 pub struct Settings {
+    pub direct: direct::DirectSettings,
+    pub minter: crate::custody::gcp::Minter,
     pub public_url: String,
     pub frontend_url: String,
     pub code_ttl_secs: i64,
@@ -60,6 +65,9 @@ impl AppState {
             bound: Arc::new(AtomicBool::new(bound)),
         }
     }
+    pub fn direct(&self) -> &direct::DirectSettings {
+        &self.settings.direct
+    }
     pub fn is_bound(&self) -> bool {
         self.bound.load(Ordering::Acquire)
     }
@@ -76,7 +84,23 @@ pub fn now() -> i64 {
 }
 
 pub fn app(state: AppState) -> Router {
+    let direct_routes = Router::new()
+        .route(
+            "/v1/store",
+            post(custody::store).options(|| async { StatusCode::NO_CONTENT }),
+        )
+        .route(
+            "/v1/credential",
+            get(custody::credential)
+                .post(custody::credential)
+                .options(|| async { StatusCode::NO_CONTENT }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            direct::guard,
+        ));
     Router::new()
+        .merge(direct_routes)
         .route(
             "/v1/health",
             get(handlers::health_public).post(handlers::health_signed),

@@ -26,6 +26,8 @@ fn state_with(map_mib: usize, body_limit: usize) -> T {
         backend,
         store,
         Settings {
+            direct: direct::DirectSettings::permissive_for_tests(),
+            minter: crate::custody::gcp::Minter::new(true).unwrap(),
             public_url: "https://hook.example.com".into(),
             frontend_url: "https://tokenvault.uk".into(),
             code_ttl_secs: 300,
@@ -610,28 +612,61 @@ async fn tokens_never_leave_with_credentials() {
     assert_eq!(stored["meta"]["displayName"], "GH");
     assert_eq!(stored["meta"]["hasRefreshToken"], false);
 
-    // Credential material through /v1/storage is refused and writes nothing.
-    for data in [
+    // Credential material through /v1/storage is sealed on the way in.
+    for (i, data) in [
         json!({"accessToken":"ghp_x"}),
-        json!({"meta":{"refreshToken":"r"}}),
-        json!({"v":1,"alg":"none","fields":{"accessToken":"ghp_x"},"meta":{}}),
+        json!({"v":1,"alg":"none","fields":{"accessToken":"ghp_x"},"meta":{"tokenType":"JWT"}}),
         json!({"totpSecret":"JBSWY3DPEHPK3PXP"}),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let key = format!("other{i}");
         let (s, v) = call(
             &t,
             "/v1/storage",
-            json!({"operation":"set","collection":"tokens","key":"other","data":data}),
+            json!({"operation":"set","collection":"tokens","key":key,"data":data}),
         )
         .await;
-        assert_eq!(s, StatusCode::BAD_REQUEST);
-        assert!(!v.to_string().contains("ghp_x") && !v.to_string().contains("JBSW"));
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let raw = t
+            .state
+            .store
+            .get_raw(Collection::Tokens, &key)
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.contains("ghp_x") && !text.contains("JBSW"), "{text}");
+        let stored: Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(stored["alg"], "AES-256-GCM");
     }
+    let stored: Value = serde_json::from_slice(
+        &t.state
+            .store
+            .get_raw(Collection::Tokens, "other1")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stored["meta"]["tokenType"], "JWT");
+    // Fields sealed under some other key cannot be stored.
+    let (s, v) = call(&t, "/v1/storage", json!({"operation":"set","collection":"tokens","key":"foreign","data":{"v":1,"alg":"AES-256-GCM","fields":{"accessToken":"AAEC"}}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().contains("import"));
     assert!(t
         .state
         .store
-        .get_raw(Collection::Tokens, "other")
+        .get_raw(Collection::Tokens, "foreign")
         .unwrap()
         .is_none());
+    for i in 0..3 {
+        call(
+            &t,
+            "/v1/storage",
+            json!({"operation":"delete","collection":"tokens","key":format!("other{i}")}),
+        )
+        .await;
+    }
 
     // Filters on tokens match meta; list_batch skips unknown collections.
     let (_, v) = call(

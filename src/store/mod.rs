@@ -5,6 +5,7 @@
 pub mod audit;
 mod writer;
 
+use crate::protocol::document::TokenDocument;
 use crate::protocol::storage::{Collection, ListResult, Pagination, MAX_PAGE};
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
@@ -380,6 +381,74 @@ impl Store {
         })
     }
 
+    // ---- token documents ------------------------------------------------
+
+    /// Writes a token document in one durable step with the ticket nonce that
+    /// authorised it: either both land or neither. `createdAt` of an existing
+    /// document is kept.
+    pub async fn put_token(
+        &self,
+        service: String,
+        doc: TokenDocument,
+        nonce: Option<(String, i64)>,
+        create_only: bool,
+        now: i64,
+    ) -> Result<PutOutcome, StoreError> {
+        self.write(move |txn, dbs| {
+            if let Some((n, _)) = &nonce {
+                if let Some(v) = dbs.replay.get(txn, &replay_key(ReplayNs::TicketNonce, n))? {
+                    if decode_i64(v)? > now {
+                        return Ok(PutOutcome::NonceUsed);
+                    }
+                }
+            }
+            let mut doc = doc.clone();
+            if let Some(raw) = dbs.tokens.get(txn, service.as_bytes())? {
+                if create_only {
+                    return Ok(PutOutcome::Exists);
+                }
+                let old: TokenDocument = serde_json::from_slice(raw)
+                    .map_err(|_| StoreError::Corrupt("token document"))?;
+                if let Some(c) = old.meta.get("createdAt") {
+                    doc.meta.insert("createdAt".into(), c.clone());
+                }
+            }
+            let raw =
+                serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
+            dbs.tokens.put(txn, service.as_bytes(), &raw)?;
+            if let Some((n, exp)) = &nonce {
+                dbs.replay.put(
+                    txn,
+                    &replay_key(ReplayNs::TicketNonce, n),
+                    &exp.to_be_bytes(),
+                )?;
+            }
+            Ok(PutOutcome::Stored(doc.meta))
+        })
+        .await
+    }
+
+    /// Replaces a token document only if it is still byte-identical to
+    /// `expected` (used to re-seal plaintext documents after a read).
+    pub async fn replace_token_if_unchanged(
+        &self,
+        service: String,
+        expected: Vec<u8>,
+        doc: TokenDocument,
+    ) -> Result<bool, StoreError> {
+        let raw = serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
+        self.write(
+            move |txn, dbs| match dbs.tokens.get(txn, service.as_bytes())? {
+                Some(cur) if cur == expected.as_slice() => {
+                    dbs.tokens.put(txn, service.as_bytes(), &raw)?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
+        )
+        .await
+    }
+
     // ---- collections ----------------------------------------------------
 
     pub fn get_raw(&self, c: Collection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -520,6 +589,17 @@ impl Store {
             },
         })
     }
+}
+
+/// Result of [`Store::put_token`].
+#[derive(Debug)]
+pub enum PutOutcome {
+    /// Written; the stored meta.
+    Stored(Map<String, Value>),
+    /// `create_only` and a document exists: nothing written.
+    Exists,
+    /// The ticket nonce was already used: nothing written.
+    NonceUsed,
 }
 
 #[derive(Debug, PartialEq, Eq)]

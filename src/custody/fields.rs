@@ -1,0 +1,406 @@
+//! Token documents: building them from a browser's `tokenData` (every field
+//! sealed in the key backend unless it is on the metadata allowlist) and
+//! opening them for a credential answer.
+//!
+//! Each field is AES-256-GCM with a fresh IV; the authenticated data binds it
+//! to its service and field name, so a ciphertext moved to another service or
+//! field does not decrypt. The sealed plaintext is the field's JSON value.
+
+use crate::keys::{Backend, KeyError};
+use crate::protocol::document::TokenDocument;
+use crate::protocol::ApiError;
+use base64::Engine;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+pub const ALG_SEALED: &str = "AES-256-GCM";
+pub const ALG_NONE: &str = "none";
+/// Marks this appliance's field encoding (AAD-bound, JSON plaintext).
+pub const ENC: &str = "tvw-field-v1";
+
+/// `tokenData` keys that are metadata, stored in clear. Everything else is sealed.
+pub const META_INPUT: &[&str] = &["tokenType", "expiresAt", "expiryTime", "scope"];
+pub const MAX_FIELDS: usize = 64;
+pub const MAX_FIELD_NAME: usize = 128;
+
+pub const TOKEN_TYPES: &[&str] = &[
+    "PlainText",
+    "JWT",
+    "OAuth",
+    "Certificate",
+    "SSHKey",
+    "Raw",
+    "TOTP",
+];
+
+fn aad(service: &str, field: &str) -> Vec<u8> {
+    let mut a = b"tokenvault-webhook/field/v1\0".to_vec();
+    a.extend_from_slice(service.as_bytes());
+    a.push(0);
+    a.extend_from_slice(field.as_bytes());
+    a
+}
+
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn present(v: &Value) -> bool {
+    match v {
+        Value::String(s) => !s.is_empty(),
+        Value::Null => false,
+        _ => true,
+    }
+}
+
+/// `expiresAt` as RFC 3339 or a number (ms, or seconds if small) → ms.
+fn expiry_ms(v: &Value) -> Option<i64> {
+    match v {
+        Value::String(s) => OffsetDateTime::parse(s, &Rfc3339)
+            .ok()
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64),
+        Value::Number(n) => n
+            .as_i64()
+            .map(|x| if x < 100_000_000_000 { x * 1000 } else { x }),
+        _ => None,
+    }
+}
+
+/// What `/v1/store` (and `/v1/storage set` with plaintext fields) writes.
+pub struct Prepared {
+    pub doc: TokenDocument,
+}
+
+/// Validates `tokenData` and seals it. `existing_created_at` keeps
+/// `createdAt` on overwrite. Messages name fields, never values.
+pub fn seal_token_data(
+    backend: &Backend,
+    service: &str,
+    token_data: &Value,
+    creation_id: Option<&str>,
+) -> Result<Prepared, ApiError> {
+    let obj = token_data
+        .as_object()
+        .ok_or_else(|| ApiError::invalid("Field tokenData must be an object"))?;
+    if obj.len() > MAX_FIELDS {
+        return Err(ApiError::invalid(format!(
+            "Field tokenData has more than {MAX_FIELDS} fields"
+        )));
+    }
+    let mut meta = Map::new();
+    let mut secrets: Vec<(&String, &Value)> = Vec::new();
+    for (k, v) in obj {
+        if k.is_empty() || k.len() > MAX_FIELD_NAME || k.contains('\0') {
+            return Err(ApiError::invalid(
+                "Field names in tokenData must be 1-128 characters",
+            ));
+        }
+        match v {
+            Value::String(_) | Value::Number(_) | Value::Bool(_) => {}
+            Value::Null => continue,
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "Field tokenData.{k} must be a string, number or boolean"
+                )))
+            }
+        }
+        if META_INPUT.contains(&k.as_str()) {
+            continue;
+        }
+        if present(v) {
+            secrets.push((k, v));
+        }
+    }
+    if secrets.is_empty() {
+        return Err(ApiError::invalid("Field tokenData carries no credential"));
+    }
+    let has = |k: &str| obj.get(k).is_some_and(present);
+    let token_type = match obj.get("tokenType") {
+        Some(Value::String(t)) if !t.is_empty() => {
+            if t.len() > 64 {
+                return Err(ApiError::invalid("Field tokenData.tokenType is too long"));
+            }
+            t.clone()
+        }
+        Some(Value::Null) | None => if has("totpSecret") || has("totpUri") {
+            "TOTP"
+        } else if has("sshPrivateKey") {
+            "SSHKey"
+        } else if has("certificateData") {
+            "Certificate"
+        } else if has("refreshToken") {
+            "JWT"
+        } else {
+            "PlainText"
+        }
+        .to_string(),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "Field tokenData.tokenType must be a string",
+            ))
+        }
+    };
+    meta.insert("serviceName".into(), Value::String(service.into()));
+    meta.insert("tokenType".into(), Value::String(token_type));
+    let now = now_rfc3339();
+    meta.insert("createdAt".into(), Value::String(now.clone()));
+    meta.insert("updatedAt".into(), Value::String(now));
+    for key in ["expiresAt", "expiryTime"] {
+        if let Some(v) = obj.get(key).filter(|v| present(v)) {
+            let ms = expiry_ms(v).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "Field tokenData.{key} must be RFC 3339 or a number"
+                ))
+            })?;
+            meta.insert("expiryTime".into(), Value::from(ms));
+        }
+    }
+    if let Some(v) = obj.get("scope").filter(|v| present(v)) {
+        meta.insert("scope".into(), v.clone());
+    }
+    meta.insert("hasRefreshToken".into(), Value::Bool(has("refreshToken")));
+    meta.insert(
+        "hasCertificate".into(),
+        Value::Bool(has("certificateData") || has("certificateChain")),
+    );
+    meta.insert("hasPrivateKey".into(), Value::Bool(has("privateKeyData")));
+    meta.insert("hasSSHKey".into(), Value::Bool(has("sshPrivateKey")));
+    meta.insert(
+        "hasTotpSecret".into(),
+        Value::Bool(has("totpSecret") || has("totpUri")),
+    );
+    if let Some(cid) = creation_id {
+        meta.insert("creationId".into(), Value::String(cid.into()));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut fields = BTreeMap::new();
+    for (k, v) in secrets {
+        let pt = Zeroizing::new(serde_json::to_vec(v).map_err(|_| ApiError::Internal)?);
+        let sealed = backend.seal(&aad(service, k), &pt)?;
+        fields.insert(k.clone(), b64.encode(sealed));
+    }
+    Ok(Prepared {
+        doc: TokenDocument {
+            v: 1,
+            alg: ALG_SEALED.into(),
+            enc: Some(ENC.into()),
+            fields,
+            meta,
+        },
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("key backend: {0}")]
+    Keys(KeyError),
+    #[error("document format not readable: {0}")]
+    Format(&'static str),
+}
+
+impl From<OpenError> for ApiError {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Keys(k) => k.into(),
+            OpenError::Format(what) => {
+                tracing::error!(what, "stored token document unreadable");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Decrypts every field. Plaintext (`alg: "none"`) documents are read as-is;
+/// the caller re-seals them.
+pub fn open_fields(
+    backend: &Backend,
+    service: &str,
+    doc: &TokenDocument,
+) -> Result<Map<String, Value>, OpenError> {
+    let mut out = Map::new();
+    match (doc.alg.as_str(), doc.enc.as_deref()) {
+        (ALG_NONE, _) => {
+            for (k, v) in &doc.fields {
+                out.insert(k.clone(), Value::String(v.clone()));
+            }
+        }
+        (ALG_SEALED, Some(ENC)) => {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            for (k, v) in &doc.fields {
+                let sealed = b64
+                    .decode(v)
+                    .map_err(|_| OpenError::Format("field is not base64"))?;
+                let pt = match backend.open(&aad(service, k), &sealed) {
+                    Ok(pt) => pt,
+                    Err(KeyError::DecryptFailed) => {
+                        return Err(OpenError::Format(
+                            "field does not decrypt under this key, service and name",
+                        ))
+                    }
+                    Err(e) => return Err(OpenError::Keys(e)),
+                };
+                let value: Value = serde_json::from_slice(&pt)
+                    .map_err(|_| OpenError::Format("field plaintext is not JSON"))?;
+                out.insert(k.clone(), value);
+            }
+        }
+        _ => {
+            return Err(OpenError::Format(
+                "unknown alg/enc (import reference documents with `import`)",
+            ))
+        }
+    }
+    Ok(out)
+}
+
+/// Re-seals a plaintext (`alg: "none"`) document's fields in place.
+pub fn reseal(backend: &Backend, service: &str, doc: &mut TokenDocument) -> Result<(), ApiError> {
+    if doc.alg != ALG_NONE {
+        return Ok(());
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut fields = BTreeMap::new();
+    for (k, v) in &doc.fields {
+        let pt = Zeroizing::new(
+            serde_json::to_vec(&Value::String(v.clone())).map_err(|_| ApiError::Internal)?,
+        );
+        fields.insert(k.clone(), b64.encode(backend.seal(&aad(service, k), &pt)?));
+    }
+    doc.fields = fields;
+    doc.alg = ALG_SEALED.into();
+    doc.enc = Some(ENC.into());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::soft::SoftBackend;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn b() -> Backend {
+        Arc::new(SoftBackend::new())
+    }
+
+    #[test]
+    fn unknown_fields_are_sealed_meta_is_not() {
+        let b = b();
+        let p = seal_token_data(&b, "github", &json!({"accessToken":"ghp_a","refreshToken":"r","customSecret":"s3","tokenType":"JWT","expiresAt":"2026-02-17T15:30:00Z","scope":"repo","n":5,"flag":true}), Some("cid-1")).unwrap();
+        let d = &p.doc;
+        assert_eq!(
+            d.fields.keys().collect::<Vec<_>>(),
+            ["accessToken", "customSecret", "flag", "n", "refreshToken"]
+        );
+        let text = serde_json::to_string(d).unwrap();
+        for secret in ["ghp_a", "s3"] {
+            assert!(!text.contains(secret));
+        }
+        assert_eq!(d.meta["tokenType"], "JWT");
+        assert_eq!(d.meta["expiryTime"], 1771342200000i64);
+        assert_eq!(d.meta["scope"], "repo");
+        assert_eq!(d.meta["hasRefreshToken"], true);
+        assert_eq!(d.meta["creationId"], "cid-1");
+        let opened = open_fields(&b, "github", d).unwrap();
+        assert_eq!(opened["accessToken"], "ghp_a");
+        assert_eq!(opened["n"], 5);
+        assert_eq!(opened["flag"], true);
+    }
+
+    #[test]
+    fn ciphertext_bound_to_service_and_field() {
+        let b = b();
+        let mut d = seal_token_data(
+            &b,
+            "github",
+            &json!({"accessToken":"ghp_a","refreshToken":"r"}),
+            None,
+        )
+        .unwrap()
+        .doc;
+        assert!(
+            open_fields(&b, "gitlab", &d).is_err(),
+            "moved to another service"
+        );
+        let a = d.fields["accessToken"].clone();
+        d.fields.insert("refreshToken".into(), a);
+        assert!(
+            open_fields(&b, "github", &d).is_err(),
+            "moved to another field"
+        );
+    }
+
+    #[test]
+    fn validation_names_fields_never_values() {
+        let b = b();
+        for (td, needle) in [
+            (json!("str"), "tokenData must be an object"),
+            (
+                json!({"accessToken": {"nested": "sekrit"}}),
+                "tokenData.accessToken",
+            ),
+            (json!({"accessToken": ["sekrit"]}), "tokenData.accessToken"),
+            (json!({"tokenType":"JWT"}), "carries no credential"),
+            (
+                json!({"accessToken":"x","expiresAt":"sekrit-date"}),
+                "tokenData.expiresAt",
+            ),
+        ] {
+            let e = seal_token_data(&b, "s", &td, None).err().unwrap();
+            let m = e.message();
+            assert!(m.contains(needle), "{m}");
+            assert!(!m.contains("sekrit"));
+        }
+    }
+
+    #[test]
+    fn token_types_inferred() {
+        let b = b();
+        for (td, t) in [
+            (json!({"accessToken":"x"}), "PlainText"),
+            (json!({"accessToken":"x","refreshToken":"y"}), "JWT"),
+            (
+                json!({"certificateData":"c","privateKeyData":"k"}),
+                "Certificate",
+            ),
+            (json!({"sshPrivateKey":"k"}), "SSHKey"),
+            (json!({"totpSecret":"JBSWY3DPEHPK3PXP"}), "TOTP"),
+            (json!({"accessToken":"{}","tokenType":"Raw"}), "Raw"),
+        ] {
+            assert_eq!(
+                seal_token_data(&b, "s", &td, None).unwrap().doc.meta["tokenType"],
+                t
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_documents_are_readable_and_resealed() {
+        let b = b();
+        let mut d = TokenDocument {
+            v: 1,
+            alg: "none".into(),
+            enc: None,
+            fields: [("accessToken".to_string(), "ghp_plain".to_string())].into(),
+            meta: Map::new(),
+        };
+        assert_eq!(
+            open_fields(&b, "gh", &d).unwrap()["accessToken"],
+            "ghp_plain"
+        );
+        reseal(&b, "gh", &mut d).unwrap();
+        assert_eq!(d.alg, ALG_SEALED);
+        assert!(!serde_json::to_string(&d).unwrap().contains("ghp_plain"));
+        assert_eq!(
+            open_fields(&b, "gh", &d).unwrap()["accessToken"],
+            "ghp_plain"
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! Credential custody: tickets, sealed token documents, GCP minting.
+
+pub mod fields;
+pub mod gcp;
+pub mod ticket;
