@@ -915,3 +915,463 @@ async fn hsm_outage_is_503_and_degraded_then_recovers() {
         StatusCode::OK
     );
 }
+
+// ---- custody ------------------------------------------------------------
+
+fn ticket(t: &T, pur: &str, svc: &str, extra: Value) -> String {
+    let mut c = json!({"sub":"user-1","svc":svc,"pur":pur,"iat":now(),"exp":now()+60,"nonce":hex::encode(rid().as_bytes())});
+    if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string());
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(t.secret.as_ref().unwrap()).unwrap();
+    m.update(p.as_bytes());
+    format!("{p}.{}", hex::encode(m.finalize().into_bytes()))
+}
+
+async fn store_tok(t: &T, svc: &str, data: Value, extra: Value) -> (StatusCode, Value) {
+    let body = json!({"ticket": ticket(t, "store", svc, extra), "service": svc, "tokenData": data});
+    let (s, v, _) = send(
+        t,
+        req(
+            Method::POST,
+            "/v1/store",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    (s, v)
+}
+
+async fn read_tok(t: &T, svc: &str, extra: Value) -> (StatusCode, Value) {
+    let tk = ticket(t, "agent_credential", svc, extra);
+    let uri = format!("/v1/credential?ticket={tk}&service={svc}");
+    let (s, v, _) = send(t, req(Method::GET, &uri, Some(REMOTE), vec![])).await;
+    (s, v)
+}
+
+#[tokio::test]
+async fn store_then_credential_get_and_post() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let (s, v) = store_tok(&t, "github", json!({"accessToken":"ghp_abc","refreshToken":"ghr_x","tokenType":"JWT","expiresAt":"2026-02-17T15:30:00Z"}), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "stored");
+    assert_eq!(v["service"], "github");
+    assert_eq!(v["meta"]["tokenType"], "JWT");
+    assert_eq!(v["meta"]["hasRefreshToken"], true);
+    assert!(!v.to_string().contains("ghp_abc"));
+    let (s, v) = read_tok(&t, "github", json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["token"]["accessToken"], "ghp_abc");
+    assert_eq!(v["token"]["refreshToken"], "ghr_x");
+    assert_eq!(v["token"]["serviceName"], "github");
+    assert_eq!(v["token"]["expiryTime"], 1771342200000i64);
+    // POST form, user_reveal purpose.
+    let body =
+        json!({"ticket": ticket(&t, "user_reveal", "github", json!({})), "service": "github"});
+    let (s, v, h) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/credential",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["token"]["accessToken"], "ghp_abc");
+    assert_eq!(h["cache-control"], "no-store");
+    // Not found.
+    let (s, v) = read_tok(&t, "nothing", json!({})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("token_not_found"))
+    );
+    assert_eq!(v["message"], "No token found for service: nothing");
+}
+
+#[tokio::test]
+async fn tickets_are_single_use_and_purpose_bound() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    store_tok(&t, "svc", json!({"accessToken":"tok-1"}), json!({})).await;
+    let tk = ticket(&t, "agent_credential", "svc", json!({}));
+    let uri = format!("/v1/credential?ticket={tk}&service=svc");
+    assert_eq!(
+        send(&t, req(Method::GET, &uri, Some(REMOTE), vec![]))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (s, v, _) = send(&t, req(Method::GET, &uri, Some(REMOTE), vec![])).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("ticket_invalid"))
+    );
+    // A store ticket cannot read; a read ticket cannot store; nothing changes.
+    let tk = ticket(&t, "store", "svc", json!({}));
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::GET,
+            &format!("/v1/credential?ticket={tk}&service=svc"),
+            Some(REMOTE),
+            vec![],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("ticket_invalid"))
+    );
+    let body = json!({"ticket": ticket(&t, "agent_credential", "svc", json!({})), "service": "svc", "tokenData": {"accessToken":"evil"}});
+    let (s, _, _) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/store",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        read_tok(&t, "svc", json!({})).await.1["token"]["accessToken"],
+        "tok-1"
+    );
+    // svc mismatch is 400.
+    let tk = ticket(&t, "agent_credential", "other", json!({}));
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::GET,
+            &format!("/v1/credential?ticket={tk}&service=svc"),
+            Some(REMOTE),
+            vec![],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    // Missing ticket / service.
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::GET,
+            "/v1/credential?service=svc",
+            Some(REMOTE),
+            vec![],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("ticket_invalid"))
+    );
+    let (s, _, _) = send(
+        &t,
+        req(Method::GET, "/v1/credential?ticket=x", Some(REMOTE), vec![]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn store_modes_and_creation_ids() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    assert_eq!(
+        store_tok(
+            &t,
+            "s",
+            json!({"accessToken":"v1"}),
+            json!({"mode":"create","cid":"c1"})
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let created = serde_json::from_slice::<Value>(
+        &t.state
+            .store
+            .get_raw(Collection::Tokens, "s")
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap()["meta"]["createdAt"]
+        .clone();
+    let (s, v) = store_tok(
+        &t,
+        "s",
+        json!({"accessToken":"v2"}),
+        json!({"mode":"create","cid":"c2"}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("already_exists"))
+    );
+    assert_eq!(
+        read_tok(&t, "s", json!({})).await.1["token"]["accessToken"],
+        "v1",
+        "nothing written"
+    );
+    let (s, _) = store_tok(
+        &t,
+        "s",
+        json!({"accessToken":"v2"}),
+        json!({"mode":"upsert"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A stale read: the ticket's cid is not the stored one. Checked before decryption; ticket not burned.
+    let (s, v) = read_tok(&t, "s", json!({"cid":"c0"})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::CONFLICT, Some("stale_creation"))
+    );
+    assert_eq!(
+        read_tok(&t, "s", json!({"cid":"c1"})).await.0,
+        StatusCode::OK
+    );
+    // Overwrite keeps createdAt and records the new creation id.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let (s, v) = store_tok(
+        &t,
+        "s",
+        json!({"accessToken":"v3"}),
+        json!({"mode":"overwrite","cid":"c3"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["meta"]["createdAt"], created);
+    assert_eq!(v["meta"]["creationId"], "c3");
+    assert_ne!(v["meta"]["updatedAt"], created);
+    assert_eq!(
+        read_tok(&t, "s", json!({"cid":"c1"})).await.0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        read_tok(&t, "s", json!({"cid":"c3"})).await.1["token"]["accessToken"],
+        "v3"
+    );
+}
+
+#[tokio::test]
+async fn cors_is_exact_and_never_reflected() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    for path in ["/v1/store", "/v1/credential"] {
+        let mut r = req(Method::OPTIONS, path, Some(REMOTE), vec![]);
+        r.headers_mut()
+            .insert("origin", "https://tokenvault.uk".parse().unwrap());
+        let (s, _, h) = send(&t, r).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert_eq!(h["access-control-allow-origin"], "https://tokenvault.uk");
+        assert_eq!(h["access-control-allow-methods"], "GET, POST, OPTIONS");
+        assert_eq!(h["access-control-allow-headers"], "Content-Type");
+        assert_eq!(h["vary"], "Origin");
+        let mut r = req(Method::OPTIONS, path, Some(REMOTE), vec![]);
+        r.headers_mut()
+            .insert("origin", "https://evil.example".parse().unwrap());
+        let (s, _, h) = send(&t, r).await;
+        assert_eq!(s, StatusCode::NO_CONTENT);
+        assert!(h.get("access-control-allow-origin").is_none());
+    }
+    // Actual requests carry CORS headers too (errors included); other endpoints never do.
+    let mut r = req(
+        Method::GET,
+        "/v1/credential?service=x",
+        Some(REMOTE),
+        vec![],
+    );
+    r.headers_mut()
+        .insert("origin", "https://tokenvault.uk".parse().unwrap());
+    let (_, _, h) = send(&t, r).await;
+    assert_eq!(h["access-control-allow-origin"], "https://tokenvault.uk");
+    let mut r = req(Method::GET, "/v1/health", Some(REMOTE), vec![]);
+    r.headers_mut()
+        .insert("origin", "https://tokenvault.uk".parse().unwrap());
+    let (_, _, h) = send(&t, r).await;
+    assert!(h.get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn deny_list_and_rate_limit() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    store_tok(&t, "s", json!({"accessToken":"v1"}), json!({})).await;
+    let settings = Settings {
+        direct: direct::DirectSettings {
+            allowed_origins: vec![],
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            trusted_proxies: vec![],
+            limiter: direct::RateLimiter::new(60, 2),
+        },
+        minter: crate::custody::gcp::Minter::new(true).unwrap(),
+        public_url: t.state.settings.public_url.clone(),
+        frontend_url: t.state.settings.frontend_url.clone(),
+        code_ttl_secs: 300,
+        body_limit: 1 << 20,
+        webhook_id: "wh_test".into(),
+    };
+    let mut st = t.state.clone();
+    st.settings = Arc::new(settings);
+    let t2 = T {
+        _dir: tempfile::tempdir().unwrap(),
+        state: st,
+        secret: t.secret.clone(),
+    };
+    // REMOTE (203.0.113.9) is denied, before any ticket work.
+    let (s, v) = read_tok(&t2, "s", json!({})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    // Another address gets a burst of 2, then 429 with Retry-After.
+    let other = "198.51.100.20:4000";
+    let mut codes = Vec::new();
+    let mut retry = None;
+    for _ in 0..3 {
+        let tk = ticket(&t2, "agent_credential", "s", json!({}));
+        let (s, _, h) = send(
+            &t2,
+            req(
+                Method::GET,
+                &format!("/v1/credential?ticket={tk}&service=s"),
+                Some(other),
+                vec![],
+            ),
+        )
+        .await;
+        codes.push(s);
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            retry = h.get("retry-after").cloned();
+        }
+    }
+    assert_eq!(
+        codes,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(retry.unwrap(), "1");
+}
+
+#[tokio::test]
+async fn totp_seeds_are_withheld_and_plaintext_docs_resealed() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    store_tok(
+        &t,
+        "otp",
+        json!({"totpSecret":"JBSWY3DPEHPK3PXP"}),
+        json!({}),
+    )
+    .await;
+    let (s, v) = read_tok(&t, "otp", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!v.to_string().contains("JBSWY3DPEHPK3PXP"));
+    assert_eq!(v["token"]["hasTotpSecret"], true);
+    // A document in the spec's plaintext form is readable, then re-sealed.
+    let raw = serde_json::to_vec(&json!({"v":1,"alg":"none","fields":{"accessToken":"plain-tok"},"meta":{"serviceName":"legacy","tokenType":"PlainText"}})).unwrap();
+    t.state
+        .store
+        .write(move |txn, dbs| Ok(dbs.tokens.put(txn, b"legacy", &raw)?))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_tok(&t, "legacy", json!({})).await.1["token"]["accessToken"],
+        "plain-tok"
+    );
+    let stored = t
+        .state
+        .store
+        .get_raw(Collection::Tokens, "legacy")
+        .unwrap()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&stored).contains("plain-tok"));
+    assert_eq!(
+        read_tok(&t, "legacy", json!({})).await.1["token"]["accessToken"],
+        "plain-tok"
+    );
+}
+
+#[tokio::test]
+async fn store_validation_errors() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let send_body = |b: Value| {
+        req(
+            Method::POST,
+            "/v1/store",
+            Some(REMOTE),
+            serde_json::to_vec(&b).unwrap(),
+        )
+    };
+    let (s, v, _) = send(&t, send_body(json!({"ticket":"x","tokenData":{}}))).await;
+    assert_eq!(
+        (s, v["message"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("Missing required field: service")
+        )
+    );
+    let (s, v, _) = send(&t, send_body(json!({"service":"s","tokenData":{}}))).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("ticket_invalid"))
+    );
+    let (s, v, _) = send(
+        &t,
+        send_body(json!({"service":"s","ticket": ticket(&t, "store", "s", json!({}))})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["message"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("Missing required field: tokenData")
+        )
+    );
+    let (s, v) = store_tok(
+        &t,
+        "s",
+        json!({"accessToken":{"deep":"sekrit-value"}}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("tokenData.accessToken"));
+    assert!(!v.to_string().contains("sekrit-value"));
+    assert!(t
+        .state
+        .store
+        .get_raw(Collection::Tokens, "s")
+        .unwrap()
+        .is_none());
+    let (s, _, _) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/store",
+            Some(REMOTE),
+            b"{not json".to_vec(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
