@@ -204,6 +204,46 @@ impl Appliance {
     }
 }
 
+impl Appliance {
+    /// A ticket as Token Vault signs it: base64url(payload).hex(HMAC(payload_b64)).
+    pub fn ticket(&self, pur: &str, svc: &str, extra: Value) -> String {
+        let mut c = json!({"sub":"user-1","svc":svc,"pur":pur,"iat":now(),"exp":now()+60,"nonce":new_rid().replace("req_", "n0nce")});
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string());
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(self.secret.as_ref().expect("bind first"))
+                .unwrap();
+        m.update(p.as_bytes());
+        format!("{p}.{}", hex::encode(m.finalize().into_bytes()))
+    }
+
+    pub async fn store(&self, svc: &str, token_data: Value) -> (u16, Value) {
+        let body = json!({"ticket": self.ticket("store", svc, json!({})), "service": svc, "tokenData": token_data});
+        let r = self
+            .client
+            .post(self.url("/v1/store"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn credential(&self, svc: &str, query: &str) -> (u16, Value) {
+        let tk = self.ticket("agent_credential", svc, json!({}));
+        let url = format!(
+            "{}?ticket={tk}&service={svc}{query}",
+            self.url("/v1/credential")
+        );
+        let r = self.client.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
 impl Drop for Appliance {
     fn drop(&mut self) {
         self.kill9();
