@@ -22,7 +22,10 @@ async fn dev_binds_over_https_and_serves_health_and_storage() {
         .unwrap();
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["keyConfigured"], true);
-    assert_eq!(h["capabilities"], json!(["storage", "credential", "store", "ticketConstraints"]));
+    assert_eq!(
+        h["capabilities"],
+        json!(["storage", "credential", "store", "ticketConstraints"])
+    );
     let r = a.client.head(a.url("/v1/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // Signed endpoints refuse before the exchange.

@@ -12,11 +12,18 @@ cargo build --release --quiet
 bin=target/release/tokenvault-webhook
 dir=$(mktemp -d)
 port=${PORT:-18555}
+wait_ready() { for _ in $(seq 100); do grep -q READY "$dir/log" 2>/dev/null && break; sleep 0.1; done; grep -q READY "$dir/log" || { cat "$dir/log"; exit 1; }; }
+# Provision with `dev`, then serve the same dir with the per-address rate
+# limit off: all load comes from 127.0.0.1.
 $bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do grep -q READY "$dir/log" 2>/dev/null && break; sleep 0.1; done
-grep -q READY "$dir/log" || { cat "$dir/log"; exit 1; }
+wait_ready
+kill $pid; wait $pid 2>/dev/null || true
+printf '\n[direct_access]\nrate_limit_per_minute = 0\n' >> "$dir/a/config.toml"
+$bin --config "$dir/a/config.toml" serve 2>"$dir/log" &
+pid=$!
+wait_ready
 base=https://127.0.0.1:$port
 code=$($bin --config "$dir/a/config.toml" register-url | python3 -c 'import json,sys;print(json.load(sys.stdin)["code"])')
 secret=$(curl -s --cacert "$dir/a/tls/cert.pem" "$base/v1/exchange" -d "{\"code\":\"$code\"}" | python3 -c 'import json,sys;print(json.load(sys.stdin)["hmacSecret"])')
@@ -26,8 +33,8 @@ report() { # name, wrk output
   rps=$(grep Requests/sec <<<"$2" | awk '{print $2}')
   p50=$(grep " 50%" <<<"$2" | awk '{print $2}')
   p99=$(grep " 99%" <<<"$2" | awk '{print $2}')
-  errs=$(grep -E "non2xx=|Non-2xx" <<<"$2" | grep -oE "[0-9]+$" || echo 0)
-  printf "| %-34s | %9s | %8s | %8s | %6s | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
+  errs=$( (grep -oE "non2xx=[0-9]+" <<<"$2" || echo non2xx=0) | cut -d= -f2 | head -1)
+  printf "| %-42s | %9s | %8s | %8s | %6s | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
 signed() { # name, path, n, body
   gen "$2" "$4" "$3" "$dir/reqs"
@@ -42,3 +49,10 @@ gen /v1/storage '{"operation":"set","collection":"tokens","key":"svc-{i}","data"
 REQS="$dir/set" PATH_=/v1/storage WRK_THREADS=1 wrk -t1 -c1 -d5s -s benches/load/signed.lua "$base" >/dev/null 2>&1
 signed "POST /v1/storage list 200 tokens" /v1/storage $((secs * 6000)) '{"operation":"list","collection":"tokens","options":{"limit":200}}'
 signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operation":"set","collection":"proxy_configs","key":"p-{i}","data":{"name":"x","serviceName":"github"}}'
+direct() { # name, kind, n
+  python3 benches/load/gen_direct.py "$secret" "$2" "$3" "$dir/direct"
+  out=$(REQS="$dir/direct" WRK_THREADS=2 wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base" 2>&1)
+  report "$1" "$out"
+}
+direct "POST /v1/store (durable, sealed in HSM)" store $((secs * 9000))
+direct "GET /v1/credential (ticket + HSM decrypt)" credential $((secs * 12000))
