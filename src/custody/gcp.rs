@@ -262,4 +262,18 @@ mod tests {
         assert_eq!(parse_scopes(Some("a, b")).unwrap(), "a b");
         assert!(parse_scopes(Some("a b\n")).is_err());
     }
+
+    #[tokio::test]
+    async fn token_uri_must_be_https_outside_dev() {
+        let sa = detect(Some(&json!(r#"{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"http://127.0.0.1:9/token"}"#))).unwrap();
+        let m = Minter::new(false).unwrap();
+        let e = m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap();
+        assert_eq!(e, ApiError::GcpMintFailed("token_uri must be https"));
+        let sa = detect(Some(&json!(r#"{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"file:///etc/passwd"}"#))).unwrap();
+        let m = Minter::new(true).unwrap();
+        assert_eq!(
+            m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap(),
+            ApiError::GcpMintFailed("token_uri must be https")
+        );
+    }
 }
