@@ -271,6 +271,7 @@ pub fn run_server(
         })?;
     let dyn_backend: Backend = backend;
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
+    remove_orphan_otp_keys(&dyn_backend, &store)?;
     let tls = load_tls(&cfg.tls.cert, &cfg.tls.key)?;
     let listen = listen.unwrap_or(cfg.server.listen);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -338,6 +339,23 @@ pub fn run_server(
         serve(listener, tls, app(state), opts, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// TOTP seed objects no document refers to (a crash between enrolment and
+/// its write, or between an overwrite and the old key's destruction).
+fn remove_orphan_otp_keys(backend: &Backend, store: &Store) -> Result<()> {
+    let referenced = store.referenced_otp_keys()?;
+    let mut removed = 0;
+    for id in backend.list_otp()? {
+        if !referenced.contains(&id) {
+            backend.destroy_otp(&id)?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::warn!(removed, "removed orphaned TOTP key objects");
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -6,6 +6,7 @@
 //! to its service and field name, so a ciphertext moved to another service or
 //! field does not decrypt. The sealed plaintext is the field's JSON value.
 
+use super::totp;
 use crate::keys::{Backend, KeyError};
 use crate::protocol::document::TokenDocument;
 use crate::protocol::ApiError;
@@ -24,6 +25,8 @@ pub const ENC: &str = "tvw-field-v1";
 /// `tokenData` keys that are metadata, stored in clear. Everything else is sealed.
 pub const META_INPUT: &[&str] = &["tokenType", "expiresAt", "expiryTime", "scope"];
 pub const MAX_FIELDS: usize = 64;
+/// Sealed field holding a TOTP seed (base32) when the backend cannot hold it.
+pub const TOTP_FIELD: &str = "totpSecret";
 pub const MAX_FIELD_NAME: usize = 128;
 
 pub const TOKEN_TYPES: &[&str] = &[
@@ -74,8 +77,10 @@ fn expiry_ms(v: &Value) -> Option<i64> {
 }
 
 /// What `/v1/store` (and `/v1/storage set` with plaintext fields) writes.
+/// If the write does not land, `installed_otp` must be destroyed.
 pub struct Prepared {
     pub doc: TokenDocument,
+    pub installed_otp: Option<String>,
 }
 
 /// Validates `tokenData` and seals it. `existing_created_at` keeps
@@ -96,7 +101,11 @@ pub fn seal_token_data(
     }
     let mut meta = Map::new();
     let mut secrets: Vec<(&String, &Value)> = Vec::new();
+    let enrolment = totp::parse_enrolment(obj)?;
     for (k, v) in obj {
+        if enrolment.is_some() && totp::INPUT_KEYS.contains(&k.as_str()) {
+            continue;
+        }
         if k.is_empty() || k.len() > MAX_FIELD_NAME || k.contains('\0') {
             return Err(ApiError::invalid(
                 "Field names in tokenData must be 1-128 characters",
@@ -118,7 +127,7 @@ pub fn seal_token_data(
             secrets.push((k, v));
         }
     }
-    if secrets.is_empty() {
+    if secrets.is_empty() && enrolment.is_none() {
         return Err(ApiError::invalid("Field tokenData carries no credential"));
     }
     let has = |k: &str| obj.get(k).is_some_and(present);
@@ -129,7 +138,7 @@ pub fn seal_token_data(
             }
             t.clone()
         }
-        Some(Value::Null) | None => if has("totpSecret") || has("totpUri") {
+        Some(Value::Null) | None => if enrolment.is_some() {
             "TOTP"
         } else if has("sshPrivateKey") {
             "SSHKey"
@@ -172,10 +181,7 @@ pub fn seal_token_data(
     );
     meta.insert("hasPrivateKey".into(), Value::Bool(has("privateKeyData")));
     meta.insert("hasSSHKey".into(), Value::Bool(has("sshPrivateKey")));
-    meta.insert(
-        "hasTotpSecret".into(),
-        Value::Bool(has("totpSecret") || has("totpUri")),
-    );
+    meta.insert("hasTotpSecret".into(), Value::Bool(enrolment.is_some()));
     if let Some(cid) = creation_id {
         meta.insert("creationId".into(), Value::String(cid.into()));
     }
@@ -186,6 +192,25 @@ pub fn seal_token_data(
         let sealed = backend.seal(&aad(service, k), &pt)?;
         fields.insert(k.clone(), b64.encode(sealed));
     }
+    // The TOTP seed: a device key where the backend can hold one, otherwise
+    // a sealed field. Sealed fields come first, so a failure there leaves no
+    // device object behind.
+    let mut installed_otp = None;
+    if let Some(e) = &enrolment {
+        totp::meta_for(e, &mut meta);
+        let seed = secrecy::SecretSlice::from(e.seed.to_vec());
+        match backend.install_otp(&seed, e.params.alg)? {
+            Some(id) => installed_otp = Some(id),
+            None => {
+                let b32 = totp::base32_encode(&e.seed);
+                let pt = Zeroizing::new(
+                    serde_json::to_vec(b32.as_str()).map_err(|_| ApiError::Internal)?,
+                );
+                let sealed = backend.seal(&aad(service, TOTP_FIELD), &pt)?;
+                fields.insert(TOTP_FIELD.into(), b64.encode(sealed));
+            }
+        }
+    }
     Ok(Prepared {
         doc: TokenDocument {
             v: 1,
@@ -193,7 +218,9 @@ pub fn seal_token_data(
             enc: Some(ENC.into()),
             fields,
             meta,
+            otp: installed_otp.clone(),
         },
+        installed_otp,
     })
 }
 
@@ -258,6 +285,27 @@ pub fn open_fields(
         }
     }
     Ok(out)
+}
+
+/// Opens one field (`None` if absent).
+pub fn open_field(
+    backend: &Backend,
+    service: &str,
+    doc: &TokenDocument,
+    name: &str,
+) -> Result<Option<Value>, OpenError> {
+    let Some(v) = doc.fields.get(name) else {
+        return Ok(None);
+    };
+    let one = TokenDocument {
+        v: doc.v,
+        alg: doc.alg.clone(),
+        enc: doc.enc.clone(),
+        fields: [(name.to_string(), v.clone())].into(),
+        meta: Map::new(),
+        otp: None,
+    };
+    Ok(open_fields(backend, service, &one)?.remove(name))
 }
 
 /// Re-seals a plaintext (`alg: "none"`) document's fields in place.
@@ -390,6 +438,7 @@ mod tests {
             enc: None,
             fields: [("accessToken".to_string(), "ghp_plain".to_string())].into(),
             meta: Map::new(),
+            otp: None,
         };
         assert_eq!(
             open_fields(&b, "gh", &d).unwrap()["accessToken"],

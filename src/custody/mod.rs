@@ -3,3 +3,4 @@
 pub mod fields;
 pub mod gcp;
 pub mod ticket;
+pub mod totp;

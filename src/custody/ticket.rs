@@ -21,6 +21,7 @@ pub const STORE: &[&str] = &["store"];
 pub const CREDENTIAL: &[&str] = &["agent_credential", "user_reveal"];
 pub const TOTP_CODE: &[&str] = &["totp_code", "user_reveal", "agent_credential"];
 pub const PROXY: &[&str] = &["proxy"];
+pub const TOTP_VERIFY: &[&str] = &["totp_verify"];
 
 #[derive(Debug, Clone)]
 pub struct Ticket {

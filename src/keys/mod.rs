@@ -74,8 +74,45 @@ pub trait SealKeys {
     fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
 }
 
-pub trait KeyBackend: KeyBackendBase + RandomSource + MacKeys + SealKeys {}
-impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys> KeyBackend for T {}
+/// HMAC hash of a TOTP seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtpAlg {
+    Sha1,
+    Sha256,
+    Sha512,
+}
+
+impl OtpAlg {
+    pub fn name(self) -> &'static str {
+        match self {
+            OtpAlg::Sha1 => "SHA1",
+            OtpAlg::Sha256 => "SHA256",
+            OtpAlg::Sha512 => "SHA512",
+        }
+    }
+    /// HMAC block size: longer keys are hashed first by HMAC itself.
+    pub fn block_len(self) -> usize {
+        match self {
+            OtpAlg::Sha1 | OtpAlg::Sha256 => 64,
+            OtpAlg::Sha512 => 128,
+        }
+    }
+}
+
+/// TOTP seeds held by the device. A backend that cannot answers `None` from
+/// [`OtpKeys::install_otp`] and the seed is kept as a sealed field instead.
+pub trait OtpKeys {
+    /// Imports a seed as a non-extractable key; its id, or `None` if unsupported.
+    fn install_otp(&self, seed: &SecretSlice<u8>, alg: OtpAlg) -> Result<Option<String>, KeyError>;
+    /// HMAC of the 8-byte big-endian `counter` under seed `id`.
+    fn otp_hmac(&self, id: &str, alg: OtpAlg, counter: u64) -> Result<Vec<u8>, KeyError>;
+    fn destroy_otp(&self, id: &str) -> Result<(), KeyError>;
+    /// Ids of every seed object (for orphan removal at start-up).
+    fn list_otp(&self) -> Result<Vec<String>, KeyError>;
+}
+
+pub trait KeyBackend: KeyBackendBase + RandomSource + MacKeys + SealKeys + OtpKeys {}
+impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys + OtpKeys> KeyBackend for T {}
 
 pub type Backend = Arc<dyn KeyBackend>;
 

@@ -17,6 +17,9 @@ pub struct TokenDocument {
     pub fields: BTreeMap<String, String>,
     #[serde(default)]
     pub meta: Map<String, Value>,
+    /// Id of the TOTP seed held as a key in the key backend (never the seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otp: Option<String>,
 }
 
 /// Meta keys that may leave the appliance (list, get, store answers).

@@ -32,6 +32,8 @@ pub enum ApiError {
     CodeUsed,
     /// 413: body over the configured limit.
     PayloadTooLarge,
+    /// 400: the token holds no TOTP seed.
+    NotTotp,
     /// 403: this client address may not use direct access.
     Forbidden,
     /// 409: `mode=create` on a service that already has a token.
@@ -75,6 +77,7 @@ impl ApiError {
             ApiError::CodeExpired => "code_expired",
             ApiError::CodeUsed => "code_used",
             ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::NotTotp => "not_totp",
             ApiError::Forbidden => "forbidden",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::StaleCreation => "stale_creation",
@@ -88,7 +91,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidRequest(_) | ApiError::NotTotp => StatusCode::BAD_REQUEST,
             ApiError::AuthFailed(_) | ApiError::TicketInvalid(_) | ApiError::TicketExpired => {
                 StatusCode::UNAUTHORIZED
             }
@@ -119,6 +122,7 @@ impl ApiError {
             ApiError::CodeExpired => "Registration code expired or not found".into(),
             ApiError::CodeUsed => "Registration code already used".into(),
             ApiError::PayloadTooLarge => "Request body exceeds the configured limit".into(),
+            ApiError::NotTotp => "Token is not a TOTP token".into(),
             ApiError::Forbidden => "This client may not access credentials".into(),
             ApiError::AlreadyExists(s) => format!("A token already exists for service: {s}"),
             ApiError::StaleCreation => {

@@ -10,7 +10,13 @@ pub use error::ApiError;
 
 /// Capabilities this build implements. `/v1/exchange` and `/v1/health` both
 /// answer with exactly this list.
-pub const CAPABILITIES: &[&str] = &["storage", "credential", "store", "ticketConstraints"];
+pub const CAPABILITIES: &[&str] = &[
+    "storage",
+    "credential",
+    "store",
+    "ticketConstraints",
+    "totp-verify",
+];
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

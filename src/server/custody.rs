@@ -3,7 +3,7 @@
 use super::auth::read_body;
 use super::{now, AppState};
 use crate::custody::fields::{self, open_fields, reseal, seal_token_data};
-use crate::custody::{gcp, ticket};
+use crate::custody::{gcp, ticket, totp};
 use crate::protocol::document::{public_meta, TokenDocument};
 use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
@@ -33,6 +33,50 @@ pub fn secret_json(v: &Value) -> Result<Response, ApiError> {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+fn destroy_otp_quietly(s: &AppState, id: &str) {
+    if let Err(e) = s.backend.destroy_otp(id) {
+        tracing::warn!(error = %e, "could not destroy a TOTP key object; it is removed at next start");
+    }
+}
+
+/// Writes a prepared document. The device TOTP key of the document it
+/// replaced is destroyed; if the write did not land, its own is.
+pub async fn put_prepared(
+    s: &AppState,
+    service: String,
+    p: fields::Prepared,
+    nonce: Option<(String, i64)>,
+    create_only: bool,
+    at: i64,
+) -> Result<PutOutcome, ApiError> {
+    let installed = p.installed_otp.clone();
+    let r = s
+        .store
+        .put_token(service, p.doc, nonce, create_only, at)
+        .await;
+    match &r {
+        Ok(PutOutcome::Stored { replaced_otp, .. }) => {
+            if let Some(old) = replaced_otp {
+                destroy_otp_quietly(s, old);
+            }
+        }
+        _ => {
+            if let Some(id) = &installed {
+                destroy_otp_quietly(s, id);
+            }
+        }
+    }
+    Ok(r?)
+}
+
+/// Deletes a token document and its device TOTP key.
+pub async fn delete_token(s: &AppState, service: String) -> Result<(), ApiError> {
+    if let Some(id) = s.store.delete_token(service).await? {
+        destroy_otp_quietly(s, &id);
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -79,51 +123,65 @@ pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, 
         .ok_or_else(|| ApiError::invalid("Missing required field: tokenData"))?;
     let prepared = seal_token_data(&s.backend, &service, &token_data, tk.cid.as_deref())?;
     drop(token_data);
-    match s
-        .store
-        .put_token(
-            service.clone(),
-            prepared.doc,
-            Some((tk.nonce.clone(), tk.exp)),
-            create_only,
-            t,
-        )
-        .await?
+    match put_prepared(
+        &s,
+        service.clone(),
+        prepared,
+        Some((tk.nonce.clone(), tk.exp)),
+        create_only,
+        t,
+    )
+    .await?
     {
-        PutOutcome::Stored(meta) => Ok(axum::response::IntoResponse::into_response(axum::Json(
-            json!({
+        PutOutcome::Stored { meta, .. } => Ok(axum::response::IntoResponse::into_response(
+            axum::Json(json!({
                 "status": "stored",
                 "service": service,
                 "meta": public_meta(meta),
-            }),
-        ))),
+            })),
+        )),
         PutOutcome::Exists => Err(ApiError::AlreadyExists(service)),
         PutOutcome::NonceUsed => Err(ApiError::TicketInvalid("Ticket already used")),
     }
 }
 
 #[derive(Deserialize, Default)]
-pub struct CredentialParams {
+pub struct DirectParams {
     ticket: Option<String>,
     service: Option<String>,
     scopes: Option<String>,
+    code: Option<String>,
 }
 
-pub async fn credential(
-    State(s): State<AppState>,
-    Query(q): Query<CredentialParams>,
+/// What every ticket-authorised read shares: parameters from the query (GET)
+/// or a JSON body (POST), ticket verified, document loaded, `cid` checked.
+/// The ticket is not burned yet.
+struct Prelude {
+    service: String,
+    ticket: ticket::Ticket,
+    raw: Vec<u8>,
+    doc: TokenDocument,
+    params: DirectParams,
+    at: i64,
+}
+
+async fn prelude(
+    s: &AppState,
+    query: DirectParams,
     req: Request,
-) -> Result<Response, ApiError> {
+    purposes: &[&str],
+) -> Result<Prelude, ApiError> {
     let p = if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
         let raw = read_body(body, &parts.headers, s.settings.body_limit).await?;
-        serde_json::from_slice::<CredentialParams>(&raw)
+        serde_json::from_slice::<DirectParams>(&raw)
             .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?
     } else {
-        q
+        query
     };
     let service = p
         .service
+        .clone()
         .filter(|x| !x.is_empty())
         .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
     if !valid_service(&service) {
@@ -131,18 +189,11 @@ pub async fn credential(
     }
     let raw_ticket = p
         .ticket
+        .clone()
         .filter(|x| !x.is_empty())
         .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
-    let scopes = gcp::parse_scopes(p.scopes.as_deref())?;
-    let t = now();
-    let tk = ticket::verify(
-        &s.backend,
-        &s.store,
-        &raw_ticket,
-        ticket::CREDENTIAL,
-        &service,
-        t,
-    )?;
+    let at = now();
+    let tk = ticket::verify(&s.backend, &s.store, &raw_ticket, purposes, &service, at)?;
     let raw = s
         .store
         .get_raw(Collection::Tokens, &service)?
@@ -150,7 +201,52 @@ pub async fn credential(
     let doc: TokenDocument =
         serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
     ticket::check_creation(&tk, doc.meta.get("creationId").and_then(Value::as_str))?;
+    Ok(Prelude {
+        service,
+        ticket: tk,
+        raw,
+        doc,
+        params: p,
+        at,
+    })
+}
+
+fn is_totp_type(doc: &TokenDocument) -> bool {
+    totp::is_totp(doc) && doc.meta.get("tokenType").and_then(Value::as_str) == Some("TOTP")
+}
+
+pub async fn credential(
+    State(s): State<AppState>,
+    Query(q): Query<DirectParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let scopes = gcp::parse_scopes(q.scopes.as_deref())?;
+    let Prelude {
+        service,
+        ticket: tk,
+        raw,
+        doc,
+        params,
+        at: t,
+    } = prelude(&s, q, req, ticket::CREDENTIAL).await?;
+    let scopes = match params.scopes.as_deref() {
+        Some(sc) => gcp::parse_scopes(Some(sc))?,
+        None => scopes,
+    };
     ticket::consume(&s.store, &tk, t).await?;
+    // TOTP tokens answer a code and nothing else.
+    if is_totp_type(&doc) {
+        let c = totp::current_code(&s.backend, &service, &doc, t as u64)?;
+        return secret_json(&json!({"token": {
+            "accessToken": c.code.as_str(),
+            "tokenType": "TOTP",
+            "serviceName": service,
+            "remainingSeconds": c.remaining,
+            "period": c.params.period,
+            "digits": c.params.digits,
+            "totpGenerated": true,
+        }}));
+    }
     let mut fields = open_fields(&s.backend, &service, &doc)?;
     if doc.alg == fields::ALG_NONE && !doc.fields.is_empty() {
         let mut sealed = doc.clone();
@@ -185,10 +281,8 @@ pub async fn credential(
             "gcpMinted": true,
         }}));
     }
-    // Seeds never leave: TOTP tokens answer codes (TOTP issue); until then
-    // the seed is withheld.
-    fields.remove("totpSecret");
-    fields.remove("totpUri");
+    // Seeds never leave, whatever the token's type.
+    fields.remove(fields::TOTP_FIELD);
     let mut token: Map<String, Value> = public_meta(doc.meta);
     token
         .entry("serviceName")
@@ -197,4 +291,85 @@ pub async fn credential(
         token.insert(k, v);
     }
     secret_json(&json!({ "token": token }))
+}
+
+/// `GET|POST /v1/totp-code`: the current code of a TOTP token.
+pub async fn totp_code(
+    State(s): State<AppState>,
+    Query(q): Query<DirectParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Prelude {
+        service,
+        ticket: tk,
+        doc,
+        at: t,
+        ..
+    } = prelude(&s, q, req, ticket::TOTP_CODE).await?;
+    if !totp::is_totp(&doc) {
+        return Err(ApiError::NotTotp);
+    }
+    ticket::consume(&s.store, &tk, t).await?;
+    let c = totp::current_code(&s.backend, &service, &doc, t as u64)?;
+    secret_json(&json!({
+        "code": c.code.as_str(),
+        "remainingSeconds": c.remaining,
+        "period": c.params.period,
+        "digits": c.params.digits,
+    }))
+}
+
+/// Failures allowed per time step before `/v1/totp-verify` answers 429.
+pub const VERIFY_FAILURES_PER_STEP: u32 = 5;
+
+/// `POST /v1/totp-verify`: checks a peer's code against a seed it never
+/// sees. Each code is accepted at most once (RFC 6238 §5.2), ±1 step of drift.
+pub async fn totp_verify(
+    State(s): State<AppState>,
+    Query(q): Query<DirectParams>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let Prelude {
+        service,
+        ticket: tk,
+        doc,
+        params,
+        at: t,
+        ..
+    } = prelude(&s, q, req, ticket::TOTP_VERIFY).await?;
+    if !totp::is_totp(&doc) {
+        return Err(ApiError::NotTotp);
+    }
+    let p = totp::params_from_meta(&doc.meta);
+    let code = params
+        .code
+        .filter(|c| c.len() == p.digits as usize && c.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "Field code must be exactly {} ASCII digits",
+                p.digits
+            ))
+        })?;
+    let step = t as u64 / p.period;
+    let state = s.store.totp_state(&service)?;
+    if state.fail_step == step && state.fail_count >= VERIFY_FAILURES_PER_STEP {
+        return Err(ApiError::RateLimited(totp::remaining(&p, t as u64)));
+    }
+    ticket::consume(&s.store, &tk, t).await?;
+    let steps = [step.saturating_sub(1), step, step + 1];
+    let codes = totp::codes_at_steps(&s.backend, &service, &doc, &steps)?;
+    let mut matched = None;
+    for (st, c) in steps.iter().zip(codes.iter()) {
+        if crate::protocol::signature::mac_eq(c.as_bytes(), code.as_bytes()) {
+            matched = Some(*st);
+        }
+    }
+    let valid = s.store.totp_record(service.clone(), matched, step).await?;
+    tracing::info!(service = %service, valid, "totp-verify");
+    Ok(axum::response::IntoResponse::into_response(axum::Json(
+        json!({
+            "valid": valid,
+            "service": service,
+        }),
+    )))
 }

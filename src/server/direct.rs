@@ -131,13 +131,10 @@ fn add_cors(resp: &mut Response, origin: Option<&str>) {
     }
 }
 
-/// Middleware for the direct-access routes.
-pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    let origin = allowed_origin(&s, req.headers()).map(str::to_string);
+/// Deny list and rate limit, for every direct-access route.
+pub async fn access(State(s): State<AppState>, req: Request, next: Next) -> Response {
     if req.method() == Method::OPTIONS {
-        let mut r = StatusCode::NO_CONTENT.into_response();
-        add_cors(&mut r, origin.as_deref());
-        return r;
+        return next.run(req).await;
     }
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let verdict = match client_ip(peer, req.headers(), &s.direct().trusted_proxies) {
@@ -148,9 +145,20 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
         }
         Some(ip) => s.direct().limiter.check(ip).map_err(ApiError::RateLimited),
     };
-    let mut r = match verdict {
+    match verdict {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
+    }
+}
+
+/// CORS for the browser-facing routes only (`/v1/store`, `/v1/credential`,
+/// `/v1/totp-code`): exact origins, `Vary: Origin`, preflight 204.
+pub async fn cors(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let origin = allowed_origin(&s, req.headers()).map(str::to_string);
+    let mut r = if req.method() == Method::OPTIONS {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        next.run(req).await
     };
     add_cors(&mut r, origin.as_deref());
     r

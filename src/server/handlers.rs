@@ -347,10 +347,12 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                 Collection::Audit => s.store.audit_append(key, data).await?,
                 Collection::Tokens => match token_write(&data)? {
                     TokenWrite::Credential { token_data, meta } => {
-                        let mut doc = seal_token_data(&s.backend, &key, &token_data, None)?.doc;
-                        merge_meta(&mut doc, &meta, &key);
-                        match s.store.put_token(key, doc, None, false, now()).await? {
-                            PutOutcome::Stored(_) => {}
+                        let mut prepared = seal_token_data(&s.backend, &key, &token_data, None)?;
+                        merge_meta(&mut prepared.doc, &meta, &key);
+                        match super::custody::put_prepared(&s, key, prepared, None, false, now())
+                            .await?
+                        {
+                            PutOutcome::Stored { .. } => {}
                             PutOutcome::Exists | PutOutcome::NonceUsed => {
                                 return Err(ApiError::Internal)
                             }
@@ -368,6 +370,7 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                                         enc: None,
                                         fields: Default::default(),
                                         meta: Map::new(),
+                                        otp: None,
                                     },
                                 };
                                 merge_meta(&mut doc, &meta, &key);
@@ -395,10 +398,14 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
             if c == Collection::Audit {
                 return Err(ApiError::invalid("The audit collection is append-only"));
             }
-            let db = s.store.dbs().collection(c);
-            s.store
-                .write(move |txn, _| Ok(db.delete(txn, key.as_bytes())?))
-                .await?;
+            if c == Collection::Tokens {
+                super::custody::delete_token(&s, key).await?;
+            } else {
+                let db = s.store.dbs().collection(c);
+                s.store
+                    .write(move |txn, _| Ok(db.delete(txn, key.as_bytes())?))
+                    .await?;
+            }
             json!({"status": "ok"})
         }
         _ => return Err(ApiError::invalid("Unknown operation")),

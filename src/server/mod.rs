@@ -11,7 +11,6 @@ pub mod listener;
 use crate::keys::Backend;
 use crate::store::Store;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -84,20 +83,33 @@ pub fn now() -> i64 {
 }
 
 pub fn app(state: AppState) -> Router {
-    let direct_routes = Router::new()
-        .route(
-            "/v1/store",
-            post(custody::store).options(|| async { StatusCode::NO_CONTENT }),
-        )
+    // Preflights are answered by the CORS layer; the handlers only exist
+    // so the method is routed to it.
+    let preflight = || async { axum::http::StatusCode::NO_CONTENT };
+    let browser_routes = Router::new()
+        .route("/v1/store", post(custody::store).options(preflight))
         .route(
             "/v1/credential",
             get(custody::credential)
                 .post(custody::credential)
-                .options(|| async { StatusCode::NO_CONTENT }),
+                .options(preflight),
+        )
+        .route(
+            "/v1/totp-code",
+            get(custody::totp_code)
+                .post(custody::totp_code)
+                .options(preflight),
         )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            direct::guard,
+            direct::cors,
+        ));
+    let direct_routes = Router::new()
+        .merge(browser_routes)
+        .route("/v1/totp-verify", post(custody::totp_verify))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            direct::access,
         ));
     Router::new()
         .merge(direct_routes)

@@ -858,6 +858,33 @@ impl crate::keys::MacKeys for Flaky {
         self.inner.hmac_sha256(d)
     }
 }
+impl crate::keys::OtpKeys for Flaky {
+    fn install_otp(
+        &self,
+        s: &secrecy::SecretSlice<u8>,
+        a: crate::keys::OtpAlg,
+    ) -> Result<Option<String>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.install_otp(s, a)
+    }
+    fn otp_hmac(
+        &self,
+        id: &str,
+        a: crate::keys::OtpAlg,
+        c: u64,
+    ) -> Result<Vec<u8>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.otp_hmac(id, a, c)
+    }
+    fn destroy_otp(&self, id: &str) -> Result<(), crate::keys::KeyError> {
+        self.check()?;
+        self.inner.destroy_otp(id)
+    }
+    fn list_otp(&self) -> Result<Vec<String>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.list_otp()
+    }
+}
 impl crate::keys::SealKeys for Flaky {
     fn seal(&self, a: &[u8], p: &[u8]) -> Result<Vec<u8>, crate::keys::KeyError> {
         self.check()?;
@@ -1282,7 +1309,19 @@ async fn totp_seeds_are_withheld_and_plaintext_docs_resealed() {
     let (s, v) = read_tok(&t, "otp", json!({})).await;
     assert_eq!(s, StatusCode::OK);
     assert!(!v.to_string().contains("JBSWY3DPEHPK3PXP"));
-    assert_eq!(v["token"]["hasTotpSecret"], true);
+    assert_eq!(v["token"]["totpGenerated"], true);
+    // A non-TOTP token that carries a seed never answers it either.
+    store_tok(
+        &t,
+        "mixed",
+        json!({"accessToken":"a","totpSecret":"JBSWY3DPEHPK3PXP","tokenType":"PlainText"}),
+        json!({}),
+    )
+    .await;
+    let (_, v) = read_tok(&t, "mixed", json!({})).await;
+    assert_eq!(v["token"]["accessToken"], "a");
+    assert!(v["token"].get("totpSecret").is_none());
+    assert!(!v.to_string().contains("JBSWY3DP"));
     // A document in the spec's plaintext form is readable, then re-sealed.
     let raw = serde_json::to_vec(&json!({"v":1,"alg":"none","fields":{"accessToken":"plain-tok"},"meta":{"serviceName":"legacy","tokenType":"PlainText"}})).unwrap();
     t.state

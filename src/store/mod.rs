@@ -48,6 +48,7 @@ pub struct Dbs {
     pub replay: Db,
     pub bind_codes: Db,
     pub meta: Db,
+    pub totp_state: Db,
 }
 
 impl Dbs {
@@ -85,6 +86,15 @@ pub struct BindCode {
     pub sealed_secret: String,
 }
 
+/// Per-token TOTP verification state (RFC 6238 §5.2 single use, failure limit).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TotpState {
+    pub last_step: u64,
+    pub fail_step: u64,
+    pub fail_count: u32,
+}
+
 pub const META_WEBHOOK_ID: &[u8] = b"webhook_id";
 pub const META_HMAC_KEY_ID: &[u8] = b"hmac_key_id";
 pub const META_BOUND_AT: &[u8] = b"bound_at";
@@ -115,7 +125,7 @@ impl Store {
         // processes (the CLI). It lives for the rest of the process (database
         // handles borrow it), so it is leaked deliberately.
         let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 7] = [
+        const NAMES: [&str; 8] = [
             "tokens",
             "proxy_configs",
             "audit",
@@ -123,15 +133,16 @@ impl Store {
             "replay",
             "bind_codes",
             "meta",
+            "totp_state",
         ];
         let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta] = env
-            .create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state] =
+            env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
                 let mut out = Vec::with_capacity(NAMES.len());
                 for name in NAMES {
                     out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
                 }
-                let arr: [Database<'_, Bytes, Bytes>; 7] = out
+                let arr: [Database<'_, Bytes, Bytes>; 8] = out
                     .try_into()
                     .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(arr))
@@ -145,6 +156,7 @@ impl Store {
             replay,
             bind_codes,
             meta,
+            totp_state,
         };
         let mut wtxn = env.write_txn()?;
         match dbs.meta.get(&wtxn, META_SCHEMA)? {
@@ -403,6 +415,7 @@ impl Store {
                 }
             }
             let mut doc = doc.clone();
+            let mut replaced_otp = None;
             if let Some(raw) = dbs.tokens.get(txn, service.as_bytes())? {
                 if create_only {
                     return Ok(PutOutcome::Exists);
@@ -412,10 +425,12 @@ impl Store {
                 if let Some(c) = old.meta.get("createdAt") {
                     doc.meta.insert("createdAt".into(), c.clone());
                 }
+                replaced_otp = old.otp.filter(|o| doc.otp.as_ref() != Some(o));
             }
             let raw =
                 serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
             dbs.tokens.put(txn, service.as_bytes(), &raw)?;
+            dbs.totp_state.delete(txn, service.as_bytes())?;
             if let Some((n, exp)) = &nonce {
                 dbs.replay.put(
                     txn,
@@ -423,9 +438,82 @@ impl Store {
                     &exp.to_be_bytes(),
                 )?;
             }
-            Ok(PutOutcome::Stored(doc.meta))
+            Ok(PutOutcome::Stored {
+                meta: doc.meta,
+                replaced_otp,
+            })
         })
         .await
+    }
+
+    /// Deletes a token document; returns its device TOTP key id, if any.
+    pub async fn delete_token(&self, service: String) -> Result<Option<String>, StoreError> {
+        self.write(move |txn, dbs| {
+            let otp = match dbs.tokens.get(txn, service.as_bytes())? {
+                Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
+                    .map(|d| d.otp)
+                    .unwrap_or(None),
+                None => None,
+            };
+            dbs.tokens.delete(txn, service.as_bytes())?;
+            dbs.totp_state.delete(txn, service.as_bytes())?;
+            Ok(otp)
+        })
+        .await
+    }
+
+    pub fn totp_state(&self, service: &str) -> Result<TotpState, StoreError> {
+        let r = self.read()?;
+        match self.dbs.totp_state.get(&r, service.as_bytes())? {
+            Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("totp state")),
+            None => Ok(TotpState::default()),
+        }
+    }
+
+    /// Records a verification attempt atomically. `matched` is the time step
+    /// the code matched, if any; it is accepted only if later than the last
+    /// accepted step. Failures are counted per `current_step`.
+    pub async fn totp_record(
+        &self,
+        service: String,
+        matched: Option<u64>,
+        current_step: u64,
+    ) -> Result<bool, StoreError> {
+        self.write(move |txn, dbs| {
+            let mut st: TotpState = match dbs.totp_state.get(txn, service.as_bytes())? {
+                Some(v) => {
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("totp state"))?
+                }
+                None => TotpState::default(),
+            };
+            let accepted = matches!(matched, Some(s) if s > st.last_step);
+            if let (true, Some(s)) = (accepted, matched) {
+                st.last_step = s;
+            } else {
+                if st.fail_step != current_step {
+                    st.fail_step = current_step;
+                    st.fail_count = 0;
+                }
+                st.fail_count = st.fail_count.saturating_add(1);
+            }
+            let raw = serde_json::to_vec(&st).map_err(|_| StoreError::Corrupt("totp state"))?;
+            dbs.totp_state.put(txn, service.as_bytes(), &raw)?;
+            Ok(accepted)
+        })
+        .await
+    }
+
+    /// Device TOTP key ids referenced by stored documents.
+    pub fn referenced_otp_keys(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let r = self.read()?;
+        let mut out = std::collections::HashSet::new();
+        for row in self.dbs.tokens.iter(&r)? {
+            let (_, v) = row?;
+            if let Ok(d) = serde_json::from_slice::<TokenDocument>(v) {
+                out.extend(d.otp);
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces a token document only if it is still byte-identical to
@@ -594,8 +682,12 @@ impl Store {
 /// Result of [`Store::put_token`].
 #[derive(Debug)]
 pub enum PutOutcome {
-    /// Written; the stored meta.
-    Stored(Map<String, Value>),
+    /// Written; the stored meta, and the device TOTP key of the document it
+    /// replaced (the caller destroys it).
+    Stored {
+        meta: Map<String, Value>,
+        replaced_otp: Option<String>,
+    },
     /// `create_only` and a document exists: nothing written.
     Exists,
     /// The ticket nonce was already used: nothing written.
