@@ -218,33 +218,9 @@ fn find_all(hay: &[u8], needle: &[u8]) -> usize {
     memchr::memmem::find_iter(hay, needle).count()
 }
 
-/// Reads every readable mapping of `pid` through /proc/PID/mem.
 fn scan_process(pid: u32, needle: &[u8]) -> (usize, usize) {
-    use std::io::{Read, Seek, SeekFrom};
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mut mem =
-        std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem (needs root)");
-    let (mut hits, mut bytes) = (0, 0);
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let range = f.next().unwrap();
-        let perms = f.next().unwrap();
-        if !perms.starts_with('r') || line.contains("[vvar") || line.contains("[vsyscall]") {
-            continue;
-        }
-        let (lo, hi) = range.split_once('-').unwrap();
-        let (lo, hi) = (
-            u64::from_str_radix(lo, 16).unwrap(),
-            u64::from_str_radix(hi, 16).unwrap(),
-        );
-        let mut buf = vec![0u8; (hi - lo) as usize];
-        if mem.seek(SeekFrom::Start(lo)).is_err() || mem.read_exact(&mut buf).is_err() {
-            continue;
-        }
-        bytes += buf.len();
-        hits += find_all(&buf, needle);
-    }
-    (hits, bytes)
+    let mem = read_process_memory(pid);
+    (find_all(&mem, needle), mem.len())
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 """Pre-generates single-use direct-access requests for wrk (stdlib only).
 
 usage: gen_direct.py SECRET_B64 KIND N OUT [SERVICES]
-KIND: store | credential. Each line of OUT: METHOD<TAB>PATH<TAB>BODY.
+KIND: store | credential | totp (GET /v1/totp-code on services totp-0..). Each line of OUT: METHOD<TAB>PATH<TAB>BODY.
 Every request carries its own ticket (fresh nonce, iat=now, exp=now+240).
 """
 import base64, hashlib, hmac, json, os, sys, time
@@ -23,6 +23,15 @@ with open(out, "w") as f:
         if kind == "store":
             body = json.dumps({"ticket": ticket("store", svc), "service": svc,
                                "tokenData": {"accessToken": "ghp_" + os.urandom(12).hex(), "tokenType": "PlainText"}},
+                              separators=(",", ":"))
+            f.write(f"POST\t/v1/store\t{body}\n")
+        elif kind == "totp":
+            svc = f"totp-{i % services}"
+            f.write(f"GET\t/v1/totp-code?ticket={ticket('totp_code', svc)}&service={svc}\t\n")
+        elif kind == "totp-store":
+            svc = f"totp-{i % services}"
+            body = json.dumps({"ticket": ticket("store", svc), "service": svc,
+                               "tokenData": {"totpSecret": base64.b32encode(os.urandom(20)).decode()}},
                               separators=(",", ":"))
             f.write(f"POST\t/v1/store\t{body}\n")
         else:

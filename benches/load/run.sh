@@ -46,7 +46,7 @@ echo "|---|---|---|---|---|---|"
 report "GET /v1/health (floor)" "$(wrk -t2 -c64 -d${secs}s --latency "$base/v1/health" 2>&1)"
 signed "POST /v1/health (HMAC + replay)" /v1/health $((secs * 25000)) '{"requestId":"req_bench"}'
 gen /v1/storage '{"operation":"set","collection":"tokens","key":"svc-{i}","data":{"meta":{"tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","displayName":"Service {i}"}}}' 200 "$dir/set"
-REQS="$dir/set" PATH_=/v1/storage WRK_THREADS=1 wrk -t1 -c1 -d5s -s benches/load/signed.lua "$base" >/dev/null 2>&1
+PATH_=/v1/storage python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/set"
 signed "POST /v1/storage list 200 tokens" /v1/storage $((secs * 6000)) '{"operation":"list","collection":"tokens","options":{"limit":200}}'
 signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operation":"set","collection":"proxy_configs","key":"p-{i}","data":{"name":"x","serviceName":"github"}}'
 direct() { # name, kind, n
@@ -56,3 +56,6 @@ direct() { # name, kind, n
 }
 direct "POST /v1/store (durable, sealed in HSM)" store $((secs * 9000))
 direct "GET /v1/credential (ticket + HSM decrypt)" credential $((secs * 12000))
+python3 benches/load/gen_direct.py "$secret" totp-store 200 "$dir/totp-enrol" 200
+python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/totp-enrol"
+direct "GET /v1/totp-code (seed in HSM)" totp $((secs * 12000))

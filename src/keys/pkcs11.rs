@@ -132,6 +132,10 @@ pub struct Pkcs11Backend {
     aes_present: AtomicBool,
     /// Whether the token offers CKM_SHA_1/SHA256/SHA512_HMAC (TOTP in the device).
     otp_mechs: [bool; 3],
+    /// TOTP key id → object handle. Handles are valid across the sessions of
+    /// this application; a lookup per code would make SoftHSM rescan its
+    /// token directory. Cleared on any device error.
+    otp_handles: Mutex<std::collections::HashMap<String, ObjectHandle>>,
 }
 
 /// Is this error about the device or the session (rather than the data)?
@@ -184,15 +188,15 @@ impl Pkcs11Backend {
             healthy: AtomicBool::new(true),
             aes_present: AtomicBool::new(false),
             otp_mechs: [false; 3],
+            otp_handles: Mutex::new(std::collections::HashMap::new()),
         };
         let mut b = b;
-        if let Ok(mechs) = b.ctx.get_mechanism_list(slot) {
+        {
+            // Ask for the three mechanisms only (listing all of them makes
+            // cryptoki log every type it does not know).
             use cryptoki::mechanism::MechanismType as M;
-            b.otp_mechs = [
-                mechs.contains(&M::SHA1_HMAC),
-                mechs.contains(&M::SHA256_HMAC),
-                mechs.contains(&M::SHA512_HMAC),
-            ];
+            let has = |m| b.ctx.get_mechanism_info(slot, m).is_ok_and(|i| i.sign());
+            b.otp_mechs = [has(M::SHA1_HMAC), has(M::SHA256_HMAC), has(M::SHA512_HMAC)];
         }
         let s = b.open_session().map_err(|e| match e {
             CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLocked, _) => {
@@ -343,6 +347,9 @@ impl Pkcs11Backend {
                     drop(p);
                     if let Ok(mut pool) = self.pool.lock() {
                         pool.clear();
+                    }
+                    if let Ok(mut h) = self.otp_handles.lock() {
+                        h.clear();
                     }
                     if fresh {
                         tracing::error!(error = %e, "PKCS#11 operation failed on a fresh session");
@@ -624,8 +631,22 @@ impl OtpKeys for Pkcs11Backend {
 
     fn otp_hmac(&self, id: &str, alg: OtpAlg, counter: u64) -> Result<Vec<u8>, KeyError> {
         let found = self.with_session(|p| {
-            let Some(h) = find_one(&p.session, &otp_template(Some(id)))? else {
-                return Ok(None);
+            let cached = self
+                .otp_handles
+                .lock()
+                .ok()
+                .and_then(|m| m.get(id).copied());
+            let h = match cached {
+                Some(h) => h,
+                None => {
+                    let Some(h) = find_one(&p.session, &otp_template(Some(id)))? else {
+                        return Ok(None);
+                    };
+                    if let Ok(mut m) = self.otp_handles.lock() {
+                        m.insert(id.to_string(), h);
+                    }
+                    h
+                }
             };
             p.session
                 .sign(&otp_mechanism(alg), h, &counter.to_be_bytes())
@@ -635,6 +656,9 @@ impl OtpKeys for Pkcs11Backend {
     }
 
     fn destroy_otp(&self, id: &str) -> Result<(), KeyError> {
+        if let Ok(mut m) = self.otp_handles.lock() {
+            m.remove(id);
+        }
         self.with_session(|p| {
             for h in p.session.find_objects(&otp_template(Some(id)))? {
                 p.session.destroy_object(h)?;

@@ -1414,3 +1414,304 @@ async fn store_validation_errors() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+// ---- TOTP ---------------------------------------------------------------
+
+fn expected_codes(
+    seed_b32: &str,
+    p: crate::custody::totp::Params,
+    t0: i64,
+    t1: i64,
+) -> Vec<String> {
+    let seed = crate::custody::totp::base32_decode(seed_b32).unwrap();
+    [t0, t1]
+        .iter()
+        .map(|t| crate::custody::totp::code_software(&seed, &p, *t as u64).to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn totp_codes_through_credential_and_totp_code() {
+    use crate::custody::totp::Params;
+    use crate::keys::OtpAlg;
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let (s, v) = store_tok(&t, "gh-2fa", json!({"totpUri":"otpauth://totp/GitHub:me%40x.com?secret=JBSWY3DPEHPK3PXP&issuer=GitHub&digits=8&algorithm=SHA256"}), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["meta"]["tokenType"], "TOTP");
+    assert_eq!(v["meta"]["totpIssuer"], "GitHub");
+    assert_eq!(v["meta"]["totpAccountName"], "me@x.com");
+    assert_eq!(v["meta"]["totpDigits"], 8);
+    assert!(!v.to_string().contains("JBSW") && !v.to_string().contains("otpauth"));
+    let p = Params {
+        alg: OtpAlg::Sha256,
+        digits: 8,
+        period: 30,
+    };
+    let t0 = now();
+    let (s, v) = read_tok(&t, "gh-2fa", json!({})).await;
+    let ok = expected_codes("JBSWY3DPEHPK3PXP", p, t0, now());
+    assert_eq!(s, StatusCode::OK);
+    let tok = v["token"].as_object().unwrap();
+    assert_eq!(
+        tok.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        [
+            "accessToken",
+            "digits",
+            "period",
+            "remainingSeconds",
+            "serviceName",
+            "tokenType",
+            "totpGenerated"
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    );
+    assert!(ok.contains(&tok["accessToken"].as_str().unwrap().to_string()));
+    assert_eq!(
+        (
+            tok["tokenType"].as_str(),
+            tok["digits"].as_u64(),
+            tok["period"].as_u64()
+        ),
+        (Some("TOTP"), Some(8), Some(30))
+    );
+    let rem = tok["remainingSeconds"].as_u64().unwrap();
+    assert!((1..=30).contains(&rem));
+    // /v1/totp-code, every allowed purpose, GET and POST.
+    for pur in ["totp_code", "user_reveal", "agent_credential"] {
+        let tk = ticket(&t, pur, "gh-2fa", json!({}));
+        let t0 = now();
+        let (s, v, _) = send(
+            &t,
+            req(
+                Method::GET,
+                &format!("/v1/totp-code?ticket={tk}&service=gh-2fa"),
+                Some(REMOTE),
+                vec![],
+            ),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{pur}: {v}");
+        assert!(expected_codes("JBSWY3DPEHPK3PXP", p, t0, now())
+            .contains(&v["code"].as_str().unwrap().to_string()));
+        assert_eq!(v.as_object().unwrap().len(), 4);
+    }
+    let body = json!({"ticket": ticket(&t, "totp_code", "gh-2fa", json!({})), "service": "gh-2fa"});
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/totp-code",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!((s, v["digits"].as_u64()), (StatusCode::OK, Some(8)));
+    // Wrong purpose, non-TOTP token, CORS.
+    let tk = ticket(&t, "store", "gh-2fa", json!({}));
+    let (s, _, _) = send(
+        &t,
+        req(
+            Method::GET,
+            &format!("/v1/totp-code?ticket={tk}&service=gh-2fa"),
+            Some(REMOTE),
+            vec![],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    store_tok(&t, "pat", json!({"accessToken":"x"}), json!({})).await;
+    let tk = ticket(&t, "totp_code", "pat", json!({}));
+    let (s, v, _) = send(
+        &t,
+        req(
+            Method::GET,
+            &format!("/v1/totp-code?ticket={tk}&service=pat"),
+            Some(REMOTE),
+            vec![],
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("not_totp"))
+    );
+    let mut r = req(Method::OPTIONS, "/v1/totp-code", Some(REMOTE), vec![]);
+    r.headers_mut()
+        .insert("origin", "https://tokenvault.uk".parse().unwrap());
+    let (s, _, h) = send(&t, r).await;
+    assert_eq!(
+        (s, h["access-control-allow-origin"].to_str().unwrap()),
+        (StatusCode::NO_CONTENT, "https://tokenvault.uk")
+    );
+}
+
+#[tokio::test]
+async fn totp_enrolment_errors_keep_the_previous_document() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    store_tok(
+        &t,
+        "otp",
+        json!({"totpSecret":"JBSWY3DPEHPK3PXP"}),
+        json!({}),
+    )
+    .await;
+    let before = t
+        .state
+        .store
+        .get_raw(Collection::Tokens, "otp")
+        .unwrap()
+        .unwrap();
+    for (td, needle) in [
+        (json!({"totpSecret":"not base32!"}), "base32"),
+        (
+            json!({"totpUri":"otpauth://hotp/x?secret=JBSWY3DPEHPK3PXP&counter=0"}),
+            "HOTP",
+        ),
+        (
+            json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpAlgorithm":"MD5"}),
+            "algorithm",
+        ),
+        (
+            json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpDigits":9}),
+            "digits",
+        ),
+        (
+            json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpPeriod":0}),
+            "period",
+        ),
+        (json!({"totpSecret":"AAAAAAAA"}), "80 bits"),
+        (
+            json!({"totpAlgorithm":"SHA1","tokenType":"TOTP"}),
+            "missing",
+        ),
+    ] {
+        let (s, v) = store_tok(&t, "otp", td.clone(), json!({})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{td}");
+        assert!(v["message"].as_str().unwrap().contains(needle), "{v}");
+        assert!(!v.to_string().contains("JBSWY3DP") && !v.to_string().contains("AAAAAAAA"));
+    }
+    assert_eq!(
+        t.state
+            .store
+            .get_raw(Collection::Tokens, "otp")
+            .unwrap()
+            .unwrap(),
+        before
+    );
+}
+
+async fn verify_code(t: &T, svc: &str, code: &str) -> (StatusCode, Value) {
+    let body =
+        json!({"ticket": ticket(t, "totp_verify", svc, json!({})), "service": svc, "code": code});
+    let (s, v, _) = send(
+        t,
+        req(
+            Method::POST,
+            "/v1/totp-verify",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    (s, v)
+}
+
+#[tokio::test]
+async fn totp_verify_single_use_drift_and_failure_limit() {
+    use crate::custody::totp::{base32_decode, code_software, Params};
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    // A long period keeps the test clear of step boundaries; drift is in steps.
+    store_tok(
+        &t,
+        "peer",
+        json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpPeriod":3600}),
+        json!({}),
+    )
+    .await;
+    let p = Params {
+        period: 3600,
+        ..Params::default()
+    };
+    let seed = base32_decode("JBSWY3DPEHPK3PXP").unwrap();
+    let at =
+        |step_delta: i64| code_software(&seed, &p, (now() + step_delta * 3600) as u64).to_string();
+    // The previous step's code is accepted (drift -1) ...
+    let (s, v) = verify_code(&t, "peer", &at(-1)).await;
+    assert_eq!(
+        (s, v["valid"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{v}"
+    );
+    // ... the current one too, once; then neither it nor the older one again.
+    assert_eq!(verify_code(&t, "peer", &at(0)).await.1["valid"], true);
+    assert_eq!(
+        verify_code(&t, "peer", &at(0)).await.1["valid"],
+        false,
+        "single use"
+    );
+    assert_eq!(
+        verify_code(&t, "peer", &at(-1)).await.1["valid"],
+        false,
+        "earlier step"
+    );
+    // Two steps away is outside the window.
+    assert_eq!(verify_code(&t, "peer", &at(2)).await.1["valid"], false);
+    // Malformed input: exactly 6 ASCII digits.
+    for bad in ["12345", "1234567", "12345a", "١٢٣٤٥٦"] {
+        let (s, v) = verify_code(&t, "peer", bad).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{bad}"
+        );
+    }
+    // 3 failures so far this step (2 replays + out of window); two more, then 429.
+    assert_eq!(verify_code(&t, "peer", "000000").await.1["valid"], false);
+    assert_eq!(verify_code(&t, "peer", "000001").await.1["valid"], false);
+    let body = json!({"ticket": ticket(&t, "totp_verify", "peer", json!({})), "service": "peer", "code": at(1)});
+    let (s, v, h) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/totp-verify",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() <= 3600);
+    // Purpose: only totp_verify.
+    let body = json!({"ticket": ticket(&t, "totp_code", "peer", json!({})), "service": "peer", "code": "123456"});
+    let (s, _, _) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/totp-verify",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Re-enrolment resets the state.
+    store_tok(
+        &t,
+        "peer",
+        json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpPeriod":3600}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(verify_code(&t, "peer", &at(0)).await.1["valid"], true);
+}
