@@ -25,6 +25,8 @@ pub struct Config {
     #[serde(default)]
     pub direct_access: DirectAccessConfig,
     #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The file this was loaded from.
     #[serde(skip)]
@@ -154,6 +156,29 @@ impl Default for DirectAccessConfig {
             rate_limit_burst: d_burst(),
         }
     }
+}
+
+/// `/v1/proxy` and its egress policy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Refuse proxy tickets without a stored proxy config (default: true outside dev).
+    pub require_config: Option<bool>,
+    /// Allow upstreams on loopback addresses (default: only in dev).
+    pub allow_loopback: Option<bool>,
+    /// Hosts always refused (exact names, case-insensitive).
+    #[serde(default)]
+    pub deny_hosts: Vec<String>,
+    /// Addresses always refused.
+    #[serde(default)]
+    pub deny_cidrs: Vec<ipnet::IpNet>,
+    /// Addresses allowed even though private, link-local or loopback.
+    #[serde(default)]
+    pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// Seconds to wait for the upstream's response headers.
+    pub timeout_secs: Option<u64>,
+    /// Largest upstream response body passed through, bytes.
+    pub max_response_bytes: Option<u64>,
 }
 
 fn d_origins() -> Vec<String> {

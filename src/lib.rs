@@ -1,6 +1,7 @@
 //! tokenvault-webhook: a hardware-backed Token Vault webhook appliance.
 
 pub mod binding;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod custody;

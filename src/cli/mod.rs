@@ -53,6 +53,35 @@ pub enum Command {
     RegisterUrl,
     /// Check the configuration file and exit.
     Configtest,
+    /// OAuth clients used by /v1/refresh-notify (works while the server runs).
+    OauthClient {
+        #[command(subcommand)]
+        action: OauthAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OauthAction {
+    /// Register a client; its secret is sealed under the HSM key.
+    Add {
+        /// Provider name, matched case-insensitively against refreshHint.provider, then the service.
+        name: String,
+        #[arg(long)]
+        client_id: String,
+        /// File holding the client secret (mode 0600; never pass secrets in argv).
+        #[arg(long)]
+        client_secret_file: PathBuf,
+        /// The provider's token endpoint; the only place the secret is ever sent.
+        #[arg(long)]
+        token_url: String,
+        /// Client authentication: post (client_secret_post) or basic (client_secret_basic).
+        #[arg(long, default_value = "post")]
+        auth: String,
+    },
+    /// List registered clients (never their secrets).
+    List,
+    /// Remove a client.
+    Remove { name: String },
 }
 
 pub fn init_logging(level: &str, json: bool) {
@@ -242,7 +271,59 @@ pub fn run(cli: Cli) -> Result<()> {
             listen,
             backend,
         } => dev::run(&dir, listen, &backend),
+        Command::OauthClient { action } => oauth_client(&cli.config, action),
     }
+}
+
+fn oauth_client(config: &Path, action: OauthAction) -> Result<()> {
+    use crate::broker::oauth;
+    let cfg = load_for_run(config)?;
+    refuse_root(&cfg)?;
+    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    match action {
+        OauthAction::Add {
+            name,
+            client_id,
+            client_secret_file,
+            token_url,
+            auth,
+        } => {
+            let auth = match auth.as_str() {
+                "post" => oauth::ClientAuth::Post,
+                "basic" => oauth::ClientAuth::Basic,
+                _ => bail!("--auth must be post or basic"),
+            };
+            let secret = read_secret_file(&client_secret_file)?;
+            let backend: Backend = open_pkcs11(&cfg)?;
+            let c = oauth::OAuthClient::new(
+                &backend,
+                &name,
+                &client_id,
+                &secret,
+                &token_url,
+                auth,
+                cfg.profile == Profile::Dev,
+            )
+            .map_err(|e| anyhow!(e))?;
+            oauth::save(&store, &c).map_err(|e| anyhow!(e))?;
+            println!(
+                "added OAuth client {} (client id {}, token URL {}, auth {:?})",
+                c.name, c.client_id, c.token_url, c.auth
+            );
+        }
+        OauthAction::List => {
+            for c in oauth::all(&store) {
+                println!("{}\t{}\t{}\t{:?}", c.name, c.client_id, c.token_url, c.auth);
+            }
+        }
+        OauthAction::Remove { name } => {
+            if !store.oauth_delete_blocking(oauth::key(&name))? {
+                bail!("no OAuth client named {name}");
+            }
+            println!("removed OAuth client {}", oauth::key(&name));
+        }
+    }
+    Ok(())
 }
 
 /// Loads the config, exports module settings and starts logging: everything
@@ -283,11 +364,28 @@ pub fn run_server(
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let bound_addr = listener.local_addr()?;
+        let dev = cfg.profile == Profile::Dev;
         let public_url = cfg.public_url(bound_addr);
         let state = AppState::new(
             dyn_backend,
             store.clone(),
             Settings {
+                broker: crate::broker::Broker {
+                    proxy: crate::broker::proxy::Proxy::new(
+                        crate::broker::egress::EgressPolicy {
+                            allow_loopback: cfg.proxy.allow_loopback.unwrap_or(dev),
+                            deny_hosts: cfg.proxy.deny_hosts.clone(),
+                            deny_cidrs: cfg.proxy.deny_cidrs.clone(),
+                            allow_cidrs: cfg.proxy.allow_cidrs.clone(),
+                        },
+                        cfg.proxy.require_config.unwrap_or(!dev),
+                        Duration::from_secs(cfg.proxy.timeout_secs.unwrap_or(30)),
+                        cfg.proxy.max_response_bytes.unwrap_or(32 << 20),
+                    )
+                    .map_err(|e| anyhow!("proxy HTTP client: {e}"))?,
+                    refresher: crate::broker::refresh::Refresher::new()
+                        .map_err(|e| anyhow!("refresh HTTP client: {e}"))?,
+                },
                 direct: crate::server::direct::DirectSettings {
                     allowed_origins: cfg.direct_access.allowed_origins.clone(),
                     deny: cfg.direct_access.deny_cidrs.clone(),

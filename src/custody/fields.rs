@@ -287,6 +287,18 @@ pub fn open_fields(
     Ok(out)
 }
 
+/// Seals one field value for `service` (base64 of IV ‖ ciphertext ‖ tag).
+pub fn seal_field(
+    backend: &Backend,
+    service: &str,
+    name: &str,
+    value: &Value,
+) -> Result<String, ApiError> {
+    let pt = Zeroizing::new(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?);
+    let sealed = backend.seal(&aad(service, name), &pt)?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
+}
+
 /// Opens one field (`None` if absent).
 pub fn open_field(
     backend: &Backend,

@@ -34,6 +34,14 @@ pub enum ApiError {
     PayloadTooLarge,
     /// 400: the token holds no TOTP seed.
     NotTotp,
+    /// 403: the proxy request is outside the vault owner's stored config.
+    ProxyNotAllowed(&'static str),
+    /// 403: the upstream address is refused by the egress policy.
+    EgressDenied,
+    /// 502: the upstream could not be reached or answered badly.
+    UpstreamError(&'static str),
+    /// 504: the upstream did not answer in time.
+    UpstreamTimeout,
     /// 403: this client address may not use direct access.
     Forbidden,
     /// 409: `mode=create` on a service that already has a token.
@@ -78,6 +86,10 @@ impl ApiError {
             ApiError::CodeUsed => "code_used",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::NotTotp => "not_totp",
+            ApiError::ProxyNotAllowed(_) => "proxy_not_allowed",
+            ApiError::EgressDenied => "egress_denied",
+            ApiError::UpstreamError(_) => "upstream_error",
+            ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Forbidden => "forbidden",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::StaleCreation => "stale_creation",
@@ -100,7 +112,11 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::CodeExpired | ApiError::CodeUsed => StatusCode::GONE,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::ProxyNotAllowed(_) | ApiError::EgressDenied => {
+                StatusCode::FORBIDDEN
+            }
+            ApiError::UpstreamError(_) => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::GcpMintFailed(_) => StatusCode::BAD_GATEWAY,
@@ -123,6 +139,10 @@ impl ApiError {
             ApiError::CodeUsed => "Registration code already used".into(),
             ApiError::PayloadTooLarge => "Request body exceeds the configured limit".into(),
             ApiError::NotTotp => "Token is not a TOTP token".into(),
+            ApiError::ProxyNotAllowed(m) => (*m).to_string(),
+            ApiError::EgressDenied => "Upstream address refused by the egress policy".into(),
+            ApiError::UpstreamError(m) => format!("Upstream request failed: {m}"),
+            ApiError::UpstreamTimeout => "Upstream request timed out".into(),
             ApiError::Forbidden => "This client may not access credentials".into(),
             ApiError::AlreadyExists(s) => format!("A token already exists for service: {s}"),
             ApiError::StaleCreation => {

@@ -16,6 +16,9 @@ pub const CAPABILITIES: &[&str] = &[
     "store",
     "ticketConstraints",
     "totp-verify",
+    "proxy",
+    "refresh",
+    "tv-refresh",
 ];
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

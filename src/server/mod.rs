@@ -37,6 +37,7 @@ impl PeerAddr {
 
 pub struct Settings {
     pub direct: direct::DirectSettings,
+    pub broker: crate::broker::Broker,
     pub minter: crate::custody::gcp::Minter,
     pub public_url: String,
     pub frontend_url: String,
@@ -118,6 +119,12 @@ pub fn app(state: AppState) -> Router {
             get(handlers::health_public).post(handlers::health_signed),
         )
         .route("/v1/storage", post(handlers::storage))
+        .route("/v1/proxy", post(crate::broker::proxy::proxy))
+        .route(
+            "/v1/refresh-notify",
+            post(crate::broker::refresh::refresh_notify),
+        )
+        .route("/v1/refresh", post(crate::broker::refresh::tv_refresh))
         .route("/v1/exchange", post(handlers::exchange))
         .route("/v1/register-url", get(bind::register_url))
         .route("/bind", get(bind::bind_page).post(bind::bind_start))

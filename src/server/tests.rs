@@ -12,6 +12,22 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
+fn test_broker() -> crate::broker::Broker {
+    crate::broker::Broker {
+        proxy: crate::broker::proxy::Proxy::new(
+            crate::broker::egress::EgressPolicy {
+                allow_loopback: true,
+                ..Default::default()
+            },
+            false,
+            std::time::Duration::from_secs(5),
+            1 << 20,
+        )
+        .unwrap(),
+        refresher: crate::broker::refresh::Refresher::new().unwrap(),
+    }
+}
+
 struct T {
     _dir: tempfile::TempDir,
     state: AppState,
@@ -26,6 +42,7 @@ fn state_with(map_mib: usize, body_limit: usize) -> T {
         backend,
         store,
         Settings {
+            broker: test_broker(),
             direct: direct::DirectSettings::permissive_for_tests(),
             minter: crate::custody::gcp::Minter::new(true).unwrap(),
             public_url: "https://hook.example.com".into(),
@@ -1237,6 +1254,7 @@ async fn deny_list_and_rate_limit() {
     bind(&mut t).await;
     store_tok(&t, "s", json!({"accessToken":"v1"}), json!({})).await;
     let settings = Settings {
+        broker: test_broker(),
         direct: direct::DirectSettings {
             allowed_origins: vec![],
             deny: vec!["203.0.113.0/24".parse().unwrap()],

@@ -49,6 +49,7 @@ pub struct Dbs {
     pub bind_codes: Db,
     pub meta: Db,
     pub totp_state: Db,
+    pub oauth_clients: Db,
 }
 
 impl Dbs {
@@ -125,7 +126,7 @@ impl Store {
         // processes (the CLI). It lives for the rest of the process (database
         // handles borrow it), so it is leaked deliberately.
         let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 8] = [
+        const NAMES: [&str; 9] = [
             "tokens",
             "proxy_configs",
             "audit",
@@ -134,15 +135,16 @@ impl Store {
             "bind_codes",
             "meta",
             "totp_state",
+            "oauth_clients",
         ];
         let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state] =
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients] =
             env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
                 let mut out = Vec::with_capacity(NAMES.len());
                 for name in NAMES {
                     out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
                 }
-                let arr: [Database<'_, Bytes, Bytes>; 8] = out
+                let arr: [Database<'_, Bytes, Bytes>; 9] = out
                     .try_into()
                     .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(arr))
@@ -157,6 +159,7 @@ impl Store {
             bind_codes,
             meta,
             totp_state,
+            oauth_clients,
         };
         let mut wtxn = env.write_txn()?;
         match dbs.meta.get(&wtxn, META_SCHEMA)? {
@@ -501,6 +504,36 @@ impl Store {
             Ok(accepted)
         })
         .await
+    }
+
+    // ---- OAuth clients (for refresh-notify) -------------------------------
+
+    pub fn oauth_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self.read()?;
+        Ok(self
+            .dbs
+            .oauth_clients
+            .get(&r, name.as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn oauth_all(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let r = self.read()?;
+        let mut out = Vec::new();
+        for row in self.dbs.oauth_clients.iter(&r)? {
+            out.push(row?.1.to_vec());
+        }
+        Ok(out)
+    }
+
+    pub fn oauth_put_blocking(&self, name: String, value: Vec<u8>) -> Result<(), StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            Ok(dbs.oauth_clients.put(txn, name.as_bytes(), &value)?)
+        })
+    }
+
+    pub fn oauth_delete_blocking(&self, name: String) -> Result<bool, StoreError> {
+        self.write_blocking(move |txn, dbs| Ok(dbs.oauth_clients.delete(txn, name.as_bytes())?))
     }
 
     /// Device TOTP key ids referenced by stored documents.

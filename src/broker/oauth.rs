@@ -1,0 +1,121 @@
+//! OAuth clients the appliance refreshes with (`/v1/refresh-notify`). The
+//! client secret is sealed under the key backend's AES key; the token URL is
+//! the only place it is ever sent.
+
+use crate::keys::Backend;
+use crate::protocol::ApiError;
+use crate::store::Store;
+use base64::Engine;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// client_secret_post (RFC 6749 §2.3.1, body)
+    Post,
+    /// client_secret_basic (Authorization: Basic)
+    Basic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthClient {
+    pub name: String,
+    pub client_id: String,
+    pub token_url: String,
+    pub auth: ClientAuth,
+    sealed_secret: String,
+}
+
+fn aad(name: &str) -> Vec<u8> {
+    format!("tokenvault-webhook/oauth-client/v1\0{name}").into_bytes()
+}
+
+pub fn key(name: &str) -> String {
+    name.trim().to_ascii_lowercase()
+}
+
+impl OAuthClient {
+    pub fn new(
+        backend: &Backend,
+        name: &str,
+        client_id: &str,
+        secret: &SecretString,
+        token_url: &str,
+        auth: ClientAuth,
+        allow_http: bool,
+    ) -> Result<Self, String> {
+        let name = key(name);
+        if name.is_empty()
+            || name.len() > 128
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err("name must be 1-128 characters of letters, digits, '-', '_' or '.'".into());
+        }
+        if client_id.is_empty() {
+            return Err("client id must not be empty".into());
+        }
+        let u = url::Url::parse(token_url).map_err(|e| format!("token URL: {e}"))?;
+        if u.scheme() != "https" && !(allow_http && u.scheme() == "http") {
+            return Err("token URL must be https".into());
+        }
+        if secret.expose_secret().is_empty() {
+            return Err("client secret file is empty".into());
+        }
+        let sealed = backend
+            .seal(&aad(&name), secret.expose_secret().as_bytes())
+            .map_err(|e| format!("sealing the client secret: {e}"))?;
+        Ok(OAuthClient {
+            name,
+            client_id: client_id.into(),
+            token_url: token_url.into(),
+            auth,
+            sealed_secret: base64::engine::general_purpose::STANDARD.encode(sealed),
+        })
+    }
+
+    pub fn secret(&self, backend: &Backend) -> Result<Zeroizing<String>, ApiError> {
+        let sealed = base64::engine::general_purpose::STANDARD
+            .decode(&self.sealed_secret)
+            .map_err(|_| ApiError::Internal)?;
+        let pt = backend.open(&aad(&self.name), &sealed)?;
+        Ok(Zeroizing::new(
+            String::from_utf8(pt.to_vec()).map_err(|_| ApiError::Internal)?,
+        ))
+    }
+}
+
+pub fn save(store: &Store, c: &OAuthClient) -> Result<(), String> {
+    let raw = serde_json::to_vec(c).map_err(|e| e.to_string())?;
+    store
+        .oauth_put_blocking(c.name.clone(), raw)
+        .map_err(|e| e.to_string())
+}
+
+pub fn get(store: &Store, name: &str) -> Option<OAuthClient> {
+    store
+        .oauth_get(&key(name))
+        .ok()
+        .flatten()
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+}
+
+pub fn all(store: &Store) -> Vec<OAuthClient> {
+    store
+        .oauth_all()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|raw| serde_json::from_slice(raw).ok())
+        .collect()
+}
+
+/// By provider hint (case-insensitive), then by service name.
+pub fn find(store: &Store, provider: Option<&str>, service: &str) -> Option<OAuthClient> {
+    provider
+        .and_then(|p| get(store, p))
+        .or_else(|| get(store, service))
+}

@@ -1,0 +1,395 @@
+//! `/v1/proxy`: the appliance calls an upstream API with the credential
+//! injected into headers, and streams the answer back. The caller never sees
+//! the credential; the upstream is pinned to what the vault owner stored and
+//! must pass the egress policy.
+
+use super::egress::{EgressPolicy, EgressRefused, PolicyResolver};
+use crate::custody::{fields, gcp, ticket, totp};
+use crate::protocol::document::TokenDocument;
+use crate::protocol::storage::Collection;
+use crate::protocol::ApiError;
+use crate::server::auth::Signed;
+use crate::server::{now, AppState};
+use crate::store::StoreError;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use base64::Engine;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+pub const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+pub struct Proxy {
+    client: reqwest::Client,
+    policy: Arc<EgressPolicy>,
+    pub require_config: bool,
+    timeout: Duration,
+    max_bytes: u64,
+}
+
+impl Proxy {
+    pub fn new(
+        policy: EgressPolicy,
+        require_config: bool,
+        timeout: Duration,
+        max_bytes: u64,
+    ) -> Result<Self, String> {
+        let policy = Arc::new(policy);
+        let client = reqwest::Client::builder()
+            .dns_resolver(Arc::new(PolicyResolver(policy.clone())))
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Proxy {
+            client,
+            policy,
+            require_config,
+            timeout,
+            max_bytes,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Upstream {
+    url: Option<String>,
+    method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    body: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyRequest {
+    ticket: Option<String>,
+    service: Option<String>,
+    upstream: Option<Upstream>,
+    #[serde(default)]
+    header_templates: BTreeMap<String, String>,
+}
+
+fn valid_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ApiError> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| ApiError::invalid("Header name is not valid"))?;
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(ApiError::invalid(format!(
+            "Header {n} has a line break or NUL in its value"
+        )));
+    }
+    let v = HeaderValue::from_str(value)
+        .map_err(|_| ApiError::invalid(format!("Header {n} has an invalid value")))?;
+    Ok((n, v))
+}
+
+/// Hop-by-hop headers, and any named in `Connection`.
+fn hop_by_hop(h: &HeaderMap) -> Vec<String> {
+    let mut out: Vec<String> = HOP_BY_HOP.iter().map(|s| s.to_string()).collect();
+    for v in h.get_all("connection") {
+        if let Ok(v) = v.to_str() {
+            out.extend(
+                v.split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty()),
+            );
+        }
+    }
+    out
+}
+
+/// Is `url` under the stored `upstreamUrl` (same scheme, host, port; path prefix at a segment)?
+pub fn under(url: &url::Url, base: &str) -> bool {
+    let Ok(b) = url::Url::parse(base) else {
+        return false;
+    };
+    if url.scheme() != b.scheme()
+        || url.host_str().map(str::to_ascii_lowercase) != b.host_str().map(str::to_ascii_lowercase)
+        || url.port_or_known_default() != b.port_or_known_default()
+    {
+        return false;
+    }
+    let prefix = b.path().trim_end_matches('/');
+    let path = url.path();
+    prefix.is_empty() || path == prefix || path.starts_with(&format!("{prefix}/"))
+}
+
+fn refused(e: &reqwest::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<EgressRefused>().is_some() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// The value `${TOKEN}` stands for: the access token, a minted GCP token, or
+/// the current TOTP code.
+async fn token_value(
+    s: &AppState,
+    service: &str,
+    doc: &TokenDocument,
+    at: i64,
+) -> Result<Zeroizing<String>, ApiError> {
+    if totp::is_totp(doc) && doc.meta.get("tokenType").and_then(Value::as_str) == Some("TOTP") {
+        return Ok(totp::current_code(&s.backend, service, doc, at as u64)?.code);
+    }
+    let access = fields::open_field(&s.backend, service, doc, "accessToken")?;
+    if let Some(sa) = gcp::detect(access.as_ref()) {
+        let scopes = gcp::parse_scopes(None)?;
+        return Ok(s
+            .settings
+            .minter
+            .mint(service, &sa, &scopes, at)
+            .await?
+            .access_token);
+    }
+    match access {
+        Some(Value::String(t)) if !t.is_empty() => Ok(Zeroizing::new(t)),
+        _ => Err(ApiError::invalid("Token has no access token to inject")),
+    }
+}
+
+pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
+    let p = &s.settings.broker.proxy;
+    let req: ProxyRequest = serde_json::from_slice(&signed.body)
+        .map_err(|_| ApiError::invalid("Request body must be a JSON proxy request"))?;
+    drop(signed);
+    let service = req
+        .service
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
+    let raw_ticket = req
+        .ticket
+        .filter(|x| !x.is_empty())
+        .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
+    let up = req
+        .upstream
+        .ok_or_else(|| ApiError::invalid("Missing required field: upstream"))?;
+    let at = now();
+    let tk = ticket::verify(
+        &s.backend,
+        &s.store,
+        &raw_ticket,
+        ticket::PROXY,
+        &service,
+        at,
+    )?;
+    let url = url::Url::parse(
+        up.url
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("Missing required field: upstream.url"))?,
+    )
+    .map_err(|_| ApiError::invalid("Field upstream.url is not a URL"))?;
+    if !matches!(url.scheme(), "https" | "http")
+        || url.host_str().is_none()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(ApiError::invalid(
+            "Field upstream.url must be an http(s) URL without credentials",
+        ));
+    }
+    let method = up.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+    if !METHODS.contains(&method.as_str()) {
+        return Err(ApiError::invalid("Field upstream.method is not allowed"));
+    }
+    // Pinned to the vault owner's proxy config.
+    let config = match &tk.pid {
+        Some(pid) => s.store.get_raw(Collection::ProxyConfigs, pid)?,
+        None => None,
+    };
+    match config {
+        Some(raw) => {
+            let cfg: Map<String, Value> =
+                serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("proxy config"))?;
+            let base = cfg.get("upstreamUrl").and_then(Value::as_str).unwrap_or("");
+            let svc_ok = cfg.get("serviceName").and_then(Value::as_str) == Some(service.as_str());
+            if !svc_ok || !under(&url, base) {
+                tracing::warn!(service = %service, pid = ?tk.pid, "proxy request outside its stored config");
+                return Err(ApiError::ProxyNotAllowed(
+                    "Upstream or service does not match the stored proxy config",
+                ));
+            }
+        }
+        None if p.require_config => {
+            return Err(ApiError::ProxyNotAllowed(
+                "No stored proxy config for this ticket",
+            ));
+        }
+        None => {}
+    }
+    // Egress policy on IP literals (names are checked by the resolver).
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => {
+            if let Some(why) = p.policy.refuse_ip(ip.into()) {
+                tracing::warn!(service = %service, why, "proxy upstream refused by egress policy");
+                return Err(ApiError::EgressDenied);
+            }
+        }
+        Some(url::Host::Ipv6(ip)) => {
+            if let Some(why) = p.policy.refuse_ip(ip.into()) {
+                tracing::warn!(service = %service, why, "proxy upstream refused by egress policy");
+                return Err(ApiError::EgressDenied);
+            }
+        }
+        Some(url::Host::Domain(d)) if p.policy.refuse_host(d) => {
+            return Err(ApiError::EgressDenied)
+        }
+        _ => {}
+    }
+    let body = match up.body.as_deref() {
+        None | Some("") => None,
+        Some(b) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|_| ApiError::invalid("Field upstream.body must be standard base64"))?,
+        ),
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &up.headers {
+        let (n, v) = valid_header(k, v)?;
+        headers.append(n, v);
+    }
+    for h in hop_by_hop(&headers) {
+        headers.remove(h.as_str());
+    }
+    // The credential, only now.
+    let raw = s
+        .store
+        .get_raw(Collection::Tokens, &service)?
+        .ok_or_else(|| ApiError::TokenNotFound(service.clone()))?;
+    let doc: TokenDocument =
+        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    ticket::check_creation(&tk, doc.meta.get("creationId").and_then(Value::as_str))?;
+    ticket::consume(&s.store, &tk, at).await?;
+    let token = token_value(&s, &service, &doc, at).await?;
+    for (k, tmpl) in &req.header_templates {
+        let value = Zeroizing::new(tmpl.replace("${TOKEN}", &token));
+        let (n, mut v) = valid_header(k, &value)?;
+        if HOP_BY_HOP.contains(&n.as_str()) {
+            return Err(ApiError::invalid(format!("Header {n} cannot be templated")));
+        }
+        v.set_sensitive(true);
+        headers.insert(n, v);
+    }
+    drop(token);
+    let m = Method::from_bytes(method.as_bytes())
+        .map_err(|_| ApiError::invalid("Field upstream.method is not allowed"))?;
+    let mut rb = p.client.request(m, url.clone()).headers(headers);
+    if let Some(b) = body {
+        rb = rb.body(b);
+    }
+    let started = std::time::Instant::now();
+    let resp = match tokio::time::timeout(p.timeout, rb.send()).await {
+        Err(_) => {
+            tracing::warn!(service = %service, host = ?url.host_str(), "upstream timed out");
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) if refused(&e) => {
+            tracing::warn!(service = %service, host = ?url.host_str(), "proxy upstream refused by egress policy");
+            return Err(ApiError::EgressDenied);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(service = %service, host = ?url.host_str(), kind = if e.is_connect() { "connect" } else { "transport" }, "upstream request failed");
+            return Err(ApiError::UpstreamError("transport error"));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if resp.content_length().is_some_and(|l| l > p.max_bytes) {
+        return Err(ApiError::UpstreamError(
+            "response larger than proxy.max_response_bytes",
+        ));
+    }
+    tracing::info!(service = %service, host = ?url.host_str(), status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
+    let mut out = Response::builder()
+        .status(StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
+    let drop_list = hop_by_hop(resp.headers());
+    if let Some(h) = out.headers_mut() {
+        for (k, v) in resp.headers() {
+            if !drop_list.iter().any(|d| d == k.as_str()) {
+                h.append(k.clone(), v.clone());
+            }
+        }
+        h.insert("x-upstream-status", HeaderValue::from(status.as_u16()));
+    }
+    // Streamed as it arrives; cut off past the size cap.
+    let max = p.max_bytes;
+    let mut seen = 0u64;
+    let stream = resp.bytes_stream().map(move |chunk| match chunk {
+        Ok(b) => {
+            seen += b.len() as u64;
+            if seen > max {
+                Err(std::io::Error::other(
+                    "upstream response exceeds proxy.max_response_bytes",
+                ))
+            } else {
+                Ok(b)
+            }
+        }
+        Err(_) => Err(std::io::Error::other("upstream body failed")),
+    });
+    out.body(Body::from_stream(stream))
+        .map_err(|_| ApiError::Internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinning_is_scheme_host_port_and_path_segment() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        let base = "https://api.github.com/mcp";
+        assert!(under(&u("https://api.github.com/mcp"), base));
+        assert!(under(&u("https://API.github.com:443/mcp/tools?x=1"), base));
+        assert!(!under(&u("https://api.github.com/mcpx"), base));
+        assert!(!under(&u("https://api.github.com/other"), base));
+        assert!(!under(&u("http://api.github.com/mcp"), base));
+        assert!(!under(&u("https://api.github.com:8443/mcp"), base));
+        assert!(!under(&u("https://evil.com/mcp"), base));
+        assert!(!under(&u("https://api.github.com.evil.com/mcp"), base));
+        assert!(under(
+            &u("https://api.github.com/anything"),
+            "https://api.github.com/"
+        ));
+        assert!(!under(&u("https://api.github.com/mcp"), "not a url"));
+    }
+
+    #[test]
+    fn header_validation() {
+        assert!(valid_header("X-Ok", "v").is_ok());
+        assert!(valid_header("X-Bad", "a\r\nInjected: 1").is_err());
+        assert!(valid_header("Bad Name", "v").is_err());
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        let l = hop_by_hop(&h);
+        assert!(
+            l.contains(&"x-private".to_string()) && l.contains(&"transfer-encoding".to_string())
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! Refresh flows: `/v1/refresh-notify` (the appliance refreshes with its own
+//! OAuth client) and `/v1/refresh` (Token Vault refreshes; capability
+//! `tv-refresh`). A refresh replaces only the token fields; every other field
+//! and meta key is preserved, and a failed refresh changes nothing.
+
+use super::oauth::{self, ClientAuth};
+use crate::custody::fields::{self, open_field, seal_field};
+use crate::protocol::document::{public_meta, TokenDocument};
+use crate::protocol::storage::Collection;
+use crate::protocol::ApiError;
+use crate::server::auth::Signed;
+use crate::server::custody::secret_json;
+use crate::server::{now, AppState};
+use crate::store::StoreError;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use time::format_description::well_known::Rfc3339;
+use zeroize::Zeroizing;
+
+pub struct Refresher {
+    http: reqwest::Client,
+    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, Outcome>>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: &'static str,
+    pub new_expires_at: Option<String>,
+}
+
+fn outcome(status: &'static str) -> Outcome {
+    Outcome {
+        status,
+        new_expires_at: None,
+    }
+}
+
+fn iso(ms: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+}
+
+impl Refresher {
+    pub fn new() -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Refresher {
+            http,
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// New token material to store.
+pub struct NewTokens {
+    pub access: Zeroizing<String>,
+    pub refresh: Option<Zeroizing<String>>,
+    pub expiry_ms: i64,
+}
+
+pub enum UpdateOutcome {
+    Updated,
+    NoToken,
+    /// The document changed since `expected` was read; nothing written.
+    Conflict,
+}
+
+/// Seals the new tokens into the stored document, preserving everything
+/// else, with compare-and-set on the bytes read (`expected`, or the current
+/// document when `None`).
+pub async fn update_tokens(
+    s: &AppState,
+    service: &str,
+    t: &NewTokens,
+    expected: Option<Vec<u8>>,
+) -> Result<UpdateOutcome, ApiError> {
+    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+        return Ok(UpdateOutcome::NoToken);
+    };
+    if expected.as_ref().is_some_and(|e| *e != raw) {
+        return Ok(UpdateOutcome::Conflict);
+    }
+    let mut doc: TokenDocument =
+        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    fields::reseal(&s.backend, service, &mut doc)?;
+    doc.fields.insert(
+        "accessToken".into(),
+        seal_field(
+            &s.backend,
+            service,
+            "accessToken",
+            &Value::String(t.access.to_string()),
+        )?,
+    );
+    if let Some(r) = &t.refresh {
+        doc.fields.insert(
+            "refreshToken".into(),
+            seal_field(
+                &s.backend,
+                service,
+                "refreshToken",
+                &Value::String(r.to_string()),
+            )?,
+        );
+    }
+    doc.meta
+        .insert("updatedAt".into(), Value::String(fields::now_rfc3339()));
+    doc.meta
+        .insert("expiryTime".into(), Value::from(t.expiry_ms));
+    doc.meta.insert(
+        "hasRefreshToken".into(),
+        Value::Bool(doc.fields.contains_key("refreshToken")),
+    );
+    if s.store
+        .replace_token_if_unchanged(service.to_string(), raw, doc)
+        .await?
+    {
+        Ok(UpdateOutcome::Updated)
+    } else {
+        Ok(UpdateOutcome::Conflict)
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RefreshHint {
+    provider: Option<String>,
+    token_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NotifyRequest {
+    request_id: Option<String>,
+    service: Option<String>,
+    #[serde(default)]
+    refresh_hint: Option<RefreshHint>,
+}
+
+pub async fn refresh_notify(
+    State(s): State<AppState>,
+    signed: Signed,
+) -> Result<Response, ApiError> {
+    let req: NotifyRequest = serde_json::from_slice(&signed.body)
+        .map_err(|_| ApiError::invalid("Request body must be a JSON refresh notification"))?;
+    let service = req
+        .service
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
+    let hint = req.refresh_hint.unwrap_or_default();
+    let o = notify(&s, service, hint.provider, hint.token_url).await;
+    let mut v =
+        json!({"requestId": req.request_id.unwrap_or(signed.request_id), "status": o.status});
+    if let Some(e) = o.new_expires_at {
+        v["newExpiresAt"] = Value::String(e);
+    }
+    Ok(Json(v).into_response())
+}
+
+/// Single flight per service: concurrent notifications share one refresh.
+async fn notify(
+    s: &AppState,
+    service: String,
+    provider: Option<String>,
+    hinted_url: Option<String>,
+) -> Outcome {
+    let r = &s.settings.broker.refresher;
+    let fut = {
+        let Ok(mut map) = r.inflight.lock() else {
+            return outcome("error");
+        };
+        if let Some(f) = map.get(&service) {
+            f.clone()
+        } else {
+            let s2 = s.clone();
+            let svc = service.clone();
+            let f = async move {
+                run_refresh(&s2, &svc, provider.as_deref(), hinted_url.as_deref()).await
+            }
+            .boxed()
+            .shared();
+            map.insert(service.clone(), f.clone());
+            f
+        }
+    };
+    let o = fut.await;
+    if let Ok(mut map) = r.inflight.lock() {
+        map.remove(&service);
+    }
+    o
+}
+
+async fn run_refresh(
+    s: &AppState,
+    service: &str,
+    provider: Option<&str>,
+    hinted_url: Option<&str>,
+) -> Outcome {
+    let Some(client) = oauth::find(&s.store, provider, service) else {
+        tracing::info!(
+            service,
+            "refresh-notify: no local OAuth client; acknowledged"
+        );
+        return outcome("acknowledged");
+    };
+    if let Some(h) = hinted_url.filter(|h| *h != client.token_url) {
+        // Never follow the hint: the secret goes only to the registered URL.
+        tracing::warn!(service, client = %client.name, hinted = %h, "refresh-notify: hinted tokenUrl differs from the registered one; ignored");
+    }
+    match refresh_with(s, service, &client).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(service, error = %e, "refresh-notify failed");
+            outcome("error")
+        }
+    }
+}
+
+async fn refresh_with(
+    s: &AppState,
+    service: &str,
+    client: &oauth::OAuthClient,
+) -> Result<Outcome, ApiError> {
+    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+        return Ok(outcome("no_token"));
+    };
+    let doc: TokenDocument =
+        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    let refresh = match open_field(&s.backend, service, &doc, "refreshToken")? {
+        Some(Value::String(r)) if !r.is_empty() => Zeroizing::new(r),
+        _ => return Ok(outcome("no_refresh_token")),
+    };
+    let secret = client.secret(&s.backend)?;
+    let mut rb = s
+        .settings
+        .broker
+        .refresher
+        .http
+        .post(&client.token_url)
+        .header("accept", "application/json");
+    let body = {
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "refresh_token")
+            .append_pair("refresh_token", &refresh);
+        match client.auth {
+            ClientAuth::Post => {
+                form.append_pair("client_id", &client.client_id)
+                    .append_pair("client_secret", &secret);
+            }
+            ClientAuth::Basic => {
+                let enc = |x: &str| {
+                    url::form_urlencoded::byte_serialize(x.as_bytes()).collect::<String>()
+                };
+                let creds = Zeroizing::new(format!("{}:{}", enc(&client.client_id), enc(&secret)));
+                rb = rb.header(
+                    "authorization",
+                    format!(
+                        "Basic {}",
+                        base64::Engine::encode(
+                            &base64::engine::general_purpose::STANDARD,
+                            creds.as_bytes()
+                        )
+                    ),
+                );
+            }
+        }
+        Zeroizing::new(form.finish())
+    };
+    drop(secret);
+    drop(refresh);
+    let resp = match rb
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.as_bytes().to_vec())
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(service, client = %client.name, timeout = e.is_timeout(), "OAuth provider unreachable");
+            return Ok(outcome("refresh_failed"));
+        }
+    };
+    let status = resp.status();
+    let bytes = Zeroizing::new(resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default());
+    if !status.is_success() {
+        tracing::warn!(service, client = %client.name, status = status.as_u16(), "OAuth provider refused the refresh");
+        return Ok(outcome("refresh_failed"));
+    }
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let Some(access) = v
+        .get("access_token")
+        .and_then(Value::as_str)
+        .filter(|a| !a.is_empty())
+    else {
+        tracing::warn!(service, client = %client.name, "OAuth provider reply has no access_token");
+        return Ok(outcome("refresh_failed"));
+    };
+    let expires_in = v
+        .get("expires_in")
+        .and_then(Value::as_i64)
+        .unwrap_or(3600)
+        .max(0);
+    let expiry_ms = (now() + expires_in) * 1000;
+    let t = NewTokens {
+        access: Zeroizing::new(access.to_string()),
+        refresh: v
+            .get("refresh_token")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty())
+            .map(|r| Zeroizing::new(r.to_string())),
+        expiry_ms,
+    };
+    Ok(match update_tokens(s, service, &t, Some(raw)).await? {
+        UpdateOutcome::Updated => Outcome {
+            status: "refreshed",
+            new_expires_at: iso(expiry_ms),
+        },
+        UpdateOutcome::NoToken => outcome("no_token"),
+        UpdateOutcome::Conflict => {
+            tracing::warn!(
+                service,
+                "token document changed during refresh; refreshed tokens not stored"
+            );
+            outcome("error")
+        }
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TvRefreshRequest {
+    request_id: Option<String>,
+    action: Option<String>,
+    service: Option<String>,
+    tokens: Option<Map<String, Value>>,
+}
+
+/// `/v1/refresh` (capability `tv-refresh`): the only endpoint that hands a
+/// credential (the refresh token) to Token Vault.
+pub async fn tv_refresh(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
+    let req: TvRefreshRequest = serde_json::from_slice(&signed.body)
+        .map_err(|_| ApiError::invalid("Request body must be a JSON refresh request"))?;
+    let rid = req.request_id.unwrap_or(signed.request_id);
+    let service = req
+        .service
+        .filter(|x| !x.is_empty())
+        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
+    match req.action.as_deref() {
+        Some("get") => {
+            let Some(raw) = s.store.get_raw(Collection::Tokens, &service)? else {
+                return Ok(Json(json!({"requestId": rid, "status": "no_token"})).into_response());
+            };
+            let doc: TokenDocument =
+                serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+            let refresh = match open_field(&s.backend, &service, &doc, "refreshToken")? {
+                Some(Value::String(r)) if !r.is_empty() => Zeroizing::new(r),
+                _ => {
+                    return Ok(
+                        Json(json!({"requestId": rid, "status": "no_refresh_token"}))
+                            .into_response(),
+                    )
+                }
+            };
+            tracing::info!(service = %service, "tv-refresh: refresh token handed to Token Vault");
+            secret_json(
+                &json!({"requestId": rid, "status": "ok", "refreshToken": refresh.as_str(), "meta": public_meta(doc.meta)}),
+            )
+        }
+        Some("update") => {
+            let tokens = req
+                .tokens
+                .ok_or_else(|| ApiError::invalid("Missing required field: tokens"))?;
+            let access = tokens
+                .get("accessToken")
+                .and_then(Value::as_str)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| ApiError::invalid("Missing required field: tokens.accessToken"))?;
+            let expiry_ms = match tokens.get("expiryTime") {
+                Some(v) => v.as_i64().ok_or_else(|| {
+                    ApiError::invalid("Field tokens.expiryTime must be ms since the epoch")
+                })?,
+                None => (now() + 3600) * 1000,
+            };
+            let t = NewTokens {
+                access: Zeroizing::new(access.to_string()),
+                refresh: tokens
+                    .get("refreshToken")
+                    .and_then(Value::as_str)
+                    .filter(|r| !r.is_empty())
+                    .map(|r| Zeroizing::new(r.to_string())),
+                expiry_ms,
+            };
+            let mut tries = 0;
+            loop {
+                match update_tokens(&s, &service, &t, None).await? {
+                    UpdateOutcome::Updated => {
+                        return Ok(Json(json!({"requestId": rid, "status": "updated", "newExpiresAt": iso(expiry_ms)})).into_response())
+                    }
+                    UpdateOutcome::NoToken => return Ok(Json(json!({"requestId": rid, "status": "no_token"})).into_response()),
+                    UpdateOutcome::Conflict if tries < 3 => tries += 1,
+                    UpdateOutcome::Conflict => return Err(ApiError::Internal),
+                }
+            }
+        }
+        _ => Err(ApiError::invalid("Field action must be get or update")),
+    }
+}
