@@ -24,13 +24,7 @@ async fn dev_binds_over_https_and_serves_health_and_storage() {
     assert_eq!(h["keyConfigured"], true);
     assert_eq!(
         h["capabilities"],
-        json!([
-            "storage",
-            "credential",
-            "store",
-            "ticketConstraints",
-            "totp-verify"
-        ])
+        json!(tokenvault_webhook::protocol::CAPABILITIES)
     );
     let r = a.client.head(a.url("/v1/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);

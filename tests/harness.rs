@@ -57,6 +57,20 @@ impl Appliance {
         Self::spawn(cmd, dir)
     }
 
+    /// A dev dir provisioned by `dev`, then `extra` appended to its config and
+    /// served with `serve --config`.
+    pub fn start_configured(extra: &str) -> (tempfile::TempDir, Appliance) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("appliance");
+        let mut a = Appliance::start_dev(&dir);
+        a.terminate();
+        let mut cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+        cfg.push('\n');
+        cfg.push_str(extra);
+        std::fs::write(dir.join("config.toml"), cfg).unwrap();
+        (tmp, Appliance::start_serve(&dir))
+    }
+
     /// `serve --config DIR/config.toml` on an existing dev dir.
     pub fn start_serve(dir: &Path) -> Appliance {
         let mut cmd = Command::new(BIN);
@@ -256,6 +270,7 @@ pub fn client_trusting(cert: &Path) -> reqwest::Client {
         .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
         .tls_built_in_root_certs(false)
         .https_only(true)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
 }
