@@ -27,6 +27,8 @@ pub struct Config {
     #[serde(default)]
     pub proxy: ProxyConfig,
     #[serde(default)]
+    pub sandbox: SandboxConfig,
+    #[serde(default)]
     pub log: LogConfig,
     /// The file this was loaded from.
     #[serde(skip)]
@@ -179,6 +181,33 @@ pub struct ProxyConfig {
     pub timeout_secs: Option<u64>,
     /// Largest upstream response body passed through, bytes.
     pub max_response_bytes: Option<u64>,
+}
+
+/// Landlock (see SECURITY.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Apply Landlock at start (`--landlock=off` overrides for debugging).
+    #[serde(default = "d_true")]
+    pub landlock: bool,
+    /// Outbound TCP ports the service may connect to (default [443]; any in dev).
+    pub connect_ports: Option<Vec<u16>>,
+    /// More paths the PKCS#11 module needs, read-only / read-write.
+    #[serde(default)]
+    pub extra_read_only: Vec<PathBuf>,
+    #[serde(default)]
+    pub extra_read_write: Vec<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            landlock: true,
+            connect_ports: None,
+            extra_read_only: Vec::new(),
+            extra_read_write: Vec::new(),
+        }
+    }
 }
 
 fn d_origins() -> Vec<String> {

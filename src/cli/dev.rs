@@ -2,7 +2,10 @@
 //! lives in DIR: a SoftHSM2 token (own config and token dir, random PINs in
 //! 0600 files), a self-signed certificate, DIR/config.toml and the store.
 
-use super::{init, init_logging, open_pkcs11, prepare_module_env, read_secret_file, run_server};
+use super::{
+    ensure_keys, init_logging, open_pkcs11, open_store, prepare_module_env, read_secret_file,
+    run_server,
+};
 use crate::config::Config;
 use crate::keys::pkcs11::{find_softhsm_module, find_token, init_token, open_module};
 use anyhow::{bail, Context, Result};
@@ -103,7 +106,7 @@ fn provision(dir: &Path, listen: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-pub fn run(dir: &Path, listen: Option<SocketAddr>, backend: &str) -> Result<()> {
+pub fn run(dir: &Path, listen: Option<SocketAddr>, backend: &str, landlock: bool) -> Result<()> {
     if backend != "pkcs11" && backend != "softhsm" {
         bail!("unknown --backend {backend:?}; this build supports pkcs11 (SoftHSM2)");
     }
@@ -132,7 +135,9 @@ pub fn run(dir: &Path, listen: Option<SocketAddr>, backend: &str) -> Result<()> 
         }
     }
     let backend = open_pkcs11(&cfg)?;
-    let (store, id) = init(&cfg, &backend)?;
+    ensure_keys(&backend)?;
+    super::sandbox(&cfg, listen.unwrap_or(cfg.server.listen), landlock)?;
+    let (store, id) = open_store(&cfg, &backend)?;
     eprintln!(
         "tokenvault-webhook dev: {} (webhook id {id})\n  config: {}\n  bind:   tokenvault-webhook --config {} register-url",
         dir.display(),

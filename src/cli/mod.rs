@@ -27,6 +27,9 @@ pub struct Cli {
     /// Configuration file.
     #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
+    /// Landlock sandbox (`off` only for debugging: it is logged loudly).
+    #[arg(long, global = true, default_value = "on", value_parser = ["on", "off"])]
+    pub landlock: String,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -181,11 +184,22 @@ fn refuse_root(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `init`: AES key, store, webhook id. Idempotent.
-pub fn init(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
+/// `init`, part 1: the AES key in the HSM. Idempotent.
+pub fn ensure_keys(backend: &Arc<Pkcs11Backend>) -> Result<()> {
     if backend.ensure_aes_key()? {
         tracing::info!("AES-256 key created in the HSM (sensitive, non-extractable)");
     }
+    Ok(())
+}
+
+/// `init`: AES key, store, webhook id. Idempotent.
+pub fn init(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
+    ensure_keys(backend)?;
+    open_store(cfg, backend)
+}
+
+/// `init`, part 2: the store and the webhook id.
+pub fn open_store(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
     let mut rnd = [0u8; 12];
     backend.fill_random(&mut rnd)?;
@@ -263,6 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
             let backend = open_pkcs11(&cfg)?;
+            sandbox(&cfg, cfg.server.listen, cli.landlock == "on")?;
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
             run_server(cfg, backend, store, None)
         }
@@ -270,7 +285,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             listen,
             backend,
-        } => dev::run(&dir, listen, &backend),
+        } => dev::run(&dir, listen, &backend, cli.landlock == "on"),
         Command::OauthClient { action } => oauth_client(&cli.config, action),
     }
 }
@@ -437,6 +452,111 @@ pub fn run_server(
         serve(listener, tls, app(state), opts, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// The SoftHSM token directory named in a softhsm2.conf.
+fn softhsm_token_dir(conf: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(conf).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "directories.tokendir")
+        .map(|(_, v)| PathBuf::from(v.trim()))
+}
+
+/// System files every deployment reads: libraries (the PKCS#11 module's
+/// dependencies, NSS), CA bundles, resolver configuration. Missing ones are
+/// skipped (they differ between distributions).
+const SYSTEM_READ_ONLY: &[&str] = &[
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/etc/ssl/certs",
+    "/usr/share/ca-certificates",
+    "/etc/pki/tls/certs",
+    "/etc/pki/ca-trust",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+];
+
+/// The Landlock plan for this configuration.
+pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landlock::Plan {
+    let mut ro: Vec<PathBuf> = vec![cfg.source.clone()];
+    for f in [&cfg.tls.cert, &cfg.tls.key] {
+        if let Some(d) = f.parent() {
+            if !ro.contains(&d.to_path_buf()) {
+                ro.push(d.to_path_buf());
+            }
+        }
+    }
+    let mut rw = vec![cfg.store.path.clone()];
+    if let Some(p) = &cfg.keys.pkcs11 {
+        if let Some(m) = p.module.clone().or_else(find_softhsm_module) {
+            ro.push(m);
+        }
+        let conf = p
+            .softhsm_conf
+            .clone()
+            .or_else(|| Some(PathBuf::from("/etc/softhsm/softhsm2.conf")).filter(|c| c.exists()));
+        if let Some(conf) = conf {
+            if let Some(t) = softhsm_token_dir(&conf) {
+                rw.push(t);
+            }
+            ro.push(conf);
+        }
+    }
+    ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
+    rw.extend(cfg.sandbox.extra_read_write.iter().cloned());
+    ro.extend(
+        SYSTEM_READ_ONLY
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists()),
+    );
+    let connect_ports = match (&cfg.sandbox.connect_ports, cfg.profile) {
+        (Some(ports), _) => Some(ports.clone()),
+        (None, Profile::Dev) => None,
+        (None, Profile::Production) => Some(vec![443]),
+    };
+    crate::sandbox::landlock::Plan {
+        read_only: ro,
+        read_write: rw,
+        bind_port: Some(listen.port()).filter(|p| *p != 0),
+        connect_ports,
+    }
+}
+
+/// Applies Landlock (before any thread exists) and logs the rules and the
+/// self-test. `enabled = false` is for debugging and says so loudly.
+pub fn sandbox(cfg: &Config, listen: SocketAddr, enabled: bool) -> Result<()> {
+    if !enabled || !cfg.sandbox.landlock {
+        tracing::warn!(
+            "LANDLOCK DISABLED ({}): the service runs without its filesystem and network sandbox",
+            if enabled {
+                "sandbox.landlock = false"
+            } else {
+                "--landlock=off"
+            }
+        );
+        return Ok(());
+    }
+    // The state dir is ours to create; every other path must already exist.
+    std::fs::create_dir_all(&cfg.store.path)
+        .with_context(|| format!("cannot create {}", cfg.store.path.display()))?;
+    let plan = sandbox_plan(cfg, listen);
+    match crate::sandbox::landlock::apply(&plan)? {
+        None => tracing::warn!("this kernel has no Landlock: running without the sandbox"),
+        Some(applied) => {
+            tracing::info!(abi = applied.abi, rules = %applied.rules.join("; "), "landlock enforced");
+            for line in crate::sandbox::landlock::self_test(&plan) {
+                tracing::info!("{line}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// TOTP seed objects no document refers to (a crash between enrolment and

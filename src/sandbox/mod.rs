@@ -1,6 +1,7 @@
 //! Process hardening applied first thing in `main`. Landlock comes with the
 //! packaging work; see SECURITY.md.
 
+pub mod landlock;
 pub mod zalloc;
 
 /// No core dumps, not ptrace-attachable by same-uid processes, umask 027.
