@@ -371,14 +371,22 @@ fn cli_configtest_version_and_root_policy() {
     let out = cli(&["--config", bad.to_str().unwrap(), "configtest"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
-    // The shipped reference config is strict-valid; its files don't exist here.
+    // The shipped reference config is valid; its TLS files don't exist here (a warning).
     let reference = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/packaging/config.reference.toml"
     );
     let out = cli(&["--config", reference, "configtest"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warning: tls.cert"));
+    // doctor finds the problems and fails.
+    let out = cli(&["--config", reference, "doctor"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("tls.cert"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PROBLEM"));
     if unsafe { libc::geteuid() } == 0 {
         // Production profile refuses root.
         let out = cli(&["--config", reference, "serve"]);
@@ -397,6 +405,15 @@ async fn dev_dir_configtest_passes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+    // doctor passes on a fresh dev appliance (SoftHSM token, keys, TLS, modes).
+    let out = cli(&["--config", a.config().to_str().unwrap(), "doctor"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("AES-256 key present, sensitive, non-extractable"));
     // init on an initialised install is idempotent and keeps the webhook id.
     let before = cli_json(&["--config", a.config().to_str().unwrap(), "register-url"]);
     let out = cli(&["--config", a.config().to_str().unwrap(), "init"]);
@@ -412,6 +429,14 @@ async fn dev_dir_configtest_passes() {
         .contains("hmac_hash="));
     // PIN files and the TLS key are private.
     use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(a.dir.join("state"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     for f in ["hsm/user-pin", "hsm/so-pin", "tls/key.pem", "config.toml"] {
         let mode = std::fs::metadata(a.dir.join(f))
             .unwrap()

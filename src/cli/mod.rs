@@ -1,6 +1,7 @@
 //! Command line: `dev`, `serve`, `init`, `register-url`, `configtest`.
 
 pub mod dev;
+pub mod doctor;
 
 use crate::config::{Config, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
@@ -56,6 +57,12 @@ pub enum Command {
     RegisterUrl,
     /// Check the configuration file and exit.
     Configtest,
+    /// Check config, key backend and keys, TLS certificate, clock, Landlock,
+    /// file ownership and modes; one line per finding with its fix.
+    Doctor,
+    /// Print the man page (roff).
+    #[command(hide = true)]
+    Man,
     /// OAuth clients used by /v1/refresh-notify (works while the server runs).
     OauthClient {
         #[command(subcommand)]
@@ -137,21 +144,26 @@ pub fn read_secret_file(path: &Path) -> Result<SecretString> {
     Ok(SecretString::from(pin.to_string()))
 }
 
+pub(crate) fn read_pin_for_doctor(cfg: &Config) -> Result<()> {
+    read_pin(cfg).map(|_| ())
+}
+
 fn read_pin(cfg: &Config) -> Result<SecretString> {
     let p = cfg
         .keys
         .pkcs11
         .as_ref()
         .ok_or_else(|| anyhow!("[keys.pkcs11] missing"))?;
+    // The systemd credential first (the service), then the file (operator
+    // commands run as the service user).
+    if let (Some(name), Some(dir)) = (&p.pin_credential, std::env::var_os("CREDENTIALS_DIRECTORY"))
+    {
+        return read_secret_file(&Path::new(&dir).join(name));
+    }
     if let Some(f) = &p.pin_file {
         return read_secret_file(f);
     }
-    if let Some(name) = &p.pin_credential {
-        let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
-            .ok_or_else(|| anyhow!("pin_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=)"))?;
-        return read_secret_file(&Path::new(&dir).join(name));
-    }
-    bail!("no PIN source configured")
+    bail!("keys.pkcs11.pin_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=, or also set pin_file)")
 }
 
 pub fn open_pkcs11(cfg: &Config) -> Result<Arc<Pkcs11Backend>> {
@@ -214,36 +226,22 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Configtest => {
             let cfg = Config::load(&cli.config)?;
-            let mut problems = Vec::new();
             for (what, p) in [("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
                 if !p.exists() {
-                    problems.push(format!("{what}: {} does not exist", p.display()));
+                    eprintln!("{}: warning: {what} {} does not exist yet (create it before starting the service)", cli.config.display(), p.display());
                 }
             }
-            if problems.is_empty() {
-                if let Err(e) = load_tls(&cfg.tls.cert, &cfg.tls.key) {
-                    problems.push(e.to_string());
-                }
-            }
-            if let Some(p) = &cfg.keys.pkcs11 {
-                if p.module.is_none() && find_softhsm_module().is_none() {
-                    problems.push("keys.pkcs11.module unset and SoftHSM2 not found".into());
-                }
-                if let Some(f) = &p.pin_file {
-                    if let Err(e) = read_secret_file(f) {
-                        problems.push(e.to_string());
-                    }
-                }
-            }
-            if problems.is_empty() {
-                println!("{}: configuration OK", cli.config.display());
-                Ok(())
-            } else {
-                for p in &problems {
-                    eprintln!("{}: {p}", cli.config.display());
-                }
-                bail!("{} problem(s) found", problems.len())
-            }
+            println!(
+                "{}: configuration OK (run `doctor` for keys, TLS and files)",
+                cli.config.display()
+            );
+            Ok(())
+        }
+        Command::Doctor => doctor::run(&cli.config),
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
         }
         Command::Init => {
             let cfg = load_for_run(&cli.config)?;
@@ -442,6 +440,19 @@ pub fn run_server(
         };
         tracing::info!(webhook_id = %webhook_id, bound, "tokenvault-webhook {} serving", crate::protocol::VERSION);
         eprintln!("READY {public_url} (listening on {bound_addr})");
+        crate::sandbox::notify::notify(&format!(
+            "READY=1\nSTATUS=serving {public_url} ({})",
+            if bound { "bound" } else { "not bound yet: run register-url" }
+        ));
+        if let Some(every) = crate::sandbox::notify::watchdog_interval() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    crate::sandbox::notify::notify("WATCHDOG=1");
+                }
+            });
+        }
         if !bound {
             eprintln!(
                 "Not bound yet. From this machine run:\n  tokenvault-webhook --config {} register-url\nor open https://{}/bind in a browser here, then open the registrationUrl it gives.",
@@ -449,9 +460,26 @@ pub fn run_server(
                 bound_addr
             );
         }
-        serve(listener, tls, app(state), opts, shutdown_signal()).await;
+        serve(listener, tls, app(state), opts, async {
+            shutdown_signal().await;
+            crate::sandbox::notify::notify("STOPPING=1");
+        })
+        .await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// Creates a directory (and parents) with mode 0700 if it does not exist.
+pub fn create_private_dir(p: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !p.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .with_context(|| format!("cannot create {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// The SoftHSM token directory named in a softhsm2.conf.
@@ -532,6 +560,7 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
 /// Applies Landlock (before any thread exists) and logs the rules and the
 /// self-test. `enabled = false` is for debugging and says so loudly.
 pub fn sandbox(cfg: &Config, listen: SocketAddr, enabled: bool) -> Result<()> {
+    crate::sandbox::notify::init();
     if !enabled || !cfg.sandbox.landlock {
         tracing::warn!(
             "LANDLOCK DISABLED ({}): the service runs without its filesystem and network sandbox",
@@ -544,8 +573,7 @@ pub fn sandbox(cfg: &Config, listen: SocketAddr, enabled: bool) -> Result<()> {
         return Ok(());
     }
     // The state dir is ours to create; every other path must already exist.
-    std::fs::create_dir_all(&cfg.store.path)
-        .with_context(|| format!("cannot create {}", cfg.store.path.display()))?;
+    create_private_dir(&cfg.store.path)?;
     let plan = sandbox_plan(cfg, listen);
     match crate::sandbox::landlock::apply(&plan)? {
         None => tracing::warn!("this kernel has no Landlock: running without the sandbox"),

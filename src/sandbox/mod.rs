@@ -2,6 +2,7 @@
 //! packaging work; see SECURITY.md.
 
 pub mod landlock;
+pub mod notify;
 pub mod zalloc;
 
 /// No core dumps, not ptrace-attachable by same-uid processes, umask 027.

@@ -118,7 +118,14 @@ pub struct Store {
 
 impl Store {
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Lmdb(e.to_string()))?;
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError::Lmdb(e.to_string()))?;
+        }
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
         opts.map_size(map_size_bytes).max_dbs(16).max_readers(256);
         // SAFETY: the environment is opened once per process for this path and

@@ -1,0 +1,226 @@
+//! `doctor`: checks an installation end to end and prints one line per
+//! finding with its fix. Exits non-zero on any problem.
+
+use super::{open_pkcs11, prepare_module_env, read_pin_for_doctor};
+use crate::config::Config;
+use crate::keys::KeyBackendBase;
+use anyhow::{bail, Result};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+struct Report {
+    problems: usize,
+    warnings: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str) {
+        println!("ok      {what}");
+    }
+    fn warn(&mut self, what: &str, fix: &str) {
+        self.warnings += 1;
+        println!("warning {what} -> {fix}");
+    }
+    fn fail(&mut self, what: &str, fix: &str) {
+        self.problems += 1;
+        println!("PROBLEM {what} -> {fix}");
+    }
+}
+
+fn mode(p: &Path) -> Option<(u32, u32)> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| (m.permissions().mode() & 0o7777, m.uid()))
+}
+
+pub fn run(config: &Path) -> Result<()> {
+    let mut r = Report {
+        problems: 0,
+        warnings: 0,
+    };
+    let cfg = match Config::load(config) {
+        Ok(c) => {
+            r.ok(&format!("config {} is valid", config.display()));
+            c
+        }
+        Err(e) => {
+            r.fail(
+                &format!("config: {e}"),
+                "fix the file (see packaging/config.reference.toml)",
+            );
+            bail!("1 problem");
+        }
+    };
+    prepare_module_env(&cfg);
+    // SAFETY: reads only.
+    let uid = unsafe { libc::geteuid() };
+    if let Some((m, _)) = mode(config) {
+        if m & 0o002 != 0 {
+            r.fail(
+                &format!("{} is world-writable", config.display()),
+                "chmod o-w it",
+            );
+        }
+    }
+    // State directory.
+    match mode(&cfg.store.path) {
+        None => r.fail(
+            &format!("state dir {} missing", cfg.store.path.display()),
+            "run `init` (or systemctl start, which runs it)",
+        ),
+        Some((m, owner)) => {
+            if owner != uid {
+                r.fail(
+                    &format!(
+                        "state dir {} is owned by uid {owner}, not this user ({uid})",
+                        cfg.store.path.display()
+                    ),
+                    "run doctor as the service user, or chown it to the service user",
+                );
+            } else if m & 0o077 != 0 {
+                r.fail(
+                    &format!("state dir {} has mode {m:o}", cfg.store.path.display()),
+                    "chmod 700 it",
+                );
+            } else {
+                r.ok(&format!(
+                    "state dir {} (mode {m:o})",
+                    cfg.store.path.display()
+                ));
+            }
+        }
+    }
+    // TLS.
+    match (std::fs::read(&cfg.tls.cert), mode(&cfg.tls.key)) {
+        (Err(e), _) => r.fail(
+            &format!("TLS certificate {}: {e}", cfg.tls.cert.display()),
+            "install a certificate there (PEM chain)",
+        ),
+        (_, None) => r.fail(
+            &format!("TLS key {} missing", cfg.tls.key.display()),
+            "install the private key there (PEM)",
+        ),
+        (Ok(pem), Some((km, _))) => {
+            if km & 0o027 != 0 {
+                r.fail(
+                    &format!("TLS key {} has mode {km:o}", cfg.tls.key.display()),
+                    "chmod 640 (or 600) it",
+                );
+            }
+            match crate::server::listener::load_tls(&cfg.tls.cert, &cfg.tls.key) {
+                Err(e) => r.fail(
+                    &format!("TLS: {e}"),
+                    "check the certificate and key match and are PEM",
+                ),
+                Ok(_) => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs() as i64)
+                        .unwrap_or(0);
+                    match x509_parser::pem::parse_x509_pem(&pem) {
+                        Ok((_, p)) => match p.parse_x509() {
+                            Ok(c) => {
+                                let left = c.validity().not_after.timestamp() - now;
+                                if left <= 0 {
+                                    r.fail(
+                                        "TLS certificate has expired",
+                                        "renew it, then `systemctl reload tokenvault-webhook`",
+                                    );
+                                } else if left < 30 * 86_400 {
+                                    r.warn(
+                                        &format!(
+                                            "TLS certificate expires in {} days",
+                                            left / 86_400
+                                        ),
+                                        "renew it, then `systemctl reload tokenvault-webhook`",
+                                    );
+                                } else {
+                                    r.ok(&format!(
+                                        "TLS certificate valid for {} more days",
+                                        left / 86_400
+                                    ));
+                                }
+                                if c.validity().not_before.timestamp() > now {
+                                    r.fail(
+                                        "TLS certificate is not valid yet",
+                                        "check the system clock",
+                                    );
+                                }
+                            }
+                            Err(_) => r.fail(
+                                "TLS certificate does not parse",
+                                "install a PEM X.509 certificate",
+                            ),
+                        },
+                        Err(_) => r.fail(
+                            "TLS certificate is not PEM",
+                            "install a PEM X.509 certificate",
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    // Clock.
+    let year = time::OffsetDateTime::now_utc().year();
+    if !(2024..2100).contains(&year) {
+        r.fail(
+            &format!("system clock says {year}"),
+            "fix the clock (NTP): tickets and TOTP depend on it",
+        );
+    } else {
+        r.ok("system clock plausible");
+    }
+    // Landlock.
+    match crate::sandbox::landlock::kernel_abi() {
+        0 => r.warn(
+            "kernel has no Landlock",
+            "use a kernel with Landlock (5.13+, network rules 6.7+)",
+        ),
+        a if a < 4 => r.warn(
+            &format!("Landlock ABI {a}: no network rules"),
+            "use a kernel 6.7 or newer",
+        ),
+        a => r.ok(&format!("Landlock ABI {a}")),
+    }
+    // Keys.
+    if let Err(e) = read_pin_for_doctor(&cfg) {
+        r.fail(
+            &format!("HSM PIN: {e}"),
+            "provide the PIN file (0640 root:tokenvault-webhook) or run under systemd",
+        );
+    } else {
+        match open_pkcs11(&cfg) {
+            Err(e) => r.fail(
+                &format!("key backend: {e:#}"),
+                "check keys.pkcs11 (module, token_label, PIN)",
+            ),
+            Ok(b) => {
+                if b.probe().is_ok() {
+                    r.ok("key backend reachable, logged in");
+                } else {
+                    r.fail("key backend does not answer", "check the HSM");
+                }
+                if b.aes_key_present() {
+                    match b.aes_key_attributes() {
+                        Ok((true, false)) => {
+                            r.ok("AES-256 key present, sensitive, non-extractable")
+                        }
+                        Ok(_) => r.fail(
+                            "AES key is extractable or not sensitive",
+                            "recreate the token's keys",
+                        ),
+                        Err(_) => r.fail("AES key attributes unreadable", "check the HSM"),
+                    }
+                } else {
+                    r.fail("no AES key in the HSM", "run `init`");
+                }
+            }
+        }
+    }
+    if r.problems > 0 {
+        bail!("{} problem(s), {} warning(s)", r.problems, r.warnings);
+    }
+    println!("doctor: no problems ({} warning(s))", r.warnings);
+    Ok(())
+}
