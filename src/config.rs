@@ -331,9 +331,9 @@ impl Config {
         match (&self.keys.backend, &self.keys.pkcs11) {
             (KeyBackendKind::Pkcs11, None) => return Err("[keys.pkcs11] is required".into()),
             (KeyBackendKind::Pkcs11, Some(p)) => {
-                if p.pin_file.is_some() == p.pin_credential.is_some() {
+                if p.pin_file.is_none() && p.pin_credential.is_none() {
                     return Err(
-                        "set exactly one of keys.pkcs11.pin_file and keys.pkcs11.pin_credential"
+                        "set keys.pkcs11.pin_credential (systemd) and/or keys.pkcs11.pin_file"
                             .into(),
                     );
                 }

@@ -123,13 +123,16 @@ pub fn prepare_module_env(cfg: &Config) {
     }
 }
 
-/// Reads a PIN from a file that only its owner can read.
+/// Reads a secret from a file no one but its owner (and group, read-only) can access.
 pub fn read_secret_file(path: &Path) -> Result<SecretString> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    // Group read is allowed (0640 root:tokenvault-webhook for operator
+    // commands run as the service user); group write and any access by
+    // others are not.
+    if meta.permissions().mode() & 0o027 != 0 {
         bail!(
-            "{} is readable by group or others (mode {:o}); chmod 600 it",
+            "{} is writable by group or accessible by others (mode {:o}); chmod 640 (or 600) it",
             path.display(),
             meta.permissions().mode() & 0o777
         );
