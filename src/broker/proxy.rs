@@ -154,7 +154,7 @@ async fn token_value(
     doc: &TokenDocument,
     at: i64,
 ) -> Result<Zeroizing<String>, ApiError> {
-    if totp::is_totp(doc) && doc.meta.get("tokenType").and_then(Value::as_str) == Some("TOTP") {
+    if totp::answers_with_code(doc) {
         return Ok(totp::current_code(&s.backend, service, doc, at as u64)?.code);
     }
     let access = fields::open_field(&s.backend, service, doc, "accessToken")?;
@@ -278,13 +278,7 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         headers.remove(h.as_str());
     }
     // The credential, only now.
-    let raw = s
-        .store
-        .get_raw(Collection::Tokens, &service)?
-        .ok_or_else(|| ApiError::TokenNotFound(service.clone()))?;
-    let doc: TokenDocument =
-        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
-    ticket::check_creation(&tk, doc.meta.get("creationId").and_then(Value::as_str))?;
+    let (_, doc) = ticket::load_document(&s.store, &tk)?;
     ticket::consume(&s.store, &tk, at).await?;
     let token = token_value(&s, &service, &doc, at).await?;
     for (k, tmpl) in &req.header_templates {

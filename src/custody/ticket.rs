@@ -135,6 +135,22 @@ pub async fn consume(store: &Store, t: &Ticket, now: i64) -> Result<(), ApiError
     }
 }
 
+/// Loads the token document a verified ticket names and applies the `cid`
+/// rule (before any decryption or upstream call). Returns the raw bytes too,
+/// for compare-and-set writes.
+pub fn load_document(
+    store: &Store,
+    t: &Ticket,
+) -> Result<(Vec<u8>, crate::protocol::document::TokenDocument), ApiError> {
+    let raw = store
+        .get_raw(crate::protocol::storage::Collection::Tokens, &t.svc)?
+        .ok_or_else(|| ApiError::TokenNotFound(t.svc.clone()))?;
+    let doc: crate::protocol::document::TokenDocument = serde_json::from_slice(&raw)
+        .map_err(|_| crate::store::StoreError::Corrupt("token document"))?;
+    check_creation(t, doc.meta.get("creationId").and_then(Value::as_str))?;
+    Ok((raw, doc))
+}
+
 /// `cid` rule for reads: a ticket naming a creation that is not the stored
 /// one is stale. Checked before any decryption or upstream call.
 pub fn check_creation(t: &Ticket, stored_creation_id: Option<&str>) -> Result<(), ApiError> {

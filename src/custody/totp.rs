@@ -342,6 +342,11 @@ pub fn remaining(p: &Params, time: u64) -> u64 {
     p.period - time % p.period
 }
 
+/// Does a read of this document answer a code (a TOTP-type token with a seed)?
+pub fn answers_with_code(doc: &crate::protocol::document::TokenDocument) -> bool {
+    is_totp(doc) && doc.meta.get("tokenType").and_then(Value::as_str) == Some("TOTP")
+}
+
 /// Does this document hold a TOTP seed (device key or sealed field)?
 pub fn is_totp(doc: &crate::protocol::document::TokenDocument) -> bool {
     doc.otp.is_some() || doc.fields.contains_key(super::fields::TOTP_FIELD)

@@ -5,9 +5,8 @@ use super::{now, AppState};
 use crate::custody::fields::{self, open_fields, reseal, seal_token_data};
 use crate::custody::{gcp, ticket, totp};
 use crate::protocol::document::{public_meta, TokenDocument};
-use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
-use crate::store::{PutOutcome, StoreError};
+use crate::store::PutOutcome;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
 use axum::http::{header, HeaderValue, Method};
@@ -194,13 +193,7 @@ async fn prelude(
         .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
     let at = now();
     let tk = ticket::verify(&s.backend, &s.store, &raw_ticket, purposes, &service, at)?;
-    let raw = s
-        .store
-        .get_raw(Collection::Tokens, &service)?
-        .ok_or_else(|| ApiError::TokenNotFound(service.clone()))?;
-    let doc: TokenDocument =
-        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
-    ticket::check_creation(&tk, doc.meta.get("creationId").and_then(Value::as_str))?;
+    let (raw, doc) = ticket::load_document(&s.store, &tk)?;
     Ok(Prelude {
         service,
         ticket: tk,
@@ -209,10 +202,6 @@ async fn prelude(
         params: p,
         at,
     })
-}
-
-fn is_totp_type(doc: &TokenDocument) -> bool {
-    totp::is_totp(doc) && doc.meta.get("tokenType").and_then(Value::as_str) == Some("TOTP")
 }
 
 pub async fn credential(
@@ -235,7 +224,7 @@ pub async fn credential(
     };
     ticket::consume(&s.store, &tk, t).await?;
     // TOTP tokens answer a code and nothing else.
-    if is_totp_type(&doc) {
+    if totp::answers_with_code(&doc) {
         let c = totp::current_code(&s.backend, &service, &doc, t as u64)?;
         return secret_json(&json!({"token": {
             "accessToken": c.code.as_str(),
