@@ -373,6 +373,42 @@ impl Pkcs11Backend {
         }
     }
 
+    /// Imports `value` as a sensitive, non-extractable, sign-only token
+    /// `CKK_GENERIC_SECRET` under a fresh random id (the label and class come
+    /// from `template`). The template's copy of the value is zeroized.
+    fn import_secret(
+        &self,
+        template: fn(Option<&str>) -> Vec<Attribute>,
+        value: &[u8],
+        verify: bool,
+    ) -> Result<String, KeyError> {
+        let mut raw = [0u8; 8];
+        self.fill_random(&mut raw)?;
+        let id = hex::encode(raw);
+        self.with_session(|p| {
+            let mut t = template(Some(&id));
+            t.extend([
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Verify(verify),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Derive(false),
+                Attribute::Value(value.to_vec()),
+            ]);
+            let r = p.session.create_object(&t);
+            for a in t.iter_mut() {
+                if let Attribute::Value(v) = a {
+                    v.zeroize();
+                }
+            }
+            r.map(|_| ())
+        })?;
+        Ok(id)
+    }
+
     fn aes_handle(&self, p: &mut Pooled) -> Result<ObjectHandle, CkError> {
         if let Some(h) = p.aes {
             return Ok(h);
@@ -524,30 +560,7 @@ impl MacKeys for Pkcs11Backend {
         if secret.expose_secret().len() < 32 {
             return Err(KeyError::InvalidInput);
         }
-        let mut raw = [0u8; 8];
-        self.fill_random(&mut raw)?;
-        let id = hex::encode(raw);
-        self.with_session(|p| {
-            let mut t = hmac_template(Some(&id));
-            t.extend([
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Verify(true),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Derive(false),
-                Attribute::Value(secret.expose_secret().to_vec()),
-            ]);
-            let r = p.session.create_object(&t);
-            for a in t.iter_mut() {
-                if let Attribute::Value(v) = a {
-                    v.zeroize();
-                }
-            }
-            r.map(|_| ())
-        })?;
+        let id = self.import_secret(hmac_template, secret.expose_secret(), true)?;
         Ok(HmacKeyId(id))
     }
 
@@ -602,30 +615,7 @@ impl OtpKeys for Pkcs11Backend {
             return Ok(None);
         }
         let key = otp_device_key(seed.expose_secret(), alg);
-        let mut raw = [0u8; 8];
-        self.fill_random(&mut raw)?;
-        let id = hex::encode(raw);
-        self.with_session(|p| {
-            let mut t = otp_template(Some(&id));
-            t.extend([
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Sign(true),
-                Attribute::Verify(false),
-                Attribute::Encrypt(false),
-                Attribute::Decrypt(false),
-                Attribute::Derive(false),
-                Attribute::Value(key.to_vec()),
-            ]);
-            let r = p.session.create_object(&t);
-            for a in t.iter_mut() {
-                if let Attribute::Value(v) = a {
-                    v.zeroize();
-                }
-            }
-            r.map(|_| ())
-        })?;
+        let id = self.import_secret(otp_template, &key, false)?;
         Ok(Some(id))
     }
 

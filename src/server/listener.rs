@@ -193,8 +193,18 @@ impl<S> IdleTimeout<S> {
     fn touch(&mut self) {
         self.sleep.as_mut().reset(Instant::now() + self.idle);
     }
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.sleep.as_mut().poll(cx).is_ready()
+    /// Traffic resets the clock; waiting past it fails the connection.
+    fn after<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Ready(r) => {
+                self.touch();
+                Poll::Ready(r)
+            }
+            Poll::Pending if self.sleep.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -204,19 +214,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                self.touch();
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                if self.expired(cx) {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")))
-                } else {
-                    Poll::Pending
-                }
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.after(cx, r)
     }
 }
 
@@ -226,19 +225,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                self.touch();
-                Poll::Ready(r)
-            }
-            Poll::Pending => {
-                if self.expired(cx) {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")))
-                } else {
-                    Poll::Pending
-                }
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after(cx, r)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
