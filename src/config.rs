@@ -74,6 +74,20 @@ pub struct KeysConfig {
     #[serde(default)]
     pub backend: KeyBackendKind,
     pub pkcs11: Option<Pkcs11Config>,
+    pub tpm: Option<TpmConfig>,
+}
+
+/// TPM 2.0 backend: the AES key and HMAC secret are sealed to the TPM (blobs
+/// in `<store.path>/tpm`), unsealed at start into locked memory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// TCTI: `device:/dev/tpmrm0` (default) or `swtpm:host=127.0.0.1,port=2321`.
+    #[serde(default = "d_tcti")]
+    pub tcti: String,
+    /// PCRs (SHA-256 bank) the keys are sealed to; empty: no PCR policy.
+    #[serde(default)]
+    pub pcrs: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -81,6 +95,7 @@ pub struct KeysConfig {
 pub enum KeyBackendKind {
     #[default]
     Pkcs11,
+    Tpm,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +271,9 @@ fn d_idle() -> u64 {
 fn d_max_conns() -> usize {
     4096
 }
+fn d_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
 fn d_sessions() -> usize {
     4
 }
@@ -328,9 +346,21 @@ impl Config {
                 self.version
             ));
         }
-        match (&self.keys.backend, &self.keys.pkcs11) {
-            (KeyBackendKind::Pkcs11, None) => return Err("[keys.pkcs11] is required".into()),
-            (KeyBackendKind::Pkcs11, Some(p)) => {
+        match (&self.keys.backend, &self.keys.pkcs11, &self.keys.tpm) {
+            (KeyBackendKind::Pkcs11, None, _) => return Err("[keys.pkcs11] is required".into()),
+            (KeyBackendKind::Tpm, _, None) => {}
+            (KeyBackendKind::Tpm, _, Some(t)) => {
+                if let Some(bad) = t.pcrs.iter().find(|p| **p > 23) {
+                    return Err(format!("keys.tpm.pcrs: PCR {bad} out of range 0-23"));
+                }
+                if t.tcti.parse::<tss_esapi::tcti_ldr::TctiNameConf>().is_err() {
+                    return Err(format!(
+                        "keys.tpm.tcti {:?}: expected device:PATH, swtpm:host=H,port=P, mssim:... or tabrmd:...",
+                        t.tcti
+                    ));
+                }
+            }
+            (KeyBackendKind::Pkcs11, Some(p), _) => {
                 if p.pin_file.is_none() && p.pin_credential.is_none() {
                     return Err(
                         "set keys.pkcs11.pin_credential (systemd) and/or keys.pkcs11.pin_file"

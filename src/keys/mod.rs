@@ -6,9 +6,11 @@
 
 #[cfg(test)]
 pub mod conformance;
+pub mod locked;
 pub mod pkcs11;
 #[cfg(test)]
 pub mod soft;
+pub mod tpm;
 
 use secrecy::SecretSlice;
 use std::sync::Arc;
