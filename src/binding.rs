@@ -101,7 +101,11 @@ pub async fn exchange(
         .decode(&rec.sealed_secret)
         .map_err(|_| StoreError::Corrupt("bind code"))?;
     let secret = backend.open(&aad(code), &sealed)?;
-    let key_id = backend.install_hmac(&SecretSlice::from(secret.to_vec()))?;
+    // A TPM seals the new secret (tens of ms): off the async workers.
+    let (b, s) = (backend.clone(), SecretSlice::from(secret.to_vec()));
+    let key_id = tokio::task::spawn_blocking(move || b.install_hmac(&s))
+        .await
+        .map_err(|_| crate::keys::KeyError::Unavailable)??;
     match store.complete_binding(code, &key_id.0, now).await {
         Ok(BindOutcome::Bound { previous }) => {
             backend.activate_hmac(&key_id)?;

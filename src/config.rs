@@ -77,6 +77,15 @@ pub struct KeysConfig {
     pub tpm: Option<TpmConfig>,
 }
 
+impl Default for TpmConfig {
+    fn default() -> Self {
+        TpmConfig {
+            tcti: d_tcti(),
+            pcrs: Vec::new(),
+        }
+    }
+}
+
 /// TPM 2.0 backend: the AES key and HMAC secret are sealed to the TPM (blobs
 /// in `<store.path>/tpm`), unsealed at start into locked memory.
 #[derive(Debug, Clone, Deserialize)]

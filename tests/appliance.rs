@@ -282,8 +282,11 @@ async fn no_key_material_outside_the_token() {
             .encode(&secret)
             .into_bytes(),
     ];
-    let token_dir = a.dir.join("hsm/tokens");
-    let files = files_under(&a.dir, &[&token_dir]);
+    let skip = a.device_dirs();
+    let files = files_under(
+        &a.dir,
+        &skip.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+    );
     assert!(files.iter().any(|f| f.ends_with("state/data.mdb")));
     for f in files {
         let data = std::fs::read(&f).unwrap();
@@ -412,8 +415,16 @@ async fn dev_dir_configtest_passes() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(String::from_utf8_lossy(&out.stdout)
-        .contains("AES-256 key present, sensitive, non-extractable"));
+    let expected = if harness::tpm() {
+        "AES-256 key unsealed from the TPM into locked memory"
+    } else {
+        "AES-256 key present, sensitive, non-extractable"
+    };
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(expected),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // init on an initialised install is idempotent and keeps the webhook id.
     let before = cli_json(&["--config", a.config().to_str().unwrap(), "register-url"]);
     let out = cli(&["--config", a.config().to_str().unwrap(), "init"]);
@@ -437,7 +448,12 @@ async fn dev_dir_configtest_passes() {
             & 0o777,
         0o700
     );
-    for f in ["hsm/user-pin", "hsm/so-pin", "tls/key.pem", "config.toml"] {
+    let private: &[&str] = if harness::tpm() {
+        &["state/tpm/aes.json", "tls/key.pem", "config.toml"]
+    } else {
+        &["hsm/user-pin", "hsm/so-pin", "tls/key.pem", "config.toml"]
+    };
+    for f in private {
         let mode = std::fs::metadata(a.dir.join(f))
             .unwrap()
             .permissions()

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! Test harness: the real binary, real TLS, a fresh SoftHSM token and LMDB
-//! store per appliance (inside its own temp dir), killed on drop.
+//! Test harness: the real binary, real TLS, a fresh key device (a SoftHSM
+//! token, or with `TVW_TEST_BACKEND=tpm` an swtpm) and LMDB store per
+//! appliance (inside its own temp dir), killed on drop.
 #![allow(dead_code)]
 
 use base64::Engine;
@@ -14,6 +15,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault-webhook");
+
+/// The key backend the suite runs against: `TVW_TEST_BACKEND` (`pkcs11`,
+/// the default, or `tpm`). Anything else fails the run.
+pub fn backend() -> &'static str {
+    match std::env::var("TVW_TEST_BACKEND").as_deref() {
+        Err(_) | Ok("") | Ok("pkcs11") => "pkcs11",
+        Ok("tpm") => "tpm",
+        Ok(other) => panic!("TVW_TEST_BACKEND={other:?}: expected pkcs11 or tpm"),
+    }
+}
+
+pub fn tpm() -> bool {
+    backend() == "tpm"
+}
+
+pub fn require_backend() {
+    if tpm() {
+        assert!(
+            tokenvault_webhook::keys::tpm::swtpm::available(),
+            "swtpm is required (apt-get install swtpm swtpm-tools); this test does not skip"
+        );
+    } else {
+        require_softhsm();
+    }
+}
 
 pub fn require_softhsm() {
     let found = [
@@ -36,6 +62,8 @@ pub struct Appliance {
     pub log: Arc<Mutex<Vec<String>>>,
     pub client: reqwest::Client,
     pub secret: Option<Vec<u8>>,
+    /// The simulator `serve` talks to (dev runs its own); dropped after the child.
+    swtpm: Option<tokenvault_webhook::keys::tpm::swtpm::Swtpm>,
 }
 
 impl Appliance {
@@ -47,14 +75,17 @@ impl Appliance {
     }
 
     pub fn start_dev(dir: &Path) -> Appliance {
-        require_softhsm();
+        require_backend();
         let mut cmd = Command::new(BIN);
         cmd.arg("dev")
             .arg("--dir")
             .arg(dir)
             .arg("--listen")
             .arg("127.0.0.1:0");
-        Self::spawn(cmd, dir)
+        if !dir.join("config.toml").exists() {
+            cmd.arg("--backend").arg(backend());
+        }
+        Self::spawn(cmd, dir, None)
     }
 
     /// A dev dir provisioned by `dev`, then `extra` appended to its config and
@@ -73,14 +104,19 @@ impl Appliance {
 
     /// `serve --config DIR/config.toml` on an existing dev dir.
     pub fn start_serve(dir: &Path) -> Appliance {
+        let swtpm = start_swtpm_for(dir);
         let mut cmd = Command::new(BIN);
         cmd.arg("--config")
             .arg(dir.join("config.toml"))
             .arg("serve");
-        Self::spawn(cmd, dir)
+        Self::spawn(cmd, dir, swtpm)
     }
 
-    fn spawn(mut cmd: Command, dir: &Path) -> Appliance {
+    fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        swtpm: Option<tokenvault_webhook::keys::tpm::swtpm::Swtpm>,
+    ) -> Appliance {
         cmd.env("RUST_LOG", "info")
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
@@ -119,6 +155,18 @@ impl Appliance {
             log,
             client,
             secret: None,
+            swtpm,
+        }
+    }
+
+    /// Files that belong to the key device itself (skipped by scans for
+    /// secrets in the appliance's own files): the SoftHSM token directory.
+    /// The TPM backend has none: its sealed blobs are scanned too.
+    pub fn device_dirs(&self) -> Vec<PathBuf> {
+        if tpm() {
+            Vec::new()
+        } else {
+            vec![self.dir.join("hsm/tokens")]
         }
     }
 
@@ -131,6 +179,8 @@ impl Appliance {
             let _ = c.kill(); // SIGKILL
             let _ = c.wait();
         }
+        // The simulator outlives a crash of its server only in this harness.
+        self.swtpm.take();
     }
 
     /// SIGTERM and wait; returns the exit status code.
@@ -141,6 +191,7 @@ impl Appliance {
         loop {
             if let Ok(Some(st)) = c.try_wait() {
                 self.child = None;
+                self.swtpm.take();
                 return st.code();
             }
             if Instant::now() > deadline {
@@ -262,6 +313,22 @@ impl Drop for Appliance {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// For `serve` on a dev dir made with the TPM backend: that dir's swtpm
+/// (state DIR/swtpm, ports from its config), as `dev` would run it.
+pub fn start_swtpm_for(dir: &Path) -> Option<tokenvault_webhook::keys::tpm::swtpm::Swtpm> {
+    use tokenvault_webhook::keys::tpm::swtpm;
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    if !cfg.contains("backend = \"tpm\"") {
+        return None;
+    }
+    let port = cfg
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tcti = \""))
+        .and_then(|t| swtpm::port_of(t.trim_end_matches('"')))
+        .expect("swtpm tcti in config");
+    Some(swtpm::start(&dir.join("swtpm"), port).expect("start swtpm"))
 }
 
 pub fn client_trusting(cert: &Path) -> reqwest::Client {

@@ -64,6 +64,7 @@ fn landlock_off_is_loud() {
     let dir = tmp.path().join("a");
     let mut a = Appliance::start_dev(&dir);
     a.terminate();
+    let _tpm = start_swtpm_for(&dir);
     let mut cmd = std::process::Command::new(BIN);
     cmd.args([
         "--landlock",

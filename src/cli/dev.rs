@@ -1,13 +1,15 @@
 //! `dev --dir DIR`: a complete throwaway appliance. Everything it creates
 //! lives in DIR: a SoftHSM2 token (own config and token dir, random PINs in
-//! 0600 files), a self-signed certificate, DIR/config.toml and the store.
+//! 0600 files) or, with `--backend tpm`, an swtpm's state (the simulator is
+//! started and stopped with the appliance), a self-signed certificate,
+//! DIR/config.toml and the store.
 
 use super::{
-    ensure_keys, init_logging, open_pkcs11, open_store, prepare_module_env, read_secret_file,
-    run_server,
+    init_logging, open_device, open_store, prepare_module_env, read_secret_file, run_server,
 };
-use crate::config::Config;
+use crate::config::{Config, KeyBackendKind};
 use crate::keys::pkcs11::{find_softhsm_module, find_token, init_token, open_module};
+use crate::keys::tpm::swtpm;
 use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -35,8 +37,35 @@ fn random_pin() -> Result<String> {
     Ok(hex::encode(b))
 }
 
-fn dev_config(listen: SocketAddr) -> String {
-    format!(
+fn keys_section(backend: KeyBackendKind) -> Result<String> {
+    Ok(match backend {
+        KeyBackendKind::Pkcs11 => format!(
+            r#"[keys]
+backend = "pkcs11"
+
+[keys.pkcs11]
+token_label = "{DEV_TOKEN_LABEL}"
+pin_file = "hsm/user-pin"
+softhsm_conf = "hsm/softhsm2.conf"
+"#
+        ),
+        KeyBackendKind::Tpm => format!(
+            r#"[keys]
+backend = "tpm"
+
+# `dev` runs an swtpm with its state in DIR/swtpm on this port (and the next,
+# its control port); it moves to a free pair if these are taken.
+[keys.tpm]
+tcti = "{}"
+"#,
+            swtpm::tcti_for(swtpm::free_port_pair()?)
+        ),
+    })
+}
+
+fn dev_config(listen: SocketAddr, backend: KeyBackendKind) -> Result<String> {
+    let keys = keys_section(backend)?;
+    Ok(format!(
         r#"# Written by `tokenvault-webhook dev`: development defaults.
 # A normal config: `serve`, `init`, `register-url` and `configtest` accept it.
 # See packaging/config.reference.toml for every key.
@@ -50,14 +79,7 @@ listen = "{listen}"
 cert = "tls/cert.pem"
 key = "tls/key.pem"
 
-[keys]
-backend = "pkcs11"
-
-[keys.pkcs11]
-token_label = "{DEV_TOKEN_LABEL}"
-pin_file = "hsm/user-pin"
-softhsm_conf = "hsm/softhsm2.conf"
-
+{keys}
 [store]
 path = "state"
 map_size_mib = 256
@@ -65,26 +87,16 @@ map_size_mib = 256
 [log]
 level = "info"
 "#
-    )
+    ))
 }
 
 /// Creates whatever is missing in DIR. Never overwrites.
-fn provision(dir: &Path, listen: SocketAddr) -> Result<()> {
+fn provision(dir: &Path, listen: SocketAddr, backend: KeyBackendKind) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    let hsm = dir.join("hsm");
-    std::fs::create_dir_all(hsm.join("tokens"))?;
-    std::fs::set_permissions(&hsm, std::fs::Permissions::from_mode(0o700))?;
-    let conf = hsm.join("softhsm2.conf");
-    if !conf.exists() {
-        let tokendir = std::fs::canonicalize(hsm.join("tokens"))?;
-        let text = SOFTHSM_TEMPLATE.replace("@TOKENDIR@", &tokendir.to_string_lossy());
-        write_private(&conf, text.as_bytes())?;
-    }
-    for pin in ["user-pin", "so-pin"] {
-        if !hsm.join(pin).exists() {
-            write_private(&hsm.join(pin), random_pin()?.as_bytes())?;
-        }
+    let cfg = dir.join("config.toml");
+    if !cfg.exists() {
+        write_private(&cfg, dev_config(listen, backend)?.as_bytes())?;
     }
     let tls = dir.join("tls");
     std::fs::create_dir_all(&tls)?;
@@ -99,28 +111,129 @@ fn provision(dir: &Path, listen: SocketAddr) -> Result<()> {
         write_private(&tls.join("key.pem"), ck.key_pair.serialize_pem().as_bytes())?;
         std::fs::write(tls.join("cert.pem"), ck.cert.pem())?;
     }
-    let cfg = dir.join("config.toml");
-    if !cfg.exists() {
-        write_private(&cfg, dev_config(listen).as_bytes())?;
+    if backend == KeyBackendKind::Tpm {
+        return Ok(());
+    }
+    let hsm = dir.join("hsm");
+    std::fs::create_dir_all(hsm.join("tokens"))?;
+    std::fs::set_permissions(&hsm, std::fs::Permissions::from_mode(0o700))?;
+    let conf = hsm.join("softhsm2.conf");
+    if !conf.exists() {
+        let tokendir = std::fs::canonicalize(hsm.join("tokens"))?;
+        let text = SOFTHSM_TEMPLATE.replace("@TOKENDIR@", &tokendir.to_string_lossy());
+        write_private(&conf, text.as_bytes())?;
+    }
+    for pin in ["user-pin", "so-pin"] {
+        if !hsm.join(pin).exists() {
+            write_private(&hsm.join(pin), random_pin()?.as_bytes())?;
+        }
     }
     Ok(())
 }
 
-pub fn run(dir: &Path, listen: Option<SocketAddr>, backend: &str, landlock: bool) -> Result<()> {
-    if backend != "pkcs11" && backend != "softhsm" {
-        bail!("unknown --backend {backend:?}; this build supports pkcs11 (SoftHSM2)");
+/// The backend DIR was made with (its config), or the one asked for.
+fn choose_backend(dir: &Path, asked: Option<&str>) -> Result<KeyBackendKind> {
+    let asked = match asked {
+        None => None,
+        Some("pkcs11") => Some(KeyBackendKind::Pkcs11),
+        Some("tpm") => Some(KeyBackendKind::Tpm),
+        Some(other) => bail!("unknown --backend {other:?} (pkcs11 or tpm)"),
+    };
+    let cfg_path = dir.join("config.toml");
+    if !cfg_path.exists() {
+        return Ok(asked.unwrap_or_default());
     }
-    if find_softhsm_module().is_none() {
-        bail!("SoftHSM2 not found: apt-get install softhsm2 (or dnf install softhsm)");
+    let existing = Config::load(&cfg_path)?.keys.backend;
+    match asked {
+        Some(a) if a != existing => bail!(
+            "{} was created with backend {:?}; use another --dir for {:?}",
+            dir.display(),
+            existing,
+            a
+        ),
+        _ => Ok(existing),
+    }
+}
+
+/// Starts DIR's swtpm on the configured ports, moving to a free pair (and
+/// recording it in DIR/config.toml) when they are taken.
+fn start_dev_swtpm(dir: &Path, cfg: &Config) -> Result<swtpm::Swtpm> {
+    let tcti = cfg.keys.tpm.clone().unwrap_or_default().tcti;
+    let Some(mut port) = swtpm::port_of(&tcti) else {
+        bail!("dev --backend tpm expects keys.tpm.tcti = \"swtpm:host=127.0.0.1,port=N\", found {tcti:?}");
+    };
+    // A dev killed a moment ago: its swtpm is stopping (its guard saw the pipe close).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !swtpm::port_pair_free(port) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if !swtpm::port_pair_free(port) {
+        let new = swtpm::free_port_pair()?;
+        let path = dir.join("config.toml");
+        let text = std::fs::read_to_string(&path)?;
+        let updated = text.replace(&tcti, &swtpm::tcti_for(new));
+        if updated == text {
+            bail!(
+                "ports {port}/{} are taken and {} could not be updated",
+                port + 1,
+                path.display()
+            );
+        }
+        std::fs::write(&path, updated)?;
+        tracing::warn!(
+            old = port,
+            new,
+            "swtpm ports taken; moved (config.toml updated)"
+        );
+        port = new;
+    }
+    let tpm = swtpm::start(&dir.join("swtpm"), port).with_context(|| {
+        format!(
+            "swtpm for {} (is another `dev` running on this DIR?)",
+            dir.display()
+        )
+    })?;
+    tracing::info!(tcti = %tpm.tcti(), state = %dir.join("swtpm").display(), "swtpm started");
+    Ok(tpm)
+}
+
+pub fn run(
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    backend: Option<&str>,
+    landlock: bool,
+) -> Result<()> {
+    let kind = choose_backend(dir, backend)?;
+    match kind {
+        KeyBackendKind::Pkcs11 if find_softhsm_module().is_none() => {
+            bail!("SoftHSM2 not found: apt-get install softhsm2 (or dnf install softhsm)")
+        }
+        KeyBackendKind::Tpm if !swtpm::available() => {
+            bail!("swtpm not found: apt-get install swtpm swtpm-tools")
+        }
+        _ => {}
     }
     let default_listen: SocketAddr = ([127, 0, 0, 1], 8443).into();
-    provision(dir, listen.unwrap_or(default_listen))?;
+    provision(dir, listen.unwrap_or(default_listen), kind)?;
     let cfg_path = dir.join("config.toml");
-    let cfg = Config::load(&cfg_path)?;
+    let mut cfg = Config::load(&cfg_path)?;
     prepare_module_env(&cfg);
     init_logging(&cfg.log.level, cfg.log.json);
+    // Lives until the server returns; the simulator stops with it.
+    let _swtpm = if kind == KeyBackendKind::Tpm {
+        let t = start_dev_swtpm(dir, &cfg)?;
+        cfg = Config::load(&cfg_path)?;
+        Some(t)
+    } else {
+        None
+    };
     // Initialise the token on first use.
-    if let Some(p) = &cfg.keys.pkcs11 {
+    if let Some(p) = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .filter(|_| kind == KeyBackendKind::Pkcs11)
+    {
         let module = p
             .module
             .clone()
@@ -134,8 +247,9 @@ pub fn run(dir: &Path, listen: Option<SocketAddr>, backend: &str, landlock: bool
             tracing::info!(label = %p.token_label, "SoftHSM2 token created in {}", dir.join("hsm/tokens").display());
         }
     }
-    let backend = open_pkcs11(&cfg)?;
-    ensure_keys(&backend)?;
+    let device = open_device(&cfg)?;
+    device.ensure_aes_key()?;
+    let backend = device.backend();
     super::sandbox(&cfg, listen.unwrap_or(cfg.server.listen), landlock)?;
     let (store, id) = open_store(&cfg, &backend)?;
     eprintln!(

@@ -2,7 +2,7 @@
 //! finding with its fix. Exits non-zero on any problem.
 
 use super::{open_pkcs11, prepare_module_env, read_pin_for_doctor};
-use crate::config::Config;
+use crate::config::{Config, KeyBackendKind};
 use crate::keys::KeyBackendBase;
 use anyhow::{bail, Result};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -184,13 +184,25 @@ pub fn run(config: &Path) -> Result<()> {
         a => r.ok(&format!("Landlock ABI {a}")),
     }
     // Keys.
-    if let Err(e) = read_pin_for_doctor(&cfg) {
+    match cfg.keys.backend {
+        KeyBackendKind::Pkcs11 => check_pkcs11(&cfg, &mut r),
+        KeyBackendKind::Tpm => check_tpm(&cfg, &mut r),
+    }
+    if r.problems > 0 {
+        bail!("{} problem(s), {} warning(s)", r.problems, r.warnings);
+    }
+    println!("doctor: no problems ({} warning(s))", r.warnings);
+    Ok(())
+}
+
+fn check_pkcs11(cfg: &Config, r: &mut Report) {
+    if let Err(e) = read_pin_for_doctor(cfg) {
         r.fail(
             &format!("HSM PIN: {e}"),
             "provide the PIN file (0640 root:tokenvault-webhook) or run under systemd",
         );
     } else {
-        match open_pkcs11(&cfg) {
+        match open_pkcs11(cfg) {
             Err(e) => r.fail(
                 &format!("key backend: {e:#}"),
                 "check keys.pkcs11 (module, token_label, PIN)",
@@ -218,9 +230,43 @@ pub fn run(config: &Path) -> Result<()> {
             }
         }
     }
-    if r.problems > 0 {
-        bail!("{} problem(s), {} warning(s)", r.problems, r.warnings);
+}
+
+fn check_tpm(cfg: &Config, r: &mut Report) {
+    let tcti = cfg.keys.tpm.clone().unwrap_or_default().tcti;
+    match super::open_device(cfg) {
+        Err(e) => r.fail(
+            &format!("key backend: {e:#}"),
+            "check keys.tpm (tcti, pcrs), the tss group and the sealed blobs",
+        ),
+        Ok(super::Device::Tpm(b)) => {
+            r.ok(&format!("TPM reachable via {tcti}"));
+            if b.aes_key_present() && b.keys_locked() {
+                r.ok("AES-256 key unsealed from the TPM into locked memory");
+            } else if b.aes_key_present() {
+                r.fail(
+                    "unsealed keys are not in locked memory",
+                    "raise LimitMEMLOCK= (RLIMIT_MEMLOCK)",
+                );
+            } else {
+                r.fail("no AES key sealed to the TPM", "run `init`");
+            }
+            let dir = super::tpm_blob_dir(cfg);
+            match std::fs::metadata(&dir) {
+                Ok(m) if m.permissions().mode() & 0o077 == 0 => {
+                    r.ok(&format!("{} is private", dir.display()))
+                }
+                Ok(m) => r.warn(
+                    &format!(
+                        "{} has mode {:o}",
+                        dir.display(),
+                        m.permissions().mode() & 0o777
+                    ),
+                    &format!("chmod 700 {}", dir.display()),
+                ),
+                Err(_) => {}
+            }
+        }
+        Ok(_) => r.fail("key backend is not the TPM", "check keys.backend"),
     }
-    println!("doctor: no problems ({} warning(s))", r.warnings);
-    Ok(())
 }

@@ -3,9 +3,10 @@
 pub mod dev;
 pub mod doctor;
 
-use crate::config::{Config, Profile, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, KeyBackendKind, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
-use crate::keys::{Backend, KeyBackendBase, RandomSource};
+use crate::keys::tpm::{TpmBackend, TpmSettings};
+use crate::keys::Backend;
 use crate::server::listener::{load_tls, serve, ServeOptions};
 use crate::server::{app, AppState, Settings};
 use crate::store::{Store, META_WEBHOOK_ID};
@@ -45,9 +46,11 @@ pub enum Command {
         /// Listen address (default 127.0.0.1:8443, or what DIR/config.toml says).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Key backend: pkcs11 (SoftHSM2).
-        #[arg(long, default_value = "pkcs11")]
-        backend: String,
+        /// Key backend for a new DIR: pkcs11 (a SoftHSM2 token in DIR) or
+        /// tpm (an swtpm with its state in DIR). Default: what DIR/config.toml
+        /// says, or pkcs11.
+        #[arg(long, value_parser = ["pkcs11", "tpm"])]
+        backend: Option<String>,
     },
     /// Serve HTTPS with the configured keys and store.
     Serve,
@@ -95,8 +98,15 @@ pub enum OauthAction {
 }
 
 pub fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // tss-esapi logs every context open and close at info: keep its warnings.
+    let quiet = |f: tracing_subscriber::EnvFilter| match "tss_esapi=warn".parse() {
+        Ok(d) => f.add_directive(d),
+        Err(_) => f,
+    };
+    let filter = quiet(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+    );
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -109,9 +119,15 @@ pub fn init_logging(level: &str, json: bool) {
     }
 }
 
-/// Sets what the PKCS#11 module reads from the environment. Must run before
-/// any thread exists.
+/// Sets what the PKCS#11 module and the TSS libraries read from the
+/// environment. Must run before any thread exists.
 pub fn prepare_module_env(cfg: &Config) {
+    if cfg.keys.backend == KeyBackendKind::Tpm && std::env::var_os("TSS2_LOG").is_none() {
+        // The TSS libraries print their own errors to stderr; ours name the
+        // cause and the fix. TSS2_LOG set by the operator still wins.
+        // SAFETY: called from main before the runtime or any thread starts.
+        unsafe { std::env::set_var("TSS2_LOG", "all+none") };
+    }
     if let Some(conf) = cfg
         .keys
         .pkcs11
@@ -199,22 +215,69 @@ fn refuse_root(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// `init`, part 1: the AES key in the HSM. Idempotent.
-pub fn ensure_keys(backend: &Arc<Pkcs11Backend>) -> Result<()> {
-    if backend.ensure_aes_key()? {
-        tracing::info!("AES-256 key created in the HSM (sensitive, non-extractable)");
+/// The configured key device, before it is erased into a [`Backend`].
+pub enum Device {
+    Pkcs11(Arc<Pkcs11Backend>),
+    Tpm(Arc<TpmBackend>),
+}
+
+impl Device {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Device::Pkcs11(b) => b.clone(),
+            Device::Tpm(b) => b.clone(),
+        }
     }
-    Ok(())
+
+    /// `init`, part 1: the AES key. Idempotent.
+    pub fn ensure_aes_key(&self) -> Result<()> {
+        match self {
+            Device::Pkcs11(b) => {
+                if b.ensure_aes_key()? {
+                    tracing::info!("AES-256 key created in the HSM (sensitive, non-extractable)");
+                }
+            }
+            Device::Tpm(b) => {
+                if b.ensure_aes_key().map_err(|e| anyhow!("TPM: {e}"))? {
+                    tracing::info!(dir = %b.blob_dir().display(), "AES-256 key created and sealed to the TPM");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where the TPM backend keeps its sealed blobs.
+pub fn tpm_blob_dir(cfg: &Config) -> PathBuf {
+    cfg.store.path.join("tpm")
+}
+
+/// Opens the configured backend: logs in to the token, or unseals the
+/// TPM-sealed keys into locked memory.
+pub fn open_device(cfg: &Config) -> Result<Device> {
+    match cfg.keys.backend {
+        KeyBackendKind::Pkcs11 => Ok(Device::Pkcs11(open_pkcs11(cfg)?)),
+        KeyBackendKind::Tpm => {
+            let t = cfg.keys.tpm.clone().unwrap_or_default();
+            let b = TpmBackend::open(TpmSettings {
+                tcti: t.tcti,
+                dir: tpm_blob_dir(cfg),
+                pcrs: t.pcrs,
+            })
+            .map_err(|e| anyhow!("TPM: {e}"))?;
+            Ok(Device::Tpm(Arc::new(b)))
+        }
+    }
 }
 
 /// `init`: AES key, store, webhook id. Idempotent.
-pub fn init(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
-    ensure_keys(backend)?;
-    open_store(cfg, backend)
+pub fn init(cfg: &Config, device: &Device) -> Result<(Store, String)> {
+    device.ensure_aes_key()?;
+    open_store(cfg, &device.backend())
 }
 
 /// `init`, part 2: the store and the webhook id.
-pub fn open_store(cfg: &Config, backend: &Arc<Pkcs11Backend>) -> Result<(Store, String)> {
+pub fn open_store(cfg: &Config, backend: &Backend) -> Result<(Store, String)> {
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
     let mut rnd = [0u8; 12];
     backend.fill_random(&mut rnd)?;
@@ -249,8 +312,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Init => {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
-            let backend = open_pkcs11(&cfg)?;
-            let (_store, id) = init(&cfg, &backend)?;
+            let device = open_device(&cfg)?;
+            let (_store, id) = init(&cfg, &device)?;
             println!(
                 "initialised: webhook id {id}, store {}",
                 cfg.store.path.display()
@@ -260,9 +323,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RegisterUrl => {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
-            let backend = open_pkcs11(&cfg)?;
+            let backend = open_device(&cfg)?.backend();
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
-            let backend: Backend = backend;
             let (reg, rec) = crate::binding::prepare(
                 &backend,
                 &cfg.binding.frontend_url,
@@ -277,7 +339,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve => {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
-            let backend = open_pkcs11(&cfg)?;
+            let backend = open_device(&cfg)?.backend();
             sandbox(&cfg, cfg.server.listen, cli.landlock == "on")?;
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
             run_server(cfg, backend, store, None)
@@ -286,7 +348,7 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             listen,
             backend,
-        } => dev::run(&dir, listen, &backend, cli.landlock == "on"),
+        } => dev::run(&dir, listen, backend.as_deref(), cli.landlock == "on"),
         Command::OauthClient { action } => oauth_client(&cli.config, action),
     }
 }
@@ -310,7 +372,7 @@ fn oauth_client(config: &Path, action: OauthAction) -> Result<()> {
                 _ => bail!("--auth must be post or basic"),
             };
             let secret = read_secret_file(&client_secret_file)?;
-            let backend: Backend = open_pkcs11(&cfg)?;
+            let backend = open_device(&cfg)?.backend();
             let c = oauth::OAuthClient::new(
                 &backend,
                 &name,
@@ -353,12 +415,15 @@ pub fn load_for_run(path: &Path) -> Result<Config> {
 
 pub fn run_server(
     cfg: Config,
-    backend: Arc<Pkcs11Backend>,
+    backend: Backend,
     store: Store,
     listen: Option<SocketAddr>,
 ) -> Result<()> {
     if !backend.aes_key_present() {
-        bail!("no AES key in the HSM: run `tokenvault-webhook --config FILE init` first");
+        bail!(
+            "no AES key in the {} backend: run `tokenvault-webhook --config FILE init` first",
+            backend.kind()
+        );
     }
     let webhook_id = store
         .meta_get(META_WEBHOOK_ID)?
@@ -366,7 +431,7 @@ pub fn run_server(
         .ok_or_else(|| {
             anyhow!("store not initialised: run `tokenvault-webhook --config FILE init` first")
         })?;
-    let dyn_backend: Backend = backend;
+    let dyn_backend = backend;
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
     remove_orphan_otp_keys(&dyn_backend, &store)?;
     let tls = load_tls(&cfg.tls.cert, &cfg.tls.key)?;
@@ -524,7 +589,22 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
         }
     }
     let mut rw = vec![cfg.store.path.clone()];
-    if let Some(p) = &cfg.keys.pkcs11 {
+    let mut tpm_ports = Vec::new();
+    if cfg.keys.backend == KeyBackendKind::Tpm {
+        // Sealing a new HMAC secret (bind) reaches the TPM after start-up.
+        let t = cfg.keys.tpm.clone().unwrap_or_default();
+        if let Some(dev) = t.tcti.strip_prefix("device:") {
+            rw.push(PathBuf::from(dev));
+        } else if let Some(port) = crate::keys::tpm::swtpm::port_of(&t.tcti) {
+            tpm_ports = vec![port, port.saturating_add(1)];
+        }
+    }
+    if let Some(p) = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .filter(|_| cfg.keys.backend == KeyBackendKind::Pkcs11)
+    {
         if let Some(m) = p.module.clone().or_else(find_softhsm_module) {
             ro.push(m);
         }
@@ -551,7 +631,17 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
         (Some(ports), _) => Some(ports.clone()),
         (None, Profile::Dev) => None,
         (None, Profile::Production) => Some(vec![443]),
-    };
+    }
+    .map(|mut p| {
+        p.extend(
+            tpm_ports
+                .iter()
+                .filter(|t| !p.contains(t))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        p
+    });
     crate::sandbox::landlock::Plan {
         read_only: ro,
         read_write: rw,

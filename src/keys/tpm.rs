@@ -208,7 +208,14 @@ impl Conn {
         let primary = c
             .ctx
             .execute_with_nullauth_session(|ctx| {
-                ctx.create_primary(Hierarchy::Owner, primary_template()?, None, None, None, None)
+                ctx.create_primary(
+                    Hierarchy::Owner,
+                    primary_template()?,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
             })
             .map_err(cmd("create primary"))?
             .key_handle;
@@ -310,7 +317,11 @@ impl Conn {
         if values.value().len() != pcrs.len() {
             return Err(TpmSetupError::Command {
                 op: "PCR read",
-                detail: format!("{} of {} PCR values returned", values.value().len(), pcrs.len()),
+                detail: format!(
+                    "{} of {} PCR values returned",
+                    values.value().len(),
+                    pcrs.len()
+                ),
             });
         }
         let mut h = Sha256::new();
@@ -366,7 +377,11 @@ impl Conn {
         Ok((r.out_public, r.out_private))
     }
 
-    fn unseal(&mut self, path: &Path, blob: &SealedBlob) -> Result<Zeroizing<Vec<u8>>, TpmSetupError> {
+    fn unseal(
+        &mut self,
+        path: &Path,
+        blob: &SealedBlob,
+    ) -> Result<Zeroizing<Vec<u8>>, TpmSetupError> {
         let bad = |what: &str| TpmSetupError::Blob(path.to_path_buf(), what.to_string());
         let public = b64()
             .decode(&blob.public)
@@ -447,7 +462,9 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TpmSetupError> {
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     if let Some(d) = path.parent() {
-        std::fs::File::open(d).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(d)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
     }
     Ok(())
 }
@@ -535,8 +552,12 @@ impl TpmBackend {
                 "exists but was not unsealed".into(),
             ));
         }
-        crate::cli::create_private_dir(&self.settings.dir)
-            .map_err(|e| TpmSetupError::Io(self.settings.dir.clone(), std::io::Error::other(e.to_string())))?;
+        crate::cli::create_private_dir(&self.settings.dir).map_err(|e| {
+            TpmSetupError::Io(
+                self.settings.dir.clone(),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         let mut conn = Conn::open(&self.settings.tcti)?;
         let key = fresh_key(&mut conn)?;
         self.write_sealed(&mut conn, &path, "aes", &key)?;
@@ -671,12 +692,11 @@ impl MacKeys for TpmBackend {
 
     fn destroy_hmac_except(&self, keep: Option<&HmacKeyId>) -> Result<usize, KeyError> {
         let mut g = self.hmac.write().map_err(|_| KeyError::Unavailable)?;
-        let doomed: Vec<String> = g
-            .0
-            .keys()
-            .filter(|k| keep.is_none_or(|h| &h.0 != *k))
-            .cloned()
-            .collect();
+        let doomed: Vec<String> =
+            g.0.keys()
+                .filter(|k| keep.is_none_or(|h| &h.0 != *k))
+                .cloned()
+                .collect();
         for id in &doomed {
             let path = self.settings.dir.join(format!("{HMAC_PREFIX}{id}.json"));
             match std::fs::remove_file(&path) {
@@ -756,12 +776,11 @@ impl SealKeys for TpmBackend {
 }
 
 /// A software TPM for tests and `dev --backend tpm`: `swtpm socket` on two
-/// loopback ports (server and control), state in a directory, killed on
-/// drop (and by the kernel if its parent thread dies first).
+/// loopback ports (server and control), state in a directory, stopped on
+/// drop and when this process dies.
 pub mod swtpm {
     use anyhow::{bail, Context as _, Result};
     use std::net::{Ipv4Addr, TcpListener, TcpStream};
-    use std::os::unix::process::CommandExt;
     use std::path::Path;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -822,6 +841,15 @@ pub mod swtpm {
         pair_free(port)
     }
 
+    /// Runs swtpm under a small shell guard whose stdin is a pipe from us:
+    /// when we close it (drop) or die, even by SIGKILL, the guard stops
+    /// swtpm. No signal from this process is needed, so it works from inside
+    /// a Landlock domain that scopes signals (where PR_SET_PDEATHSIG and
+    /// kill() to the outside are refused). An asynchronous list's stdin is
+    /// /dev/null in a non-interactive shell, hence the pipe on fd 3.
+    const GUARD: &str =
+        "exec 3<&0; swtpm \"$@\" </dev/null & pid=$!; (read -r _ <&3; kill $pid 2>/dev/null) & wait $pid";
+
     /// Starts `swtpm socket` with state in `state_dir` on `port` (server)
     /// and `port + 1` (control), and waits until it accepts connections.
     pub fn start(state_dir: &Path, port: u16) -> Result<Swtpm> {
@@ -830,8 +858,11 @@ pub mod swtpm {
         }
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("cannot create {}", state_dir.display()))?;
-        let mut cmd = Command::new("swtpm");
-        cmd.arg("socket")
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(GUARD)
+            .arg("swtpm-guard")
+            .arg("socket")
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(format!("dir={}", state_dir.display()))
@@ -841,17 +872,11 @@ pub mod swtpm {
             .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
             .arg("--flags")
             .arg("not-need-init,startup-clear")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().context("cannot start swtpm")?;
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start swtpm")?;
         let mut s = Swtpm {
             child: Some(child),
             port,
@@ -866,7 +891,10 @@ pub mod swtpm {
             if let Some(c) = s.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
                     s.child = None;
-                    bail!("swtpm exited at start ({st}); is port {port} or {} in use?", port + 1);
+                    bail!(
+                        "swtpm exited at start ({st}); is port {port} or {} in use?",
+                        port + 1
+                    );
                 }
             }
             if Instant::now() > deadline {
@@ -879,10 +907,10 @@ pub mod swtpm {
     impl Drop for Swtpm {
         fn drop(&mut self) {
             if let Some(mut c) = self.child.take() {
-                // SIGTERM lets it finish writing its state.
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(5);
+                // Closing the guard's stdin stops swtpm (SIGTERM: it finishes
+                // writing its state), then the guard exits.
+                drop(c.stdin.take());
+                let deadline = Instant::now() + Duration::from_secs(10);
                 while Instant::now() < deadline {
                     if let Ok(Some(_)) = c.try_wait() {
                         return;
@@ -890,7 +918,6 @@ pub mod swtpm {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let _ = c.kill();
-                let _ = c.wait();
             }
         }
     }

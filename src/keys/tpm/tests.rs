@@ -77,12 +77,26 @@ fn tpm_keys_survive_restart_and_leaked_handles_are_flushed() {
         let mut ctx = f.raw();
         for _ in 0..3 {
             ctx.execute_with_nullauth_session(|c| {
-                c.create_primary(Hierarchy::Owner, primary_template()?, None, None, None, None)
+                c.create_primary(
+                    Hierarchy::Owner,
+                    primary_template()?,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
             })
             .unwrap();
         }
         let full = ctx.execute_with_nullauth_session(|c| {
-            c.create_primary(Hierarchy::Owner, primary_template()?, None, None, None, None)
+            c.create_primary(
+                Hierarchy::Owner,
+                primary_template()?,
+                None,
+                None,
+                None,
+                None,
+            )
         });
         assert!(full.is_err(), "the simulator should be out of object slots");
         std::mem::forget(ctx);
@@ -137,7 +151,10 @@ fn tpm_pcr_policy_refuses_after_pcr_change() {
     match TpmBackend::open(f.settings(&[16])) {
         Err(e @ TpmSetupError::PcrChanged { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("PCR values changed") && msg.contains("[16]"), "{msg}");
+            assert!(
+                msg.contains("PCR values changed") && msg.contains("[16]"),
+                "{msg}"
+            );
         }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("unsealed after a PCR change"),
