@@ -76,6 +76,11 @@ impl Appliance {
 
     pub fn start_dev(dir: &Path) -> Appliance {
         require_backend();
+        Self::start_dev_backend(dir, backend())
+    }
+
+    /// `dev` with an explicit backend (tests of one backend's own behaviour).
+    pub fn start_dev_backend(dir: &Path, backend: &str) -> Appliance {
         let mut cmd = Command::new(BIN);
         cmd.arg("dev")
             .arg("--dir")
@@ -83,7 +88,7 @@ impl Appliance {
             .arg("--listen")
             .arg("127.0.0.1:0");
         if !dir.join("config.toml").exists() {
-            cmd.arg("--backend").arg(backend());
+            cmd.arg("--backend").arg(backend);
         }
         Self::spawn(cmd, dir, None)
     }
