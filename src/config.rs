@@ -355,21 +355,24 @@ impl Config {
                 self.version
             ));
         }
-        match (&self.keys.backend, &self.keys.pkcs11, &self.keys.tpm) {
-            (KeyBackendKind::Pkcs11, None, _) => return Err("[keys.pkcs11] is required".into()),
-            (KeyBackendKind::Tpm, _, None) => {}
-            (KeyBackendKind::Tpm, _, Some(t)) => {
-                if let Some(bad) = t.pcrs.iter().find(|p| **p > 23) {
-                    return Err(format!("keys.tpm.pcrs: PCR {bad} out of range 0-23"));
-                }
-                if t.tcti.parse::<tss_esapi::tcti_ldr::TctiNameConf>().is_err() {
-                    return Err(format!(
-                        "keys.tpm.tcti {:?}: expected device:PATH, swtpm:host=H,port=P, mssim:... or tabrmd:...",
-                        t.tcti
-                    ));
-                }
+        if let Some(t) = &self.keys.tpm {
+            if let Some(bad) = t.pcrs.iter().find(|p| **p > 23) {
+                return Err(format!("keys.tpm.pcrs: PCR {bad} out of range 0-23"));
             }
-            (KeyBackendKind::Pkcs11, Some(p), _) => {
+            let known = ["device:", "swtpm:", "mssim:", "tabrmd:"];
+            if !known.iter().any(|k| t.tcti.starts_with(k))
+                || t.tcti.parse::<tss_esapi::tcti_ldr::TctiNameConf>().is_err()
+            {
+                return Err(format!(
+                    "keys.tpm.tcti {:?}: expected device:PATH, swtpm:host=H,port=P, mssim:... or tabrmd:...",
+                    t.tcti
+                ));
+            }
+        }
+        match (&self.keys.backend, &self.keys.pkcs11) {
+            (KeyBackendKind::Pkcs11, None) => return Err("[keys.pkcs11] is required".into()),
+            (KeyBackendKind::Tpm, _) => {}
+            (KeyBackendKind::Pkcs11, Some(p)) => {
                 if p.pin_file.is_none() && p.pin_credential.is_none() {
                     return Err(
                         "set keys.pkcs11.pin_credential (systemd) and/or keys.pkcs11.pin_file"

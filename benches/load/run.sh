@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Load figures for BENCHMARKS.md: a release `dev` appliance (SoftHSM2, TLS,
-# LMDB) in a temp dir, bound like Token Vault does, then wrk at 64
-# connections. Every signed request carries its own pre-signed, single-use
-# request id. Usage: benches/load/run.sh [SECONDS]
+# Load figures for BENCHMARKS.md: a release `dev` appliance (SoftHSM2, or
+# with BACKEND=tpm an swtpm; TLS; LMDB) in a temp dir, bound like Token Vault
+# does, then wrk at 64 connections. Every signed request carries its own
+# pre-signed, single-use request id.
+# Usage: [BACKEND=pkcs11|tpm] benches/load/run.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-10}
+backend=${BACKEND:-pkcs11}
 .ci/install-deps
 command -v wrk >/dev/null || { sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo; $sudo apt-get install -y -qq wrk >/dev/null; }
 cargo build --release --quiet
@@ -13,17 +15,19 @@ bin=target/release/tokenvault-webhook
 dir=$(mktemp -d)
 port=${PORT:-18555}
 wait_ready() { for _ in $(seq 100); do grep -q READY "$dir/log" 2>/dev/null && break; sleep 0.1; done; grep -q READY "$dir/log" || { cat "$dir/log"; exit 1; }; }
-# Provision with `dev`, then serve the same dir with the per-address rate
-# limit off: all load comes from 127.0.0.1.
-$bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
+# Provision with `dev`, then run it again on the same dir with the
+# per-address rate limit off: all load comes from 127.0.0.1.
+$bin dev --dir "$dir/a" --backend "$backend" --listen 127.0.0.1:$port 2>"$dir/log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
 wait_ready
 kill $pid; wait $pid 2>/dev/null || true
+rm "$dir/log"
 printf '\n[direct_access]\nrate_limit_per_minute = 0\n' >> "$dir/a/config.toml"
-$bin --config "$dir/a/config.toml" serve 2>"$dir/log" &
+$bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
 pid=$!
 wait_ready
+echo "backend: $backend"
 base=https://127.0.0.1:$port
 code=$($bin --config "$dir/a/config.toml" register-url | python3 -c 'import json,sys;print(json.load(sys.stdin)["code"])')
 secret=$(curl -s --cacert "$dir/a/tls/cert.pem" "$base/v1/exchange" -d "{\"code\":\"$code\"}" | python3 -c 'import json,sys;print(json.load(sys.stdin)["hmacSecret"])')
@@ -54,8 +58,8 @@ direct() { # name, kind, n
   out=$(REQS="$dir/direct" WRK_THREADS=2 wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base" 2>&1)
   report "$1" "$out"
 }
-direct "POST /v1/store (durable, sealed in HSM)" store $((secs * 9000))
-direct "GET /v1/credential (ticket + HSM decrypt)" credential $((secs * 12000))
+direct "POST /v1/store (durable, sealed)" store $((secs * 9000))
+direct "GET /v1/credential (ticket + decrypt)" credential $((secs * 12000))
 python3 benches/load/gen_direct.py "$secret" totp-store 200 "$dir/totp-enrol" 200
 python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/totp-enrol"
-direct "GET /v1/totp-code (seed in HSM)" totp $((secs * 12000))
+direct "GET /v1/totp-code" totp $((secs * 12000))

@@ -711,3 +711,52 @@ async fn shutdown_signal() {
         _ = int.recv() => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::REFERENCE_CONFIG;
+
+    fn tpm_config(tcti: &str, pcrs: &str) -> Config {
+        let text = REFERENCE_CONFIG
+            .replace("backend = \"pkcs11\"", "backend = \"tpm\"")
+            .replace(
+                "tcti = \"device:/dev/tpmrm0\"",
+                &format!("tcti = \"{tcti}\""),
+            )
+            .replace("pcrs = []", &format!("pcrs = {pcrs}"));
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        c
+    }
+
+    #[test]
+    fn tpm_sandbox_reaches_the_tpm_and_nothing_of_softhsm() {
+        let listen: SocketAddr = ([0, 0, 0, 0], 8443).into();
+        let c = tpm_config("device:/dev/tpmrm0", "[7]");
+        assert_eq!(c.keys.tpm.as_ref().unwrap().pcrs, vec![7]);
+        let plan = sandbox_plan(&c, listen);
+        assert!(plan.read_write.contains(&PathBuf::from("/dev/tpmrm0")));
+        assert!(!plan
+            .read_only
+            .iter()
+            .chain(plan.read_write.iter())
+            .any(|p| p.to_string_lossy().contains("softhsm")));
+        assert_eq!(plan.connect_ports, Some(vec![443]));
+        // A simulator over TCP: its server and control ports, no device.
+        let c = tpm_config("swtpm:host=127.0.0.1,port=2321", "[]");
+        let plan = sandbox_plan(&c, listen);
+        assert_eq!(plan.connect_ports, Some(vec![443, 2321, 2322]));
+        assert!(!plan.read_write.contains(&PathBuf::from("/dev/tpmrm0")));
+        // Bad TCTIs and PCRs are configuration errors.
+        let text = REFERENCE_CONFIG.replace("pcrs = []", "pcrs = [24]");
+        assert!(Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .contains("PCR 24"));
+        let text = REFERENCE_CONFIG.replace("tcti = \"device:/dev/tpmrm0\"", "tcti = \"bogus\"");
+        assert!(Config::parse(&text).unwrap().validate().is_err());
+    }
+}
