@@ -65,7 +65,24 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert: PathBuf,
-    pub key: PathBuf,
+    /// PEM private key file; not used (and must be absent) with `key_in_hsm`.
+    pub key: Option<PathBuf>,
+    /// The certificate key is an ECDSA P-256 key in the PKCS#11 token
+    /// (`tls-key generate` or `tls-key import`); every handshake signature
+    /// is made there.
+    #[serde(default)]
+    pub key_in_hsm: bool,
+}
+
+impl TlsConfig {
+    /// Where the key is, for messages.
+    pub fn key_source(&self) -> String {
+        match (&self.key, self.key_in_hsm) {
+            (_, true) => "the HSM (tokenvault-tls)".into(),
+            (Some(k), false) => k.display().to_string(),
+            (None, false) => "(none)".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,7 +353,9 @@ impl Config {
             }
         };
         fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
+        if let Some(k) = self.tls.key.as_mut() {
+            fix(k);
+        }
         fix(&mut self.store.path);
         if let Some(p) = self.keys.pkcs11.as_mut() {
             for f in [&mut p.module, &mut p.pin_file, &mut p.softhsm_conf]
@@ -354,6 +373,19 @@ impl Config {
                 "unsupported config version {} (this build reads version {CONFIG_VERSION})",
                 self.version
             ));
+        }
+        match (&self.tls.key, self.tls.key_in_hsm) {
+            (None, false) => return Err("tls.key is required (or tls.key_in_hsm = true)".into()),
+            (Some(_), true) => {
+                return Err(
+                    "tls.key must be absent with tls.key_in_hsm = true (the key is in the HSM)"
+                        .into(),
+                )
+            }
+            (None, true) if self.keys.backend != KeyBackendKind::Pkcs11 => {
+                return Err("tls.key_in_hsm needs keys.backend = \"pkcs11\"".into())
+            }
+            _ => {}
         }
         if let Some(t) = &self.keys.tpm {
             if let Some(bad) = t.pcrs.iter().find(|p| **p > 23) {

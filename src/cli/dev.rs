@@ -249,6 +249,7 @@ pub fn run(
     }
     let device = open_device(&cfg)?;
     device.ensure_aes_key()?;
+    let tls_key = super::tls_key_source(&cfg, &device)?;
     let backend = device.backend();
     super::sandbox(&cfg, listen.unwrap_or(cfg.server.listen), landlock)?;
     let (store, id) = open_store(&cfg, &backend)?;
@@ -258,5 +259,5 @@ pub fn run(
         cfg_path.display(),
         cfg_path.display()
     );
-    run_server(cfg, backend, store, listen)
+    run_server(cfg, backend, store, listen, tls_key)
 }

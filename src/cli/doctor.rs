@@ -91,23 +91,27 @@ pub fn run(config: &Path) -> Result<()> {
         }
     }
     // TLS.
-    match (std::fs::read(&cfg.tls.cert), mode(&cfg.tls.key)) {
+    let key_source = tls_key_for_doctor(&cfg);
+    match (std::fs::read(&cfg.tls.cert), key_source) {
         (Err(e), _) => r.fail(
             &format!("TLS certificate {}: {e}", cfg.tls.cert.display()),
             "install a certificate there (PEM chain)",
         ),
-        (_, None) => r.fail(
-            &format!("TLS key {} missing", cfg.tls.key.display()),
-            "install the private key there (PEM)",
-        ),
-        (Ok(pem), Some((km, _))) => {
-            if km & 0o027 != 0 {
-                r.fail(
-                    &format!("TLS key {} has mode {km:o}", cfg.tls.key.display()),
-                    "chmod 640 (or 600) it",
-                );
+        (_, Err((what, fix))) => r.fail(&what, &fix),
+        (Ok(pem), Ok(source)) => {
+            if let crate::server::listener::TlsKeySource::File(key) = &source {
+                if let Some((km, _)) = mode(key) {
+                    if km & 0o027 != 0 {
+                        r.fail(
+                            &format!("TLS key {} has mode {km:o}", key.display()),
+                            "chmod 640 (or 600) it",
+                        );
+                    }
+                }
+            } else {
+                r.ok("TLS key is in the HSM");
             }
-            match crate::server::listener::load_tls(&cfg.tls.cert, &cfg.tls.key) {
+            match crate::server::listener::load_tls(&cfg.tls.cert, &source) {
                 Err(e) => r.fail(
                     &format!("TLS: {e}"),
                     "check the certificate and key match and are PEM",
@@ -268,5 +272,36 @@ fn check_tpm(cfg: &Config, r: &mut Report) {
             }
         }
         Ok(_) => r.fail("key backend is not the TPM", "check keys.backend"),
+    }
+}
+
+/// The TLS key source, or a finding and its fix.
+fn tls_key_for_doctor(
+    cfg: &Config,
+) -> Result<crate::server::listener::TlsKeySource, (String, String)> {
+    if cfg.tls.key_in_hsm {
+        let device = super::open_device(cfg).map_err(|e| {
+            (
+                format!("HSM for the TLS key: {e:#}"),
+                "check [keys.pkcs11]".to_string(),
+            )
+        })?;
+        return super::tls_key_source(cfg, &device).map_err(|e| {
+            (
+                format!("TLS key: {e:#}"),
+                "tokenvault-webhook tls-key generate --csr FILE (or tls-key import)".to_string(),
+            )
+        });
+    }
+    match &cfg.tls.key {
+        Some(k) if mode(k).is_some() => Ok(crate::server::listener::TlsKeySource::File(k.clone())),
+        Some(k) => Err((
+            format!("TLS key {} missing", k.display()),
+            "install the private key there (PEM)".to_string(),
+        )),
+        None => Err((
+            "tls.key not set".to_string(),
+            "set tls.key or tls.key_in_hsm".to_string(),
+        )),
     }
 }

@@ -7,7 +7,7 @@ use crate::config::{Config, KeyBackendKind, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
 use crate::keys::tpm::{TpmBackend, TpmSettings};
 use crate::keys::Backend;
-use crate::server::listener::{load_tls, serve, ServeOptions};
+use crate::server::listener::{load_tls, serve, ServeOptions, TlsKeySource};
 use crate::server::{app, AppState, Settings};
 use crate::store::{Store, META_WEBHOOK_ID};
 use anyhow::{anyhow, bail, Context, Result};
@@ -71,6 +71,35 @@ pub enum Command {
         #[command(subcommand)]
         action: OauthAction,
     },
+    /// The TLS certificate key in the HSM (tls.key_in_hsm = true).
+    TlsKey {
+        #[command(subcommand)]
+        action: TlsKeyAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsKeyAction {
+    /// Generate the ECDSA P-256 key in the HSM (non-extractable; an existing
+    /// key is kept), then write a CSR and/or a self-signed certificate.
+    Generate {
+        /// Write a certificate signing request (PEM) here, for your CA.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Write a self-signed certificate (PEM) here (testing, private CAs).
+        #[arg(long)]
+        self_signed: Option<PathBuf>,
+        /// DNS name or IP for the certificate (repeat; default: public_url's host).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Import an existing P-256 key (PEM, PKCS#8 or SEC1) once; shred the file afterwards.
+    Import {
+        #[arg(long)]
+        key_file: PathBuf,
+    },
+    /// Show the HSM's TLS key: public key fingerprint and attributes.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +276,23 @@ impl Device {
     }
 }
 
+/// The certificate key: its PEM file, or the HSM's TLS key.
+pub fn tls_key_source(cfg: &Config, device: &Device) -> Result<TlsKeySource> {
+    match (&cfg.tls.key, cfg.tls.key_in_hsm, device) {
+        (_, true, Device::Pkcs11(b)) => {
+            if !b.tls_key_present().map_err(|e| anyhow!("HSM: {e}"))? {
+                bail!("tls.key_in_hsm is set but the token has no TLS key: run `tokenvault-webhook --config FILE tls-key generate --csr FILE` (or `tls-key import`)");
+            }
+            let k = crate::keys::pkcs11::tls::HsmTlsKey::new(b.clone())
+                .map_err(|e| anyhow!("HSM TLS key: {e}"))?;
+            Ok(TlsKeySource::Hsm(Arc::new(k)))
+        }
+        (_, true, _) => bail!("tls.key_in_hsm needs the pkcs11 backend"),
+        (Some(k), false, _) => Ok(TlsKeySource::File(k.clone())),
+        (None, false, _) => bail!("tls.key is not set"),
+    }
+}
+
 /// Where the TPM backend keeps its sealed blobs.
 pub fn tpm_blob_dir(cfg: &Config) -> PathBuf {
     cfg.store.path.join("tpm")
@@ -292,7 +338,13 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Configtest => {
             let cfg = Config::load(&cli.config)?;
-            for (what, p) in [("tls.cert", &cfg.tls.cert), ("tls.key", &cfg.tls.key)] {
+            for (what, p) in [
+                ("tls.cert", Some(&cfg.tls.cert)),
+                ("tls.key", cfg.tls.key.as_ref()),
+            ]
+            .into_iter()
+            .filter_map(|(w, p)| Some((w, p?)))
+            {
                 if !p.exists() {
                     eprintln!("{}: warning: {what} {} does not exist yet (create it before starting the service)", cli.config.display(), p.display());
                 }
@@ -339,10 +391,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve => {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
-            let backend = open_device(&cfg)?.backend();
+            let device = open_device(&cfg)?;
+            let tls_key = tls_key_source(&cfg, &device)?;
             sandbox(&cfg, cfg.server.listen, cli.landlock == "on")?;
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
-            run_server(cfg, backend, store, None)
+            run_server(cfg, device.backend(), store, None, tls_key)
         }
         Command::Dev {
             dir,
@@ -350,6 +403,101 @@ pub fn run(cli: Cli) -> Result<()> {
             backend,
         } => dev::run(&dir, listen, backend.as_deref(), cli.landlock == "on"),
         Command::OauthClient { action } => oauth_client(&cli.config, action),
+        Command::TlsKey { action } => tls_key(&cli.config, action),
+    }
+}
+
+fn tls_key(config: &Path, action: TlsKeyAction) -> Result<()> {
+    use crate::keys::pkcs11::tls::{HsmSigningKey, HsmTlsKey};
+    let cfg = load_for_run(config)?;
+    refuse_root(&cfg)?;
+    let Device::Pkcs11(b) = open_device(&cfg)? else {
+        bail!("the TLS key can live in the HSM only with keys.backend = \"pkcs11\"");
+    };
+    match action {
+        TlsKeyAction::Generate {
+            csr,
+            self_signed,
+            names,
+        } => {
+            if b.generate_tls_key()? {
+                eprintln!("generated an ECDSA P-256 key in the HSM (tokenvault-tls, sensitive, non-extractable)");
+            } else {
+                eprintln!("the HSM already holds the TLS key (tokenvault-tls); using it");
+            }
+            let names = if names.is_empty() {
+                let u = url::Url::parse(&cfg.public_url(cfg.server.listen))?;
+                vec![u.host_str().unwrap_or("localhost").to_string()]
+            } else {
+                names
+            };
+            let key = Arc::new(HsmTlsKey::new(b.clone()).map_err(|e| anyhow!("HSM TLS key: {e}"))?);
+            let pair = rcgen::KeyPair::from_remote(Box::new(HsmSigningKey(key)))?;
+            let mut params = rcgen::CertificateParams::new(names.clone())?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, names[0].clone());
+            if let Some(path) = csr {
+                let req = params.serialize_request(&pair)?;
+                std::fs::write(&path, req.pem()?)?;
+                eprintln!(
+                    "CSR for {} written to {} (signed by the HSM)",
+                    names.join(", "),
+                    path.display()
+                );
+            }
+            if let Some(path) = self_signed {
+                let cert = params.self_signed(&pair)?;
+                std::fs::write(&path, cert.pem())?;
+                eprintln!(
+                    "self-signed certificate for {} written to {}",
+                    names.join(", "),
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        TlsKeyAction::Import { key_file } => {
+            use p256::pkcs8::DecodePrivateKey;
+            let pem = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&key_file)
+                    .with_context(|| format!("cannot read {}", key_file.display()))?,
+            );
+            let sk = p256::SecretKey::from_pkcs8_pem(&pem)
+                .or_else(|_| p256::SecretKey::from_sec1_pem(&pem))
+                .map_err(|_| {
+                    anyhow!(
+                        "{}: not a P-256 private key (PEM, PKCS#8 or SEC1)",
+                        key_file.display()
+                    )
+                })?;
+            let scalar = zeroize::Zeroizing::new(sk.to_bytes().to_vec());
+            let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
+                &sk.public_key(),
+                false,
+            );
+            b.import_tls_key(&scalar, point.as_bytes())?;
+            eprintln!("imported into the HSM as tokenvault-tls (sensitive, non-extractable). Now shred {} and set tls.key_in_hsm = true", key_file.display());
+            Ok(())
+        }
+        TlsKeyAction::Show => {
+            let key = HsmTlsKey::new(b.clone())
+                .map_err(|e| anyhow!("no TLS key in the HSM ({e}): run `tls-key generate`"))?;
+            let (sensitive, extractable) =
+                b.tls_key_attributes().map_err(|e| anyhow!("HSM: {e}"))?;
+            let fp = hex::encode(ring::digest::digest(&ring::digest::SHA256, key.spki()).as_ref());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "label": crate::keys::pkcs11::tls::TLS_LABEL,
+                    "algorithm": "ECDSA P-256",
+                    "spkiSha256": fp,
+                    "sensitive": sensitive,
+                    "extractable": extractable,
+                }))?
+            );
+            Ok(())
+        }
     }
 }
 
@@ -418,6 +566,7 @@ pub fn run_server(
     backend: Backend,
     store: Store,
     listen: Option<SocketAddr>,
+    tls_key: TlsKeySource,
 ) -> Result<()> {
     if !backend.aes_key_present() {
         bail!(
@@ -434,7 +583,7 @@ pub fn run_server(
     let dyn_backend = backend;
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
     remove_orphan_otp_keys(&dyn_backend, &store)?;
-    let tls = load_tls(&cfg.tls.cert, &cfg.tls.key)?;
+    let tls = load_tls(&cfg.tls.cert, &tls_key)?;
     let listen = listen.unwrap_or(cfg.server.listen);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -500,7 +649,7 @@ pub fn run_server(
         });
         let opts = ServeOptions {
             cert: cfg.tls.cert.clone(),
-            key: cfg.tls.key.clone(),
+            key: tls_key,
             handshake_timeout: Duration::from_secs(cfg.server.handshake_timeout_secs),
             header_timeout: Duration::from_secs(cfg.server.header_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.server.idle_timeout_secs),
@@ -581,7 +730,10 @@ const SYSTEM_READ_ONLY: &[&str] = &[
 /// The Landlock plan for this configuration.
 pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landlock::Plan {
     let mut ro: Vec<PathBuf> = vec![cfg.source.clone()];
-    for f in [&cfg.tls.cert, &cfg.tls.key] {
+    for f in [Some(&cfg.tls.cert), cfg.tls.key.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         if let Some(d) = f.parent() {
             if !ro.contains(&d.to_path_buf()) {
                 ro.push(d.to_path_buf());

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use zeroize::Zeroize;
 
+pub mod tls;
+
 pub const AES_LABEL: &str = "tokenvault-aes";
 pub const HMAC_LABEL: &str = "tokenvault-hmac";
 pub const OTP_LABEL: &str = "tokenvault-totp";

@@ -33,26 +33,64 @@ pub enum TlsError {
     NoKey(PathBuf),
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{0}: the certificate's public key is not the HSM's TLS key (tokenvault-tls)")]
+    Mismatch(PathBuf),
 }
 
-pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// Where the certificate's private key is.
+#[derive(Debug, Clone)]
+pub enum TlsKeySource {
+    /// A PEM file (read at start and on SIGHUP, zeroized after parsing).
+    File(PathBuf),
+    /// The PKCS#11 token: every handshake signature is made there.
+    Hsm(Arc<crate::keys::pkcs11::tls::HsmTlsKey>),
+}
+
+/// One certificate with a key that is not a rustls-loadable private key.
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_pem = std::fs::read(cert).map_err(|e| TlsError::Read(cert.into(), e))?;
-    let key_pem =
-        zeroize::Zeroizing::new(std::fs::read(key).map_err(|e| TlsError::Read(key.into(), e))?);
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Read(cert.into(), e))?;
     if certs.is_empty() {
         return Err(TlsError::NoCert(cert.into()));
     }
-    let key_der: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| TlsError::Read(key.into(), e))?
-        .ok_or_else(|| TlsError::NoKey(key.into()))?;
-    let mut cfg =
+    let builder =
         ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth()
-            .with_single_cert(certs, key_der)?;
+            .with_no_client_auth();
+    let mut cfg = match key {
+        TlsKeySource::File(key) => {
+            let key_pem = zeroize::Zeroizing::new(
+                std::fs::read(key).map_err(|e| TlsError::Read(key.clone(), e))?,
+            );
+            let key_der: PrivateKeyDer<'static> =
+                rustls_pemfile::private_key(&mut key_pem.as_slice())
+                    .map_err(|e| TlsError::Read(key.clone(), e))?
+                    .ok_or_else(|| TlsError::NoKey(key.clone()))?;
+            builder.with_single_cert(certs, key_der)?
+        }
+        TlsKeySource::Hsm(k) => {
+            let signing = crate::keys::pkcs11::tls::HsmSigningKey(k.clone());
+            let certified = rustls::sign::CertifiedKey::new(certs, Arc::new(signing));
+            certified
+                .keys_match()
+                .map_err(|_| TlsError::Mismatch(cert.into()))?;
+            builder.with_cert_resolver(Arc::new(FixedCert(Arc::new(certified))))
+        }
+    };
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -60,7 +98,7 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub cert: PathBuf,
-    pub key: PathBuf,
+    pub key: TlsKeySource,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
