@@ -462,3 +462,58 @@ async fn dev_dir_configtest_passes() {
         assert_eq!(mode, 0o600, "{f}");
     }
 }
+
+#[tokio::test]
+async fn health_is_degraded_when_the_certificate_nears_expiry_and_recovers_on_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = Appliance::start_dev(&dir);
+    a.terminate();
+    let write_cert = |days: i64| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(days);
+        let c = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join("tls/cert.pem"), c.pem()).unwrap();
+        std::fs::write(dir.join("tls/key.pem"), key.serialize_pem()).unwrap();
+    };
+    write_cert(3);
+    let a = Appliance::start_serve(&dir);
+    let h: Value = a
+        .client
+        .get(a.url("/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "degraded", "{h}");
+    // Whole days left, rounded down: 2 or 3 depending on the second.
+    assert!(
+        (2..=3).contains(&h["tlsCertificateDaysLeft"].as_i64().unwrap()),
+        "{h}"
+    );
+    // A renewed certificate, reloaded on SIGHUP without a restart.
+    write_cert(90);
+    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let fresh = client_trusting(&dir.join("tls/cert.pem"));
+        if let Ok(r) = fresh.get(a.url("/v1/health")).send().await {
+            let h: Value = r.json().await.unwrap();
+            if h["status"] == "healthy" {
+                assert!(
+                    (89..=90).contains(&h["tlsCertificateDaysLeft"].as_i64().unwrap()),
+                    "{h}"
+                );
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "not reloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

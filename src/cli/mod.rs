@@ -654,6 +654,7 @@ pub fn run_server(
             header_timeout: Duration::from_secs(cfg.server.header_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.server.idle_timeout_secs),
             max_connections: cfg.server.max_connections,
+            reload_on_hup: true,
         };
         tracing::info!(webhook_id = %webhook_id, bound, "tokenvault-webhook {} serving", crate::protocol::VERSION);
         eprintln!("READY {public_url} (listening on {bound_addr})");
@@ -677,6 +678,7 @@ pub fn run_server(
                 bound_addr
             );
         }
+        state.watch_tls(tls.clone());
         serve(listener, tls, app(state), opts, async {
             shutdown_signal().await;
             crate::sandbox::notify::notify("STOPPING=1");

@@ -24,19 +24,27 @@ fn health_body(s: &AppState) -> Value {
         healthy = s.backend.probe().is_ok();
     }
     let token_count = s.store.count(Collection::Tokens);
-    let status = if healthy && token_count.is_ok() {
+    // A certificate with under 7 days left means renewal is failing (ACME
+    // renews at two thirds of the lifetime) or nobody renewed the file.
+    let tls_left = s.tls_seconds_left();
+    let tls_ok = tls_left.is_none_or(|l| l >= 7 * 86_400);
+    let status = if healthy && token_count.is_ok() && tls_ok {
         "healthy"
     } else {
         "degraded"
     };
-    json!({
+    let mut body = json!({
         "status": status,
         "version": VERSION,
         "keyConfigured": s.backend.aes_key_present(),
         "capabilities": CAPABILITIES,
         "uptime": s.started.elapsed().as_secs(),
         "tokenCount": token_count.unwrap_or(0),
-    })
+    });
+    if let Some(l) = tls_left {
+        body["tlsCertificateDaysLeft"] = json!(l.div_euclid(86_400));
+    }
+    body
 }
 
 pub async fn health_public(State(s): State<AppState>) -> Json<Value> {

@@ -11,10 +11,12 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -46,20 +48,122 @@ pub enum TlsKeySource {
     Hsm(Arc<crate::keys::pkcs11::tls::HsmTlsKey>),
 }
 
-/// One certificate with a key that is not a rustls-loadable private key.
-#[derive(Debug)]
-struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
-impl rustls::server::ResolvesServerCert for FixedCert {
+/// Answers TLS-ALPN-01 validation handshakes with the challenge certificate
+/// for their SNI name, every other handshake with the serving certificate.
+#[derive(Debug)]
+struct Resolver {
+    cert: Arc<rustls::sign::CertifiedKey>,
+    challenges: Arc<RwLock<HashMap<String, Arc<rustls::sign::CertifiedKey>>>>,
+}
+
+impl rustls::server::ResolvesServerCert for Resolver {
     fn resolve(
         &self,
-        _: rustls::server::ClientHello<'_>,
+        hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.challenges.read().ok()?.get(&name).cloned();
+        }
+        Some(self.cert.clone())
     }
 }
 
-pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<ServerConfig>, TlsError> {
+/// The serving certificate, swappable without dropping connections (SIGHUP,
+/// ACME renewal): new handshakes use the new one, open connections keep theirs.
+#[derive(Debug)]
+pub struct TlsState {
+    config: RwLock<Arc<ServerConfig>>,
+    challenges: Arc<RwLock<HashMap<String, Arc<rustls::sign::CertifiedKey>>>>,
+    not_after: AtomicI64,
+    acme: bool,
+}
+
+impl TlsState {
+    /// `acme`: also answer TLS-ALPN-01 validation handshakes.
+    pub fn new(
+        cert: Arc<rustls::sign::CertifiedKey>,
+        acme: bool,
+    ) -> Result<Arc<TlsState>, TlsError> {
+        let challenges = Arc::new(RwLock::new(HashMap::new()));
+        let config = build_config(cert.clone(), challenges.clone(), acme)?;
+        Ok(Arc::new(TlsState {
+            config: RwLock::new(config),
+            challenges,
+            not_after: AtomicI64::new(not_after(&cert).unwrap_or(0)),
+            acme,
+        }))
+    }
+
+    /// Serves `cert` from the next handshake on.
+    pub fn install(&self, cert: Arc<rustls::sign::CertifiedKey>) -> Result<(), TlsError> {
+        let config = build_config(cert.clone(), self.challenges.clone(), self.acme)?;
+        if let Ok(mut g) = self.config.write() {
+            *g = config;
+        }
+        self.not_after
+            .store(not_after(&cert).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn config(&self) -> Option<Arc<ServerConfig>> {
+        self.config.read().ok().map(|g| g.clone())
+    }
+
+    /// Unix time the serving certificate expires (0: unknown).
+    pub fn not_after(&self) -> i64 {
+        self.not_after.load(Ordering::Relaxed)
+    }
+
+    pub fn set_challenge(&self, name: &str, cert: Arc<rustls::sign::CertifiedKey>) {
+        if let Ok(mut g) = self.challenges.write() {
+            g.insert(name.to_ascii_lowercase(), cert);
+        }
+    }
+
+    pub fn clear_challenge(&self, name: &str) {
+        if let Ok(mut g) = self.challenges.write() {
+            g.remove(&name.to_ascii_lowercase());
+        }
+    }
+}
+
+fn build_config(
+    cert: Arc<rustls::sign::CertifiedKey>,
+    challenges: Arc<RwLock<HashMap<String, Arc<rustls::sign::CertifiedKey>>>>,
+    acme: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver { cert, challenges }));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        cfg.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
+    Ok(Arc::new(cfg))
+}
+
+/// Expiry of the leaf certificate (Unix time).
+pub fn not_after(cert: &rustls::sign::CertifiedKey) -> Option<i64> {
+    let leaf = cert.cert.first()?;
+    let (_, c) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    Some(c.validity().not_after.timestamp())
+}
+
+/// Reads a PEM chain and pairs it with its key; refuses a key that is not
+/// the certificate's.
+pub fn load_certified(
+    cert: &Path,
+    key: &TlsKeySource,
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
     let cert_pem = std::fs::read(cert).map_err(|e| TlsError::Read(cert.into(), e))?;
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
@@ -67,11 +171,7 @@ pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<ServerConfig>, Tl
     if certs.is_empty() {
         return Err(TlsError::NoCert(cert.into()));
     }
-    let builder =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_no_client_auth();
-    let mut cfg = match key {
+    let signing: Arc<dyn rustls::sign::SigningKey> = match key {
         TlsKeySource::File(key) => {
             let key_pem = zeroize::Zeroizing::new(
                 std::fs::read(key).map_err(|e| TlsError::Read(key.clone(), e))?,
@@ -80,19 +180,21 @@ pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<ServerConfig>, Tl
                 rustls_pemfile::private_key(&mut key_pem.as_slice())
                     .map_err(|e| TlsError::Read(key.clone(), e))?
                     .ok_or_else(|| TlsError::NoKey(key.clone()))?;
-            builder.with_single_cert(certs, key_der)?
+            rustls::crypto::ring::sign::any_supported_type(&key_der)?
         }
-        TlsKeySource::Hsm(k) => {
-            let signing = crate::keys::pkcs11::tls::HsmSigningKey(k.clone());
-            let certified = rustls::sign::CertifiedKey::new(certs, Arc::new(signing));
-            certified
-                .keys_match()
-                .map_err(|_| TlsError::Mismatch(cert.into()))?;
-            builder.with_cert_resolver(Arc::new(FixedCert(Arc::new(certified))))
-        }
+        TlsKeySource::Hsm(k) => Arc::new(crate::keys::pkcs11::tls::HsmSigningKey(k.clone())),
     };
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    let certified = rustls::sign::CertifiedKey::new(certs, signing);
+    match certified.keys_match() {
+        Ok(()) => Ok(Arc::new(certified)),
+        Err(_) if matches!(key, TlsKeySource::Hsm(_)) => Err(TlsError::Mismatch(cert.into())),
+        Err(e) => Err(TlsError::Rustls(e)),
+    }
+}
+
+/// A certificate file and its key, as a serving state (files mode).
+pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<TlsState>, TlsError> {
+    TlsState::new(load_certified(cert, key)?, false)
 }
 
 #[derive(Debug, Clone)]
@@ -103,18 +205,21 @@ pub struct ServeOptions {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Re-read `cert`/`key` on SIGHUP (files mode; ACME swaps certificates itself).
+    pub reload_on_hup: bool,
 }
 
 /// Serves until `shutdown` resolves, then drains connections (at most 10 s).
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    tls: Arc<TlsState>,
     app: Router,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let current = Arc::new(RwLock::new(tls));
-    spawn_reloader(current.clone(), opts.clone());
+    if opts.reload_on_hup {
+        spawn_reloader(tls.clone(), opts.clone());
+    }
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
@@ -147,8 +252,7 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let cfg = current.read().map(|g| g.clone());
-        let Ok(cfg) = cfg else { continue };
+        let Some(cfg) = tls.config() else { continue };
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let app = app.clone();
         let builder = builder.clone();
@@ -168,6 +272,11 @@ pub async fn serve(
                         return;
                     }
                 };
+            if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                // A TLS-ALPN-01 validation: the handshake was the answer.
+                tracing::info!(peer = %peer, "answered a TLS-ALPN-01 validation handshake");
+                return;
+            }
             let io = TokioIo::new(IdleTimeout::new(tls, opts2.idle_timeout));
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let mut req = req.map(Body::new);
@@ -190,7 +299,7 @@ pub async fn serve(
     }
 }
 
-fn spawn_reloader(current: Arc<RwLock<Arc<ServerConfig>>>, opts: ServeOptions) {
+fn spawn_reloader(current: Arc<TlsState>, opts: ServeOptions) {
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
@@ -198,11 +307,8 @@ fn spawn_reloader(current: Arc<RwLock<Arc<ServerConfig>>>, opts: ServeOptions) {
             return;
         };
         while hup.recv().await.is_some() {
-            match load_tls(&opts.cert, &opts.key) {
-                Ok(cfg) => {
-                    if let Ok(mut g) = current.write() {
-                        *g = cfg;
-                    }
+            match load_certified(&opts.cert, &opts.key).and_then(|c| current.install(c)) {
+                Ok(()) => {
                     tracing::info!(cert = %opts.cert.display(), "TLS certificate reloaded");
                 }
                 Err(e) => {

@@ -53,6 +53,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub started: Instant,
     bound: Arc<AtomicBool>,
+    /// The serving certificate (expiry in health), once the listener has one.
+    tls: Arc<std::sync::OnceLock<Arc<listener::TlsState>>>,
 }
 
 impl AppState {
@@ -63,7 +65,19 @@ impl AppState {
             settings: Arc::new(settings),
             started: Instant::now(),
             bound: Arc::new(AtomicBool::new(bound)),
+            tls: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    /// Lets health report the serving certificate's expiry.
+    pub fn watch_tls(&self, tls: Arc<listener::TlsState>) {
+        let _ = self.tls.set(tls);
+    }
+
+    /// Seconds until the serving certificate expires (None: unknown).
+    pub fn tls_seconds_left(&self) -> Option<i64> {
+        let t = self.tls.get()?.not_after();
+        (t > 0).then(|| t - now())
     }
     pub fn direct(&self) -> &direct::DirectSettings {
         &self.settings.direct
