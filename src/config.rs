@@ -64,6 +64,13 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// `files`: `cert` and `key` (or `key_in_hsm`) as installed by the
+    /// operator. `acme`: the appliance obtains and renews its certificate.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// PEM chain. In `acme` mode, where the issued chain is kept (default
+    /// `<store.path>/acme/cert.pem`).
+    #[serde(default)]
     pub cert: PathBuf,
     /// PEM private key file; not used (and must be absent) with `key_in_hsm`.
     pub key: Option<PathBuf>,
@@ -72,6 +79,35 @@ pub struct TlsConfig {
     /// is made there.
     #[serde(default)]
     pub key_in_hsm: bool,
+    pub acme: Option<AcmeConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Files,
+    Acme,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// RFC 8555 directory. Default: Let's Encrypt production.
+    #[serde(default = "d_acme_directory")]
+    pub directory_url: String,
+    /// Extra CA certificate (PEM) to trust for the ACME server (test CAs).
+    pub ca_bundle: Option<PathBuf>,
+    /// Contact address for the account (expiry and policy mail).
+    pub email: Option<String>,
+    /// Names on the certificate (DNS names pointing at this appliance).
+    pub domains: Vec<String>,
+    /// You agree to the ACME server's terms of service.
+    #[serde(default)]
+    pub accept_terms: bool,
+    /// Renew this many days before expiry. Default: when two thirds of the
+    /// certificate's lifetime have passed.
+    pub renew_days_before: Option<u32>,
 }
 
 impl TlsConfig {
@@ -297,6 +333,9 @@ fn d_idle() -> u64 {
 fn d_max_conns() -> usize {
     4096
 }
+fn d_acme_directory() -> String {
+    "https://acme-v02.api.letsencrypt.org/directory".into()
+}
 fn d_tcti() -> String {
     "device:/dev/tpmrm0".into()
 }
@@ -352,11 +391,21 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.tls.cert);
+        fix(&mut self.store.path);
+        if self.tls.mode == TlsMode::Acme && self.tls.cert.as_os_str().is_empty() {
+            self.tls.cert = self.store.path.join("acme/cert.pem");
+        }
+        if !self.tls.cert.as_os_str().is_empty() {
+            fix(&mut self.tls.cert);
+        }
         if let Some(k) = self.tls.key.as_mut() {
             fix(k);
         }
-        fix(&mut self.store.path);
+        if let Some(a) = self.tls.acme.as_mut() {
+            if let Some(c) = a.ca_bundle.as_mut() {
+                fix(c);
+            }
+        }
         if let Some(p) = self.keys.pkcs11.as_mut() {
             for f in [&mut p.module, &mut p.pin_file, &mut p.softhsm_conf]
                 .into_iter()
@@ -374,8 +423,31 @@ impl Config {
                 self.version
             ));
         }
+        if let (TlsMode::Acme, a) = (self.tls.mode, &self.tls.acme) {
+            let Some(a) = a else {
+                return Err("tls.mode = \"acme\" needs a [tls.acme] section".into());
+            };
+            if a.domains.is_empty() {
+                return Err("tls.acme.domains: list the DNS names of this appliance".into());
+            }
+            if !a.accept_terms {
+                return Err("tls.acme.accept_terms must be true: read the ACME server's terms of service first".into());
+            }
+            if self.tls.key.is_some() {
+                return Err("tls.key must be absent in acme mode (the key is generated: sealed in the state dir, or in the HSM with key_in_hsm)".into());
+            }
+            let u = url::Url::parse(&a.directory_url)
+                .map_err(|e| format!("tls.acme.directory_url: {e}"))?;
+            if u.scheme() != "https" {
+                return Err("tls.acme.directory_url must be https".into());
+            }
+        } else if self.tls.cert.as_os_str().is_empty() {
+            return Err("tls.cert is required".into());
+        }
         match (&self.tls.key, self.tls.key_in_hsm) {
-            (None, false) => return Err("tls.key is required (or tls.key_in_hsm = true)".into()),
+            (None, false) if self.tls.mode == TlsMode::Files => {
+                return Err("tls.key is required (or tls.key_in_hsm = true)".into())
+            }
             (Some(_), true) => {
                 return Err(
                     "tls.key must be absent with tls.key_in_hsm = true (the key is in the HSM)"

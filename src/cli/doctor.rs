@@ -91,8 +91,29 @@ pub fn run(config: &Path) -> Result<()> {
         }
     }
     // TLS.
-    let key_source = tls_key_for_doctor(&cfg);
+    let acme_unissued = cfg.tls.mode == crate::config::TlsMode::Acme && !cfg.tls.cert.exists();
+    if cfg.tls.mode == crate::config::TlsMode::Acme {
+        let a = cfg.tls.acme.as_ref();
+        r.ok(&format!(
+            "TLS by ACME from {} for {:?}",
+            a.map(|a| a.directory_url.as_str()).unwrap_or("?"),
+            a.map(|a| a.domains.clone()).unwrap_or_default()
+        ));
+        if acme_unissued {
+            r.warn(
+                "no ACME certificate issued yet",
+                "start the service; check that the domains resolve here and port 443 reaches server.listen",
+            );
+        }
+    }
+    let key_source = if cfg.tls.mode == crate::config::TlsMode::Acme && !cfg.tls.key_in_hsm {
+        Err(("".to_string(), "".to_string()))
+    } else {
+        tls_key_for_doctor(&cfg)
+    };
     match (std::fs::read(&cfg.tls.cert), key_source) {
+        _ if acme_unissued => {}
+        (Ok(pem), Err((what, _))) if what.is_empty() => report_expiry(&mut r, &pem),
         (Err(e), _) => r.fail(
             &format!("TLS certificate {}: {e}", cfg.tls.cert.display()),
             "install a certificate there (PEM chain)",
@@ -116,52 +137,7 @@ pub fn run(config: &Path) -> Result<()> {
                     &format!("TLS: {e}"),
                     "check the certificate and key match and are PEM",
                 ),
-                Ok(_) => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs() as i64)
-                        .unwrap_or(0);
-                    match x509_parser::pem::parse_x509_pem(&pem) {
-                        Ok((_, p)) => match p.parse_x509() {
-                            Ok(c) => {
-                                let left = c.validity().not_after.timestamp() - now;
-                                if left <= 0 {
-                                    r.fail(
-                                        "TLS certificate has expired",
-                                        "renew it, then `systemctl reload tokenvault-webhook`",
-                                    );
-                                } else if left < 30 * 86_400 {
-                                    r.warn(
-                                        &format!(
-                                            "TLS certificate expires in {} days",
-                                            left / 86_400
-                                        ),
-                                        "renew it, then `systemctl reload tokenvault-webhook`",
-                                    );
-                                } else {
-                                    r.ok(&format!(
-                                        "TLS certificate valid for {} more days",
-                                        left / 86_400
-                                    ));
-                                }
-                                if c.validity().not_before.timestamp() > now {
-                                    r.fail(
-                                        "TLS certificate is not valid yet",
-                                        "check the system clock",
-                                    );
-                                }
-                            }
-                            Err(_) => r.fail(
-                                "TLS certificate does not parse",
-                                "install a PEM X.509 certificate",
-                            ),
-                        },
-                        Err(_) => r.fail(
-                            "TLS certificate is not PEM",
-                            "install a PEM X.509 certificate",
-                        ),
-                    }
-                }
+                Ok(_) => report_expiry(&mut r, &pem),
             }
         }
     }
@@ -286,7 +262,7 @@ fn tls_key_for_doctor(
                 "check [keys.pkcs11]".to_string(),
             )
         })?;
-        return super::tls_key_source(cfg, &device).map_err(|e| {
+        return super::tls_key_source_inner(cfg, &device).map_err(|e| {
             (
                 format!("TLS key: {e:#}"),
                 "tokenvault-webhook tls-key generate --csr FILE (or tls-key import)".to_string(),
@@ -303,5 +279,46 @@ fn tls_key_for_doctor(
             "tls.key not set".to_string(),
             "set tls.key or tls.key_in_hsm".to_string(),
         )),
+    }
+}
+
+fn report_expiry(r: &mut Report, pem: &[u8]) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    match x509_parser::pem::parse_x509_pem(pem) {
+        Ok((_, p)) => match p.parse_x509() {
+            Ok(c) => {
+                let left = c.validity().not_after.timestamp() - now;
+                if left <= 0 {
+                    r.fail(
+                        "TLS certificate has expired",
+                        "renew it, then `systemctl reload tokenvault-webhook`",
+                    );
+                } else if left < 30 * 86_400 {
+                    r.warn(
+                        &format!("TLS certificate expires in {} days", left / 86_400),
+                        "renew it, then `systemctl reload tokenvault-webhook`",
+                    );
+                } else {
+                    r.ok(&format!(
+                        "TLS certificate valid for {} more days",
+                        left / 86_400
+                    ));
+                }
+                if c.validity().not_before.timestamp() > now {
+                    r.fail("TLS certificate is not valid yet", "check the system clock");
+                }
+            }
+            Err(_) => r.fail(
+                "TLS certificate does not parse",
+                "install a PEM X.509 certificate",
+            ),
+        },
+        Err(_) => r.fail(
+            "TLS certificate is not PEM",
+            "install a PEM X.509 certificate",
+        ),
     }
 }

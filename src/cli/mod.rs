@@ -277,7 +277,15 @@ impl Device {
 }
 
 /// The certificate key: its PEM file, or the HSM's TLS key.
-pub fn tls_key_source(cfg: &Config, device: &Device) -> Result<TlsKeySource> {
+/// None in ACME mode without `key_in_hsm` (the ACME client keeps its own key).
+pub fn tls_key_source(cfg: &Config, device: &Device) -> Result<Option<TlsKeySource>> {
+    if cfg.tls.mode == crate::config::TlsMode::Acme && !cfg.tls.key_in_hsm {
+        return Ok(None);
+    }
+    tls_key_source_inner(cfg, device).map(Some)
+}
+
+pub(crate) fn tls_key_source_inner(cfg: &Config, device: &Device) -> Result<TlsKeySource> {
     match (&cfg.tls.key, cfg.tls.key_in_hsm, device) {
         (_, true, Device::Pkcs11(b)) => {
             if !b.tls_key_present().map_err(|e| anyhow!("HSM: {e}"))? {
@@ -566,7 +574,7 @@ pub fn run_server(
     backend: Backend,
     store: Store,
     listen: Option<SocketAddr>,
-    tls_key: TlsKeySource,
+    tls_key: Option<TlsKeySource>,
 ) -> Result<()> {
     if !backend.aes_key_present() {
         bail!(
@@ -583,7 +591,39 @@ pub fn run_server(
     let dyn_backend = backend;
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
     remove_orphan_otp_keys(&dyn_backend, &store)?;
-    let tls = load_tls(&cfg.tls.cert, &tls_key)?;
+    let (tls, acme) = match (cfg.tls.mode, &tls_key) {
+        (crate::config::TlsMode::Files, Some(key)) => (load_tls(&cfg.tls.cert, key)?, None),
+        (crate::config::TlsMode::Files, None) => bail!("tls.key is not set"),
+        (crate::config::TlsMode::Acme, _) => {
+            let a = cfg
+                .tls
+                .acme
+                .clone()
+                .ok_or_else(|| anyhow!("[tls.acme] missing"))?;
+            let hsm_key = match &tls_key {
+                Some(TlsKeySource::Hsm(k)) => Some(k.clone()),
+                _ => None,
+            };
+            let acme = Arc::new(crate::acme::Acme::new(
+                crate::acme::AcmeSettings {
+                    directory_url: a.directory_url,
+                    ca_bundle: a.ca_bundle,
+                    email: a.email,
+                    domains: a.domains,
+                    dir: cfg.store.path.join("acme"),
+                    cert_path: cfg.tls.cert.clone(),
+                    renew_days_before: a.renew_days_before,
+                    hsm_key,
+                },
+                dyn_backend.clone(),
+            ));
+            let tls = crate::server::listener::TlsState::new(
+                acme.initial_cert().map_err(|e| anyhow!("ACME: {e}"))?,
+                true,
+            )?;
+            (tls, Some(acme))
+        }
+    };
     let listen = listen.unwrap_or(cfg.server.listen);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -649,12 +689,12 @@ pub fn run_server(
         });
         let opts = ServeOptions {
             cert: cfg.tls.cert.clone(),
-            key: tls_key,
+            key: tls_key.clone(),
             handshake_timeout: Duration::from_secs(cfg.server.handshake_timeout_secs),
             header_timeout: Duration::from_secs(cfg.server.header_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.server.idle_timeout_secs),
             max_connections: cfg.server.max_connections,
-            reload_on_hup: true,
+            reload_on_hup: cfg.tls.mode == crate::config::TlsMode::Files,
         };
         tracing::info!(webhook_id = %webhook_id, bound, "tokenvault-webhook {} serving", crate::protocol::VERSION);
         eprintln!("READY {public_url} (listening on {bound_addr})");
@@ -679,6 +719,9 @@ pub fn run_server(
             );
         }
         state.watch_tls(tls.clone());
+        if let Some(acme) = acme {
+            tokio::spawn(acme.run(tls.clone()));
+        }
         serve(listener, tls, app(state), opts, async {
             shutdown_signal().await;
             crate::sandbox::notify::notify("STOPPING=1");

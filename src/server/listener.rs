@@ -200,7 +200,7 @@ pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<TlsState>, TlsErr
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub cert: PathBuf,
-    pub key: TlsKeySource,
+    pub key: Option<TlsKeySource>,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -217,8 +217,8 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    if opts.reload_on_hup {
-        spawn_reloader(tls.clone(), opts.clone());
+    if let (true, Some(key)) = (opts.reload_on_hup, opts.key.clone()) {
+        spawn_reloader(tls.clone(), opts.cert.clone(), key);
     }
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
     let graceful = GracefulShutdown::new();
@@ -299,7 +299,7 @@ pub async fn serve(
     }
 }
 
-fn spawn_reloader(current: Arc<TlsState>, opts: ServeOptions) {
+fn spawn_reloader(current: Arc<TlsState>, cert: PathBuf, key: TlsKeySource) {
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         else {
@@ -307,9 +307,9 @@ fn spawn_reloader(current: Arc<TlsState>, opts: ServeOptions) {
             return;
         };
         while hup.recv().await.is_some() {
-            match load_certified(&opts.cert, &opts.key).and_then(|c| current.install(c)) {
+            match load_certified(&cert, &key).and_then(|c| current.install(c)) {
                 Ok(()) => {
-                    tracing::info!(cert = %opts.cert.display(), "TLS certificate reloaded");
+                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "TLS reload failed; keeping the current certificate")
