@@ -775,10 +775,9 @@ const SYSTEM_READ_ONLY: &[&str] = &[
 /// The Landlock plan for this configuration.
 pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landlock::Plan {
     let mut ro: Vec<PathBuf> = vec![cfg.source.clone()];
-    for f in [Some(&cfg.tls.cert), cfg.tls.key.as_ref()]
-        .into_iter()
-        .flatten()
-    {
+    // ACME keeps its certificate under the state dir (read-write below).
+    let cert = Some(&cfg.tls.cert).filter(|_| cfg.tls.mode == crate::config::TlsMode::Files);
+    for f in [cert, cfg.tls.key.as_ref()].into_iter().flatten() {
         if let Some(d) = f.parent() {
             if !ro.contains(&d.to_path_buf()) {
                 ro.push(d.to_path_buf());
@@ -814,6 +813,11 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
                 rw.push(t);
             }
             ro.push(conf);
+        }
+    }
+    if let Some(ca) = cfg.tls.acme.as_ref().and_then(|a| a.ca_bundle.as_ref()) {
+        if cfg.tls.mode == crate::config::TlsMode::Acme {
+            ro.push(ca.clone());
         }
     }
     ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
