@@ -67,6 +67,37 @@ pub struct AcmeSettings {
     pub cert_path: PathBuf,
     pub renew_days_before: Option<u32>,
     pub hsm_key: Option<Arc<HsmTlsKey>>,
+    pub challenge: crate::config::AcmeChallenge,
+}
+
+/// HTTP-01 answers: token → key authorization, while a challenge is open.
+pub type Http01Tokens = Arc<std::sync::RwLock<std::collections::HashMap<String, String>>>;
+
+/// The plain-HTTP listener for HTTP-01: `/.well-known/acme-challenge/{token}`
+/// while a challenge is open, 404 for everything else.
+pub fn http01_router(tokens: Http01Tokens) -> axum::Router {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    async fn answer(
+        State(tokens): State<Http01Tokens>,
+        UrlPath(token): UrlPath<String>,
+    ) -> axum::response::Response {
+        let ka = tokens.read().ok().and_then(|g| g.get(&token).cloned());
+        match ka {
+            Some(ka) => {
+                tracing::info!("answered an HTTP-01 challenge");
+                ([("content-type", "application/octet-stream")], ka).into_response()
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+    axum::Router::new()
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            axum::routing::get(answer),
+        )
+        .with_state(tokens)
 }
 
 pub struct Acme {
@@ -77,6 +108,7 @@ pub struct Acme {
     issued: AtomicBool,
     /// The last renewal error, for logs and `doctor`.
     last_error: Mutex<Option<String>>,
+    http01: Http01Tokens,
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), AcmeError> {
@@ -143,7 +175,13 @@ impl Acme {
             backend,
             issued: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            http01: Arc::new(std::sync::RwLock::new(std::collections::HashMap::new())),
         }
+    }
+
+    /// The tokens the HTTP-01 listener answers.
+    pub fn http01_tokens(&self) -> Http01Tokens {
+        self.http01.clone()
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -321,6 +359,7 @@ impl Acme {
             .collect();
         let mut order = account.new_order(&NewOrder::new(&ids)).await?;
         let mut challenged = Vec::new();
+        let mut tokens = Vec::new();
         let result = async {
             let mut authorizations = order.authorizations();
             while let Some(a) = authorizations.next().await {
@@ -334,6 +373,18 @@ impl Acme {
                             status: format!("authorization {other:?}"),
                         })
                     }
+                }
+                if self.s.challenge == crate::config::AcmeChallenge::Http01 {
+                    let mut ch = authz
+                        .challenge(ChallengeType::Http01)
+                        .ok_or(AcmeError::NoChallenge("http-01"))?;
+                    let ka = ch.key_authorization().as_str().to_string();
+                    if let Ok(mut g) = self.http01.write() {
+                        g.insert(ch.token.clone(), ka);
+                    }
+                    tokens.push(ch.token.clone());
+                    ch.set_ready().await?;
+                    continue;
                 }
                 let mut ch = authz
                     .challenge(ChallengeType::TlsAlpn01)
@@ -356,6 +407,11 @@ impl Acme {
         .await;
         for n in &challenged {
             tls.clear_challenge(n);
+        }
+        if let Ok(mut g) = self.http01.write() {
+            for t in &tokens {
+                g.remove(t);
+            }
         }
         result?;
         // The CSR: signed by the HSM's key, or by a fresh software key.

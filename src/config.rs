@@ -108,6 +108,21 @@ pub struct AcmeConfig {
     /// Renew this many days before expiry. Default: when two thirds of the
     /// certificate's lifetime have passed.
     pub renew_days_before: Option<u32>,
+    /// `tls-alpn-01` (default: answered on the service's own listener) or
+    /// `http-01` (answered on `http01_listen`, usually port 80).
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Plain-HTTP listener for HTTP-01 (it serves nothing else).
+    pub http01_listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "http-01")]
+    Http01,
 }
 
 impl TlsConfig {
@@ -435,6 +450,9 @@ impl Config {
             }
             if self.tls.key.is_some() {
                 return Err("tls.key must be absent in acme mode (the key is generated: sealed in the state dir, or in the HSM with key_in_hsm)".into());
+            }
+            if a.challenge == AcmeChallenge::Http01 && a.http01_listen.is_none() {
+                return Err("tls.acme.challenge = \"http-01\" needs tls.acme.http01_listen (e.g. \"0.0.0.0:80\")".into());
             }
             let u = url::Url::parse(&a.directory_url)
                 .map_err(|e| format!("tls.acme.directory_url: {e}"))?;

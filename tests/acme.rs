@@ -39,6 +39,17 @@ impl Drop for Pebble {
 impl Pebble {
     /// `tls_port`: where its validation authority sends TLS-ALPN-01.
     fn start(dir: &Path, tls_port: u16, always_valid: bool, validity_secs: u64) -> Pebble {
+        Self::start_with_http(dir, tls_port, free_port(), always_valid, validity_secs)
+    }
+
+    /// `http_port`: where its validation authority sends HTTP-01.
+    fn start_with_http(
+        dir: &Path,
+        tls_port: u16,
+        http_port: u16,
+        always_valid: bool,
+        validity_secs: u64,
+    ) -> Pebble {
         assert!(
             Command::new("pebble").arg("-h").output().is_ok(),
             "pebble is required (apt-get install pebble); this test does not skip"
@@ -66,7 +77,7 @@ impl Pebble {
             "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
             "certificate": dir.join("cert.pem"),
             "privateKey": dir.join("key.pem"),
-            "httpPort": free_port(),
+            "httpPort": http_port,
             "tlsPort": tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": false,
@@ -115,6 +126,16 @@ impl Pebble {
 
 /// A dev appliance switched to ACME for `localhost`, on a fixed port.
 fn acme_appliance(tmp: &Path, pebble: &Pebble, port: u16, extra: &str) -> (PathBuf, Appliance) {
+    acme_appliance_with(tmp, pebble, port, extra, "")
+}
+
+fn acme_appliance_with(
+    tmp: &Path,
+    pebble: &Pebble,
+    port: u16,
+    extra: &str,
+    acme_extra: &str,
+) -> (PathBuf, Appliance) {
     let dir = tmp.join("a");
     let mut a = Appliance::start_dev_backend(&dir, "pkcs11");
     a.terminate();
@@ -124,7 +145,7 @@ fn acme_appliance(tmp: &Path, pebble: &Pebble, port: u16, extra: &str) -> (PathB
         .replace(
             "[tls]\ncert = \"tls/cert.pem\"\nkey = \"tls/key.pem\"\n",
             &format!(
-                "[tls]\nmode = \"acme\"\n{extra}\n[tls.acme]\ndirectory_url = \"https://127.0.0.1:{}/dir\"\nca_bundle = \"{}\"\nemail = \"ops@example.com\"\ndomains = [\"localhost\"]\naccept_terms = true\n",
+                "[tls]\nmode = \"acme\"\n{extra}\n[tls.acme]\ndirectory_url = \"https://127.0.0.1:{}/dir\"\nca_bundle = \"{}\"\nemail = \"ops@example.com\"\ndomains = [\"localhost\"]\naccept_terms = true\n{acme_extra}\n",
                 pebble.acme_port,
                 pebble.ca.display()
             ),
@@ -325,4 +346,43 @@ async fn acme_with_the_key_in_the_hsm_never_has_a_key_file() {
         );
     }
     drop(a);
+}
+
+#[tokio::test]
+async fn acme_answers_real_http_01_validation_on_its_own_listener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, http_port) = (free_port(), free_port());
+    let pebble = Pebble::start_with_http(
+        &tmp.path().join("pebble"),
+        free_port(),
+        http_port,
+        false,
+        3600 * 24 * 90,
+    );
+    let (_dir, a) = acme_appliance_with(
+        tmp.path(),
+        &pebble,
+        port,
+        "",
+        &format!("challenge = \"http-01\"\nhttp01_listen = \"127.0.0.1:{http_port}\""),
+    );
+    let c = pebble_client(pebble.root().await, port);
+    let h = wait_issued(&c, port, 60).await;
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert!(
+        a.log_text().contains("answered an HTTP-01 challenge"),
+        "{}",
+        a.log_text()
+    );
+    // That listener answers nothing else.
+    let r = reqwest::get(format!("http://127.0.0.1:{http_port}/v1/health"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = reqwest::get(format!(
+        "http://127.0.0.1:{http_port}/.well-known/acme-challenge/nope"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
 }

@@ -614,6 +614,7 @@ pub fn run_server(
                     cert_path: cfg.tls.cert.clone(),
                     renew_days_before: a.renew_days_before,
                     hsm_key,
+                    challenge: a.challenge,
                 },
                 dyn_backend.clone(),
             ));
@@ -720,6 +721,18 @@ pub fn run_server(
         }
         state.watch_tls(tls.clone());
         if let Some(acme) = acme {
+            if let Some(addr) = cfg.tls.acme.as_ref().and_then(|a| a.http01_listen) {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for HTTP-01"))?;
+                let router = crate::acme::http01_router(acme.http01_tokens());
+                tracing::info!(%addr, "HTTP-01 listener");
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(l, router).await {
+                        tracing::error!(error = %e, "HTTP-01 listener stopped");
+                    }
+                });
+            }
             tokio::spawn(acme.run(tls.clone()));
         }
         serve(listener, tls, app(state), opts, async {
@@ -846,7 +859,15 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
     crate::sandbox::landlock::Plan {
         read_only: ro,
         read_write: rw,
-        bind_port: Some(listen.port()).filter(|p| *p != 0),
+        bind_ports: Some(listen.port()).filter(|p| *p != 0).map(|p| {
+            let mut v = vec![p];
+            if let Some(h) = cfg.tls.acme.as_ref().and_then(|a| a.http01_listen) {
+                if cfg.tls.mode == crate::config::TlsMode::Acme {
+                    v.push(h.port());
+                }
+            }
+            v
+        }),
         connect_ports,
     }
 }

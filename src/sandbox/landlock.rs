@@ -14,7 +14,8 @@ pub struct Plan {
     pub read_only: Vec<PathBuf>,
     pub read_write: Vec<PathBuf>,
     /// `None`: binding is not restricted (listening on an ephemeral port).
-    pub bind_port: Option<u16>,
+    /// TCP ports it may bind (None: not restricted).
+    pub bind_ports: Option<Vec<u16>>,
     /// `None`: outbound connections are not restricted (dev).
     pub connect_ports: Option<Vec<u16>>,
 }
@@ -85,7 +86,7 @@ pub fn apply(plan: &Plan) -> Result<Option<Applied>, SandboxError> {
     let net_abi = kabi >= 4;
     if net_abi {
         let mut net = AccessNet::ConnectTcp & AccessNet::BindTcp; // empty
-        if plan.bind_port.is_some() {
+        if plan.bind_ports.is_some() {
             net |= AccessNet::BindTcp;
         }
         if plan.connect_ports.is_some() {
@@ -121,11 +122,13 @@ pub fn apply(plan: &Plan) -> Result<Option<Applied>, SandboxError> {
         }
     }
     if net_abi {
-        if let Some(port) = plan.bind_port {
-            created = created
-                .add_rule(NetPort::new(port, AccessNet::BindTcp))
-                .map_err(err)?;
-            rules.push(format!("bind tcp/{port}"));
+        if let Some(ports) = &plan.bind_ports {
+            for port in ports {
+                created = created
+                    .add_rule(NetPort::new(*port, AccessNet::BindTcp))
+                    .map_err(err)?;
+                rules.push(format!("bind tcp/{port}"));
+            }
         } else {
             rules.push("bind: not restricted (ephemeral listen port)".into());
         }
