@@ -92,6 +92,9 @@ fn mutate_bytes(b: &mut Vec<u8>, r: &mut Rng) {
     }
 }
 
+/// Builds a fresh valid body (new tickets) for one endpoint.
+type BaseBody = Box<dyn Fn(&Appliance) -> Value>;
+
 #[derive(Clone, Copy)]
 enum Kind {
     Signed,
@@ -145,7 +148,7 @@ async fn a_thousand_mutations_per_endpoint_never_5xx_and_the_server_lives() {
     a.storage(json!({"operation":"set","collection":"proxy_configs","key":"p1","data":{"name":"x","serviceName":"svc","baseUrl":"http://127.0.0.1:9/","headers":{"authorization":"Bearer ${TOKEN}"}}}))
         .await;
 
-    let cases: Vec<(&str, Kind, Box<dyn Fn(&Appliance) -> Value>)> = vec![
+    let cases: Vec<(&str, Kind, BaseBody)> = vec![
         (
             "/v1/health",
             Kind::Signed,
