@@ -277,18 +277,7 @@ impl Appliance {
 impl Appliance {
     /// A ticket as Token Vault signs it: base64url(payload).hex(HMAC(payload_b64)).
     pub fn ticket(&self, pur: &str, svc: &str, extra: Value) -> String {
-        let mut c = json!({"sub":"user-1","svc":svc,"pur":pur,"iat":now(),"exp":now()+60,"nonce":new_rid().replace("req_", "n0nce")});
-        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
-            for (k, v) in e {
-                o.insert(k.clone(), v.clone());
-            }
-        }
-        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string());
-        let mut m =
-            <Hmac<Sha256> as Mac>::new_from_slice(self.secret.as_ref().expect("bind first"))
-                .unwrap();
-        m.update(p.as_bytes());
-        format!("{p}.{}", hex::encode(m.finalize().into_bytes()))
+        make_ticket(self.secret.as_ref().expect("bind first"), pur, svc, extra)
     }
 
     pub async fn store(&self, svc: &str, token_data: Value) -> (u16, Value) {
@@ -434,4 +423,18 @@ pub fn read_process_memory(pid: u32) -> Vec<u8> {
         out.push(0);
     }
     out
+}
+
+/// A ticket as Token Vault signs it: single-use nonce, 60 s life.
+pub fn make_ticket(secret: &[u8], pur: &str, svc: &str, extra: Value) -> String {
+    let mut c = json!({"sub":"user-1","svc":svc,"pur":pur,"iat":now(),"exp":now()+60,"nonce":new_rid().replace("req_", "n0nce")});
+    if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    let p = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c.to_string());
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap();
+    m.update(p.as_bytes());
+    format!("{p}.{}", hex::encode(m.finalize().into_bytes()))
 }
