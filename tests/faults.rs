@@ -327,3 +327,86 @@ fn percent(v: &Value) -> String {
     s.truncate(s.char_indices().nth(4096).map_or(s.len(), |(i, _)| i));
     percent_encoding::utf8_percent_encode(&s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+#[tokio::test]
+async fn a_full_store_answers_507_loses_nothing_and_recovers_when_space_returns() {
+    // A 1 MiB LMDB map stands in for a full disk.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = Appliance::start_dev(&dir);
+    a.terminate();
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let small = cfg.replace("map_size_mib = 256", "map_size_mib = 1")
+        + "\n[direct_access]\nrate_limit_per_minute = 0\n";
+    assert!(small.contains("map_size_mib = 1\n"));
+    std::fs::write(dir.join("config.toml"), &small).unwrap();
+    let mut a = Appliance::start_serve(&dir);
+    a.bind().await;
+    let blob = "x".repeat(16 * 1024);
+    let mut stored = Vec::new();
+    let mut full = None;
+    for i in 0..200 {
+        let svc = format!("fill-{i}");
+        let (st, v) = a
+            .store(&svc, json!({"accessToken": format!("{i}-{blob}")}))
+            .await;
+        match st {
+            200 => stored.push(svc),
+            507 => {
+                full = Some(v);
+                break;
+            }
+            other => panic!("{svc}: {other} {v}"),
+        }
+    }
+    let v = full.expect("the 1 MiB map never filled");
+    assert_eq!(
+        (v["error"].as_str(), v["message"].is_string()),
+        (Some("insufficient_storage"), true),
+        "{v}"
+    );
+    assert!(stored.len() > 5, "{}", stored.len());
+    // Signed writes are refused the same way; reads still work; alive.
+    let (st, v) = a
+        .signed(
+            "/v1/storage",
+            json!({"operation":"set","collection":"vault_config","key":"big","data":{"b": blob.repeat(8)}}),
+        )
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{v}"
+    );
+    for (i, svc) in stored.iter().enumerate() {
+        let (st, v) = a.credential(svc, "").await;
+        assert_eq!(st, 200, "{svc}");
+        assert_eq!(v["token"]["accessToken"], json!(format!("{i}-{blob}")));
+    }
+    let h: Value = a
+        .client
+        .get(a.url("/v1/health"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["status"], "healthy", "{h}");
+    // Space returns (a bigger map after a restart): writes work, nothing lost.
+    a.terminate();
+    std::fs::write(
+        dir.join("config.toml"),
+        small.replace("map_size_mib = 1\n", "map_size_mib = 64\n"),
+    )
+    .unwrap();
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&dir);
+    b.secret = secret;
+    let (st, v) = b.store("after", json!({"accessToken": blob})).await;
+    assert_eq!(st, 200, "{v}");
+    for svc in stored.iter().step_by(3) {
+        assert_eq!(b.credential(svc, "").await.0, 200, "{svc}");
+    }
+    assert!(!b.log_text().contains("panicked"));
+}
