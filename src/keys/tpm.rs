@@ -751,7 +751,7 @@ impl SealKeys for TpmBackend {
         self.fill_random(&mut iv)?;
         let ct = cipher
             .encrypt(
-                Nonce::from_slice(&iv),
+                &Nonce::from(iv),
                 Payload {
                     msg: plaintext,
                     aad,
@@ -768,8 +768,9 @@ impl SealKeys for TpmBackend {
         let cipher = Aes256Gcm::new_from_slice(self.aes_key()?.as_slice())
             .map_err(|_| KeyError::InvalidInput)?;
         let (iv, ct) = split_sealed(sealed)?;
+        let iv: [u8; IV_LEN] = iv.try_into().map_err(|_| KeyError::DecryptFailed)?;
         cipher
-            .decrypt(Nonce::from_slice(iv), Payload { msg: ct, aad })
+            .decrypt(&Nonce::from(iv), Payload { msg: ct, aad })
             .map(Zeroizing::new)
             .map_err(|_| KeyError::DecryptFailed)
     }
