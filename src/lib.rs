@@ -6,6 +6,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod custody;
+pub mod fsutil;
 pub mod keys;
 pub mod protocol;
 pub mod sandbox;

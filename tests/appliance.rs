@@ -11,15 +11,7 @@ use serde_json::{json, Value};
 async fn dev_binds_over_https_and_serves_health_and_storage() {
     let (_tmp, mut a) = Appliance::start_new();
     // Unauthenticated health before binding.
-    let h: Value = a
-        .client
-        .get(a.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = a.health().await;
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["keyConfigured"], true);
     assert_eq!(
@@ -482,15 +474,7 @@ async fn health_is_degraded_when_the_certificate_nears_expiry_and_recovers_on_re
     };
     write_cert(3);
     let a = Appliance::start_serve(&dir);
-    let h: Value = a
-        .client
-        .get(a.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = a.health().await;
     assert_eq!(h["status"], "degraded", "{h}");
     // Whole days left, rounded down: 2 or 3 depending on the second.
     assert!(

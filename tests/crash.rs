@@ -10,7 +10,7 @@ use harness::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
 
 const CLIENTS: usize = 200;
@@ -194,8 +194,17 @@ async fn kill_9_under_200_clients_loses_no_acknowledged_write_and_no_replay_memo
                 }
             }));
         }
-        // A random moment: 200 ms to 1.5 s into the load.
-        tokio::time::sleep(Duration::from_millis(200 + next() % 1300)).await;
+        // A random moment once the load flows: 0 to 1.3 s after the first
+        // acknowledged store (a slow CI box may take a while to get there).
+        let flowing = Instant::now();
+        while acked.lock().unwrap().stores.is_empty() {
+            assert!(
+                flowing.elapsed() < Duration::from_secs(60),
+                "round {round}: no store acknowledged within 60 s of the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(next() % 1300)).await;
         eprintln!(
             "round {round}: kill -9 after {} ops",
             ops.load(Ordering::Relaxed)

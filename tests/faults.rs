@@ -303,15 +303,7 @@ async fn a_thousand_mutations_per_endpoint_never_5xx_and_the_server_lives() {
         }
     }
     // Alive, healthy, and never panicked.
-    let h: Value = a
-        .client
-        .get(a.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = a.health().await;
     assert_eq!(h["status"], "healthy", "{h}");
     assert!(!a.log_text().contains("panicked"), "{}", a.log_text());
     assert_eq!(a.terminate(), Some(0));
@@ -383,15 +375,7 @@ async fn a_full_store_answers_507_loses_nothing_and_recovers_when_space_returns(
         assert_eq!(st, 200, "{svc}");
         assert_eq!(v["token"]["accessToken"], json!(format!("{i}-{blob}")));
     }
-    let h: Value = a
-        .client
-        .get(a.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = a.health().await;
     assert_eq!(h["status"], "healthy", "{h}");
     // Space returns (a bigger map after a restart): writes work, nothing lost.
     a.terminate();

@@ -215,6 +215,18 @@ impl Appliance {
         format!("{}{}", self.base, path)
     }
 
+    /// `GET /v1/health` as JSON.
+    pub async fn health(&self) -> Value {
+        self.client
+            .get(self.url("/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.toml")
     }

@@ -161,15 +161,7 @@ async fn verify_is_single_use_across_restart() {
         false,
         "accepted step remembered across kill -9"
     );
-    let h: Value = b
-        .client
-        .get(b.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = b.health().await;
     assert!(h["capabilities"]
         .as_array()
         .unwrap()

@@ -8,7 +8,7 @@ mod harness;
 
 use base64::Engine;
 use harness::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::{Duration, Instant};
 use tokenvault_webhook::keys::tpm::swtpm;
 
@@ -43,15 +43,7 @@ async fn tpm_dev_binds_serves_and_holds_keys_in_locked_memory() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a");
     let mut a = Appliance::start_dev_backend(&dir, "tpm");
-    let h: Value = a
-        .client
-        .get(a.url("/v1/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = a.health().await;
     assert_eq!(
         (h["status"].as_str(), h["keyConfigured"].as_bool()),
         (Some("healthy"), Some(true))

@@ -138,6 +138,9 @@ pub struct Pkcs11Backend {
     /// this application; a lookup per code would make SoftHSM rescan its
     /// token directory. Cleared on any device error.
     otp_handles: Mutex<std::collections::HashMap<String, ObjectHandle>>,
+    /// The TLS private key's handle (one lookup, not one per handshake).
+    /// Cleared on any device error, like `otp_handles`.
+    tls_handle: Mutex<Option<ObjectHandle>>,
 }
 
 /// Is this error about the device or the session (rather than the data)?
@@ -191,6 +194,7 @@ impl Pkcs11Backend {
             aes_present: AtomicBool::new(false),
             otp_mechs: [false; 3],
             otp_handles: Mutex::new(std::collections::HashMap::new()),
+            tls_handle: Mutex::new(None),
         };
         let mut b = b;
         {
@@ -352,6 +356,9 @@ impl Pkcs11Backend {
                     }
                     if let Ok(mut h) = self.otp_handles.lock() {
                         h.clear();
+                    }
+                    if let Ok(mut h) = self.tls_handle.lock() {
+                        *h = None;
                     }
                     if fresh {
                         tracing::error!(error = %e, "PKCS#11 operation failed on a fresh session");

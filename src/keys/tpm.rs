@@ -447,26 +447,7 @@ impl Conn {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TpmSetupError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let io = |e| TpmSetupError::Io(path.to_path_buf(), e);
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
+    crate::fsutil::write_atomic(path, data).map_err(|e| TpmSetupError::Io(path.to_path_buf(), e))
 }
 
 fn read_blob(path: &Path) -> Result<SealedBlob, TpmSetupError> {

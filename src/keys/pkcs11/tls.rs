@@ -170,8 +170,18 @@ impl Pkcs11Backend {
     /// ECDSA over a SHA-256 digest, in the token: raw `r ‖ s`.
     pub fn tls_sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, KeyError> {
         self.with_session(|p| {
-            let h = find_one(&p.session, &tls_template(ObjectClass::PRIVATE_KEY))?
-                .ok_or(CkError::InvalidValue)?;
+            let cached = self.tls_handle.lock().ok().and_then(|g| *g);
+            let h = match cached {
+                Some(h) => h,
+                None => {
+                    let h = find_one(&p.session, &tls_template(ObjectClass::PRIVATE_KEY))?
+                        .ok_or(CkError::InvalidValue)?;
+                    if let Ok(mut g) = self.tls_handle.lock() {
+                        *g = Some(h);
+                    }
+                    h
+                }
+            };
             p.session.sign(&Mechanism::Ecdsa, h, digest)
         })
     }
