@@ -193,23 +193,23 @@ pub fn read_secret_file(path: &Path) -> Result<SecretString> {
 }
 
 pub(crate) fn read_pin_for_doctor(cfg: &Config) -> Result<()> {
-    read_pin(cfg).map(|_| ())
+    read_secret_file(&pin_source(cfg)?).map(|_| ())
 }
 
-fn read_pin(cfg: &Config) -> Result<SecretString> {
+/// Where the user PIN is read from: the systemd credential first (the
+/// service), then the file (operator commands run as the service user).
+fn pin_source(cfg: &Config) -> Result<PathBuf> {
     let p = cfg
         .keys
         .pkcs11
         .as_ref()
         .ok_or_else(|| anyhow!("[keys.pkcs11] missing"))?;
-    // The systemd credential first (the service), then the file (operator
-    // commands run as the service user).
     if let (Some(name), Some(dir)) = (&p.pin_credential, std::env::var_os("CREDENTIALS_DIRECTORY"))
     {
-        return read_secret_file(&Path::new(&dir).join(name));
+        return Ok(Path::new(&dir).join(name));
     }
     if let Some(f) = &p.pin_file {
-        return read_secret_file(f);
+        return Ok(f.clone());
     }
     bail!("keys.pkcs11.pin_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=, or also set pin_file)")
 }
@@ -227,14 +227,14 @@ pub fn open_pkcs11(cfg: &Config) -> Result<Arc<Pkcs11Backend>> {
         })?,
     };
     let ctx = open_module(&module)?;
-    let pin = read_pin(cfg)?;
-    Ok(Arc::new(Pkcs11Backend::connect(
-        ctx,
-        &p.token_label,
-        pin,
-        p.sessions,
-        p.copy_keys_to_session,
-    )?))
+    let source = pin_source(cfg)?;
+    let pin = read_secret_file(&source)?;
+    let mut backend =
+        Pkcs11Backend::connect(ctx, &p.token_label, pin, p.sessions, p.copy_keys_to_session)?;
+    // A PIN changed on the HSM is picked up from the same source without a
+    // restart (the sandbox keeps it readable).
+    backend.set_pin_reader(Box::new(move || read_secret_file(&source).ok()));
+    Ok(Arc::new(backend))
 }
 
 fn refuse_root(cfg: &Config) -> Result<()> {
@@ -816,6 +816,11 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
     {
         if let Some(m) = p.module.clone().or_else(find_softhsm_module) {
             ro.push(m);
+        }
+        if let Ok(pin) = pin_source(cfg) {
+            if pin.exists() && !ro.contains(&pin) {
+                ro.push(pin);
+            }
         }
         let conf = p
             .softhsm_conf

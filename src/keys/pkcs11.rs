@@ -19,6 +19,7 @@ use secrecy::ExposeSecret;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 use zeroize::Zeroize;
 
 pub mod tls;
@@ -123,7 +124,15 @@ struct Pooled {
 pub struct Pkcs11Backend {
     ctx: Pkcs11,
     label: String,
-    pin: AuthPin,
+    /// The user PIN. Replaced when the token refuses it and the source
+    /// (PIN file or systemd credential) holds a different one.
+    pin: Mutex<AuthPin>,
+    /// Re-reads the PIN from its source (set by the CLI).
+    pin_reader: Option<PinReader>,
+    /// When the token last refused the PIN: the same PIN is not presented
+    /// again for [`PIN_RETRY_AFTER`], so a PIN changed on the HSM cannot
+    /// make the appliance lock the token with failed logins.
+    pin_refused_at: Mutex<Option<Instant>>,
     slot: Mutex<Option<Slot>>,
     pool: Mutex<Vec<Pooled>>,
     max_idle: usize,
@@ -142,6 +151,13 @@ pub struct Pkcs11Backend {
     /// Cleared on any device error, like `otp_handles`.
     tls_handle: Mutex<Option<ObjectHandle>>,
 }
+
+/// Re-reads the user PIN from its configured source.
+pub type PinReader = Box<dyn Fn() -> Option<AuthPin> + Send + Sync>;
+
+/// How long a refused PIN is not presented again (a changed PIN file is
+/// tried at once).
+pub const PIN_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 /// Is this error about the device or the session (rather than the data)?
 fn is_device_error(e: &CkError) -> bool {
@@ -183,7 +199,9 @@ impl Pkcs11Backend {
         let b = Pkcs11Backend {
             ctx,
             label: label.into(),
-            pin,
+            pin: Mutex::new(pin),
+            pin_reader: None,
+            pin_refused_at: Mutex::new(None),
             slot: Mutex::new(Some(slot)),
             pool: Mutex::new(Vec::new()),
             max_idle: max_idle.max(1),
@@ -301,15 +319,70 @@ impl Pkcs11Backend {
                 return Err(e);
             }
         };
-        match session.login(UserType::User, Some(&self.pin)) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(e),
-        }
+        self.login(&session)?;
         Ok(Pooled {
             session,
             aes: None,
             hmac: None,
         })
+    }
+
+    /// Where the user PIN can be re-read after the token refuses it.
+    pub fn set_pin_reader(&mut self, reader: PinReader) {
+        self.pin_reader = Some(reader);
+    }
+
+    /// `C_Login` as the user. After the token refused the PIN, a new PIN
+    /// from the source is tried at once; the same PIN only after
+    /// [`PIN_RETRY_AFTER`] (each refusal counts towards the token's lockout).
+    fn login(&self, session: &Session) -> Result<(), CkError> {
+        let refused = self.pin_refused_at.lock().ok().and_then(|g| *g);
+        if let Some(at) = refused {
+            let fresh = self.pin_reader.as_ref().and_then(|r| r());
+            let changed = match (&fresh, self.pin.lock()) {
+                (Some(new), Ok(mut cur)) if new.expose_secret() != cur.expose_secret() => {
+                    *cur = new.clone();
+                    true
+                }
+                _ => false,
+            };
+            if changed {
+                tracing::info!("trying the new PIN from the PIN source");
+            } else if at.elapsed() < PIN_RETRY_AFTER {
+                return Err(CkError::Pkcs11(
+                    RvError::PinIncorrect,
+                    cryptoki::context::Function::Login,
+                ));
+            }
+        }
+        let pin = self
+            .pin
+            .lock()
+            .map(|p| p.clone())
+            .map_err(|_| CkError::InvalidValue)?;
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                if refused.is_some() {
+                    tracing::info!("the token accepted the PIN again");
+                    if let Ok(mut g) = self.pin_refused_at.lock() {
+                        *g = None;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, CkError::Pkcs11(RvError::PinIncorrect, _)) {
+                    tracing::error!(
+                        "the token refused the PIN (changed on the HSM?): key operations answer 503 until the PIN source holds the new PIN; the same PIN is not retried for {} s, so the token is not locked",
+                        PIN_RETRY_AFTER.as_secs()
+                    );
+                    if let Ok(mut g) = self.pin_refused_at.lock() {
+                        *g = Some(Instant::now());
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     fn give_back(&self, p: Pooled) {
