@@ -91,6 +91,101 @@ struct ProxyRequest {
     header_templates: BTreeMap<String, String>,
 }
 
+/// A decoded `/v1/proxy` body: the fields every request needs, checked
+/// before the ticket is (pure: no keys, no store; fuzzed).
+pub struct ProxyCall {
+    pub service: String,
+    pub ticket: String,
+    upstream: Upstream,
+    /// Header name → template with `${TOKEN}` (filled after the ticket).
+    pub header_templates: BTreeMap<String, String>,
+}
+
+/// The upstream request a [`ProxyCall`] asks for, validated: an http(s) URL
+/// without credentials, an allowed method, a decoded body, headers that are
+/// valid and not hop-by-hop.
+pub struct Outbound {
+    pub url: url::Url,
+    pub method: Method,
+    pub body: Option<Vec<u8>>,
+    pub headers: HeaderMap,
+}
+
+impl ProxyCall {
+    pub fn decode(body: &[u8]) -> Result<ProxyCall, ApiError> {
+        let req: ProxyRequest = serde_json::from_slice(body)
+            .map_err(|_| ApiError::invalid("Request body must be a JSON proxy request"))?;
+        let service = req
+            .service
+            .filter(|x| !x.is_empty())
+            .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
+        let ticket = req
+            .ticket
+            .filter(|x| !x.is_empty())
+            .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
+        let upstream = req
+            .upstream
+            .ok_or_else(|| ApiError::invalid("Missing required field: upstream"))?;
+        Ok(ProxyCall {
+            service,
+            ticket,
+            upstream,
+            header_templates: req.header_templates,
+        })
+    }
+
+    /// The upstream request, checked (pure; the stored-config pin and the
+    /// egress policy come after, in [`proxy`]).
+    pub fn outbound(&self) -> Result<Outbound, ApiError> {
+        let up = &self.upstream;
+        let url = url::Url::parse(
+            up.url
+                .as_deref()
+                .ok_or_else(|| ApiError::invalid("Missing required field: upstream.url"))?,
+        )
+        .map_err(|_| ApiError::invalid("Field upstream.url is not a URL"))?;
+        if !matches!(url.scheme(), "https" | "http")
+            || url.host_str().is_none()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return Err(ApiError::invalid(
+                "Field upstream.url must be an http(s) URL without credentials",
+            ));
+        }
+        let method = up.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
+        if !METHODS.contains(&method.as_str()) {
+            return Err(ApiError::invalid("Field upstream.method is not allowed"));
+        }
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| ApiError::invalid("Field upstream.method is not allowed"))?;
+        let body = match up.body.as_deref() {
+            None | Some("") => None,
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|_| {
+                        ApiError::invalid("Field upstream.body must be standard base64")
+                    })?,
+            ),
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in &up.headers {
+            let (n, v) = valid_header(k, v)?;
+            headers.append(n, v);
+        }
+        for h in hop_by_hop(&headers) {
+            headers.remove(h.as_str());
+        }
+        Ok(Outbound {
+            url,
+            method,
+            body,
+            headers,
+        })
+    }
+}
+
 fn valid_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ApiError> {
     let n = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| ApiError::invalid("Header name is not valid"))?;
@@ -175,48 +270,24 @@ async fn token_value(
 
 pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
     let p = &s.settings.broker.proxy;
-    let req: ProxyRequest = serde_json::from_slice(&signed.body)
-        .map_err(|_| ApiError::invalid("Request body must be a JSON proxy request"))?;
+    let call = ProxyCall::decode(&signed.body)?;
     drop(signed);
-    let service = req
-        .service
-        .filter(|x| !x.is_empty())
-        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
-    let raw_ticket = req
-        .ticket
-        .filter(|x| !x.is_empty())
-        .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
-    let up = req
-        .upstream
-        .ok_or_else(|| ApiError::invalid("Missing required field: upstream"))?;
+    let service = call.service.clone();
     let at = now();
     let tk = ticket::verify(
         &s.backend,
         &s.store,
-        &raw_ticket,
+        &call.ticket,
         ticket::PROXY,
         &service,
         at,
     )?;
-    let url = url::Url::parse(
-        up.url
-            .as_deref()
-            .ok_or_else(|| ApiError::invalid("Missing required field: upstream.url"))?,
-    )
-    .map_err(|_| ApiError::invalid("Field upstream.url is not a URL"))?;
-    if !matches!(url.scheme(), "https" | "http")
-        || url.host_str().is_none()
-        || !url.username().is_empty()
-        || url.password().is_some()
-    {
-        return Err(ApiError::invalid(
-            "Field upstream.url must be an http(s) URL without credentials",
-        ));
-    }
-    let method = up.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
-    if !METHODS.contains(&method.as_str()) {
-        return Err(ApiError::invalid("Field upstream.method is not allowed"));
-    }
+    let Outbound {
+        url,
+        method,
+        body,
+        mut headers,
+    } = call.outbound()?;
     // Pinned to the vault owner's proxy config.
     let config = match &tk.pid {
         Some(pid) => s.store.get_raw(Collection::ProxyConfigs, pid)?,
@@ -261,27 +332,11 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         }
         _ => {}
     }
-    let body = match up.body.as_deref() {
-        None | Some("") => None,
-        Some(b) => Some(
-            base64::engine::general_purpose::STANDARD
-                .decode(b)
-                .map_err(|_| ApiError::invalid("Field upstream.body must be standard base64"))?,
-        ),
-    };
-    let mut headers = HeaderMap::new();
-    for (k, v) in &up.headers {
-        let (n, v) = valid_header(k, v)?;
-        headers.append(n, v);
-    }
-    for h in hop_by_hop(&headers) {
-        headers.remove(h.as_str());
-    }
     // The credential, only now.
     let (_, doc) = ticket::load_document(&s.store, &tk)?;
     ticket::consume(&s.store, &tk, at).await?;
     let token = token_value(&s, &service, &doc, at).await?;
-    for (k, tmpl) in &req.header_templates {
+    for (k, tmpl) in &call.header_templates {
         let value = Zeroizing::new(tmpl.replace("${TOKEN}", &token));
         let (n, mut v) = valid_header(k, &value)?;
         if HOP_BY_HOP.contains(&n.as_str()) {
@@ -291,9 +346,7 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         headers.insert(n, v);
     }
     drop(token);
-    let m = Method::from_bytes(method.as_bytes())
-        .map_err(|_| ApiError::invalid("Field upstream.method is not allowed"))?;
-    let mut rb = p.client.request(m, url.clone()).headers(headers);
+    let mut rb = p.client.request(method, url.clone()).headers(headers);
     if let Some(b) = body {
         rb = rb.body(b);
     }
