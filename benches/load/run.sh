@@ -24,6 +24,13 @@ wait_ready
 kill $pid; wait $pid 2>/dev/null || true
 rm "$dir/log"
 printf '\n[direct_access]\nrate_limit_per_minute = 0\n' >> "$dir/a/config.toml"
+# Start to READY: `serve` on the provisioned dir (the production path); the
+# TPM backend through `dev`, which also starts its swtpm.
+if [ "$backend" = tpm ]; then
+  python3 benches/load/start.py 20 $bin dev --dir "$dir/a" --listen 127.0.0.1:0
+else
+  python3 benches/load/start.py 20 $bin --config "$dir/a/config.toml" serve
+fi
 $bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
 pid=$!
 wait_ready

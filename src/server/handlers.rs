@@ -4,7 +4,9 @@ use super::auth::{read_body, Signed};
 use super::{now, AppState};
 use crate::binding;
 use crate::custody::fields::{self, seal_token_data};
-use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
+use crate::protocol::document::{
+    public_meta, TokenDocument, CREDENTIAL_KEYS, META_ALLOWLIST, META_PROTECTED,
+};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, CAPABILITIES, VERSION};
 use crate::store::{PutOutcome, StoreError};
@@ -13,7 +15,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 // ---- health -------------------------------------------------------------
 
@@ -155,7 +161,7 @@ fn obj(pairs: [(&str, Value); 2]) -> Value {
     Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
-fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, StoreError> {
+pub(super) fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, StoreError> {
     move |k: &[u8], v: &[u8]| {
         let key = String::from_utf8_lossy(k).into_owned();
         match c {
@@ -179,16 +185,90 @@ fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, StoreError> 
     }
 }
 
-fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiError> {
-    let limit = match o.limit {
-        None => None,
-        Some(l) if l >= 1 => Some(l as usize),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "options.limit must be a positive integer",
-            ))
+/// A token document's public metadata, borrowed from the stored bytes:
+/// keys and values are not parsed into a `Value` tree.
+#[derive(Deserialize)]
+struct RawMetaView<'a> {
+    #[serde(borrow, default)]
+    meta: BTreeMap<Cow<'a, str>, &'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct RawTokenItem<'a> {
+    key: &'a str,
+    meta: BTreeMap<&'a str, &'a RawValue>,
+}
+
+/// A `tokens` listing item, `{"key":…,"meta":{…}}`, rendered straight from
+/// the stored document: the same bytes as the `Value` path (allowlisted
+/// meta, sorted keys, `serviceName` defaulting to the key) without building
+/// and dropping a tree per item.
+pub(super) fn token_item_raw(k: &[u8], v: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |_| StoreError::Corrupt("token document");
+    let doc: RawMetaView = serde_json::from_slice(v).map_err(corrupt)?;
+    let key = String::from_utf8_lossy(k);
+    let mut meta: BTreeMap<&str, &RawValue> = doc
+        .meta
+        .iter()
+        .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_ref()))
+        .map(|(k, v)| (k.as_ref(), *v))
+        .collect();
+    let service;
+    if !meta.contains_key("serviceName") {
+        service = serde_json::value::to_raw_value(key.as_ref()).map_err(corrupt)?;
+        meta.insert("serviceName", &service);
+    }
+    let mut out = Vec::with_capacity(256);
+    serde_json::to_writer(&mut out, &RawTokenItem { key: &key, meta }).map_err(corrupt)?;
+    Ok(out)
+}
+
+fn list_limit(o: &ListOptions) -> Result<Option<usize>, ApiError> {
+    match o.limit {
+        None => Ok(None),
+        Some(l) if l >= 1 => Ok(Some(l as usize)),
+        Some(_) => Err(ApiError::invalid(
+            "options.limit must be a positive integer",
+        )),
+    }
+}
+
+/// `list` of `tokens` without filters, the hot listing: the answer is
+/// assembled as bytes from [`token_item_raw`] items.
+fn list_tokens_raw(s: &AppState, o: &ListOptions, rid: &str) -> Result<Response, ApiError> {
+    let keep_all = |_: &Vec<u8>| true;
+    let (items, page) = s.store.list_as(
+        Collection::Tokens,
+        list_limit(o)?,
+        o.after.as_deref(),
+        false,
+        &keep_all,
+        &token_item_raw,
+    )?;
+    let len: usize = items.iter().map(|i| i.len() + 1).sum();
+    let mut body = Vec::with_capacity(len + 128);
+    body.extend_from_slice(b"{\"items\":[");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
         }
-    };
+        body.extend_from_slice(item);
+    }
+    body.extend_from_slice(b"],\"pagination\":");
+    serde_json::to_writer(&mut body, &page).map_err(|_| ApiError::Internal)?;
+    body.extend_from_slice(b",\"requestId\":");
+    serde_json::to_writer(&mut body, rid).map_err(|_| ApiError::Internal)?;
+    body.push(b'}');
+    Ok((
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
+fn list_one(s: &AppState, c: Collection, o: &ListOptions) -> Result<Value, ApiError> {
+    let limit = list_limit(o)?;
     let filter_field = if c == Collection::Tokens {
         "meta"
     } else {
@@ -322,7 +402,11 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
         }
         "list" => {
             let c = collection(req.collection.as_deref())?;
-            list_one(&s, c, &req.options.unwrap_or_default())?
+            let opts = req.options.unwrap_or_default();
+            if c == Collection::Tokens && opts.filters.as_ref().is_none_or(|f| f.is_empty()) {
+                return list_tokens_raw(&s, &opts, &rid);
+            }
+            list_one(&s, c, &opts)?
         }
         "get" => {
             let c = collection(req.collection.as_deref())?;

@@ -1733,3 +1733,34 @@ async fn totp_verify_single_use_drift_and_failure_limit() {
     .await;
     assert_eq!(verify_code(&t, "peer", &at(0)).await.1["valid"], true);
 }
+
+#[test]
+fn raw_token_listing_items_are_the_value_path_bytes() {
+    let docs = [
+        (
+            "github",
+            json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken":"c2VhbGVk"},
+                   "meta":{"tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","displayName":"GitHub \"prod\" ✓"}}),
+        ),
+        (
+            "svc with \"quotes\"\n",
+            json!({"v":1,"alg":"none","meta":{"serviceName":"other","accessToken":"leak?","weird":{"a":[1,2.5,null]}}}),
+        ),
+        ("empty", json!({"v":1,"alg":"none"})),
+        (
+            "nested",
+            json!({"meta":{"scopes":["a","b"],"expiresAt":1.5e9,"hasTotpSecret":true}}),
+        ),
+    ];
+    for (key, doc) in docs {
+        let raw = serde_json::to_vec(&doc).unwrap();
+        let fast = handlers::token_item_raw(key.as_bytes(), &raw).unwrap();
+        let slow = handlers::project(Collection::Tokens)(key.as_bytes(), &raw).unwrap();
+        assert_eq!(
+            String::from_utf8(fast).unwrap(),
+            serde_json::to_string(&slow).unwrap(),
+            "{key}"
+        );
+    }
+    assert!(handlers::token_item_raw(b"k", b"{not json").is_err());
+}

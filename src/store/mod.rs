@@ -106,7 +106,7 @@ const SCHEMA_VERSION: &[u8] = b"1";
 type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
 type Done = oneshot::Receiver<Result<(), StoreError>>;
 /// Turns a stored (key, value) into a listing item (a JSON object).
-pub type Projector<'a> = &'a dyn Fn(&[u8], &[u8]) -> Result<Value, StoreError>;
+pub type Projector<'a, T = Value> = &'a dyn Fn(&[u8], &[u8]) -> Result<T, StoreError>;
 
 #[derive(Clone)]
 pub struct Store {
@@ -634,9 +634,6 @@ impl Store {
         filter_field: &str,
         project: Projector<'_>,
     ) -> Result<ListResult, StoreError> {
-        let r = self.read()?;
-        let db = self.dbs.collection(c);
-        let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
         let matches = |item: &Value| match filters {
             None => true,
             Some(f) => {
@@ -645,6 +642,27 @@ impl Store {
                     .all(|(k, v)| target.and_then(|t| t.get(k)) == Some(v))
             }
         };
+        let filtered = filters.is_some_and(|f| !f.is_empty());
+        let (items, pagination) = self.list_as(c, limit, after, filtered, &matches, project)?;
+        Ok(ListResult { items, pagination })
+    }
+
+    /// [`Store::list`] for any item type: `project` renders a stored row,
+    /// `keep` filters the rendered items (`filtered`: whether it can refuse
+    /// any, so totalCount must visit every row).
+    pub fn list_as<T>(
+        &self,
+        c: Collection,
+        limit: Option<usize>,
+        after: Option<&str>,
+        filtered: bool,
+        keep: &dyn Fn(&T) -> bool,
+        project: Projector<'_, T>,
+    ) -> Result<(Vec<T>, Pagination), StoreError> {
+        let r = self.read()?;
+        let db = self.dbs.collection(c);
+        let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
+        let matches = keep;
         let mut items = Vec::new();
         let mut last_key: Option<Vec<u8>> = None;
         let mut has_more = false;
@@ -688,7 +706,7 @@ impl Store {
             }
         }
         // totalCount: every matching item of the collection, wherever the cursor is.
-        let total = if filters.is_some_and(|f| !f.is_empty()) {
+        let total = if filtered {
             let mut n = 0u64;
             for row in db.iter(&r)? {
                 let (k, v) = row?;
@@ -708,14 +726,14 @@ impl Store {
         } else {
             None
         };
-        Ok(ListResult {
+        Ok((
             items,
-            pagination: Pagination {
+            Pagination {
                 has_more,
                 next_cursor,
                 total_count: total,
             },
-        })
+        ))
     }
 }
 
