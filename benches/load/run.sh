@@ -39,22 +39,44 @@ base=https://127.0.0.1:$port
 code=$($bin --config "$dir/a/config.toml" register-url | python3 -c 'import json,sys;print(json.load(sys.stdin)["code"])')
 secret=$(curl -s --cacert "$dir/a/tls/cert.pem" "$base/v1/exchange" -d "{\"code\":\"$code\"}" | python3 -c 'import json,sys;print(json.load(sys.stdin)["hmacSecret"])')
 gen() { python3 benches/load/gen_signed.py "$secret" "$1" "$2" "$3" "$4"; }
-report() { # name, wrk output
+ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+hz=$(getconf CLK_TCK)
+# PROFILE=word: `perf record` the server during the rows whose name holds
+# word; the flat profile goes to perf-<row>.txt in the current directory.
+measure() { # name, command...: sets $out and $cpu (server CPU, % of one core)
+  local name=$1 t0 t1 perf_pid=""
+  shift
+  if [ -n "${PROFILE:-}" ] && [[ "$name" == *"$PROFILE"* ]] && command -v perf >/dev/null; then
+    perf record -F 999 -p "$pid" -o "$dir/perf.data" -- sleep $((secs > 3 ? secs - 2 : 1)) 2>/dev/null >/dev/null &
+    perf_pid=$!
+  fi
+  t0=$(ticks)
+  out=$("$@" 2>&1)
+  t1=$(ticks)
+  cpu=$(( (t1 - t0) * 100 / hz / secs ))
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" || true
+    perf report -i "$dir/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | head -40 > "perf-$(tr -c 'a-zA-Z0-9' '-' <<<"$name" | tr -s '-').txt"
+  fi
+}
+report() { # name (wrk output in $out, server CPU in $cpu)
   local rps p50 p99 errs
-  rps=$(grep Requests/sec <<<"$2" | awk '{print $2}')
-  p50=$(grep " 50%" <<<"$2" | awk '{print $2}')
-  p99=$(grep " 99%" <<<"$2" | awk '{print $2}')
-  errs=$( (grep -oE "non2xx=[0-9]+" <<<"$2" || echo non2xx=0) | cut -d= -f2 | head -1)
-  printf "| %-42s | %9s | %8s | %8s | %6s | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
+  rps=$(grep Requests/sec <<<"$out" | awk '{print $2}')
+  p50=$(grep " 50%" <<<"$out" | awk '{print $2}')
+  p99=$(grep " 99%" <<<"$out" | awk '{print $2}')
+  errs=$( (grep -oE "non2xx=[0-9]+" <<<"$out" || echo non2xx=0) | cut -d= -f2 | head -1)
+  printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
 signed() { # name, path, n, body
   gen "$2" "$4" "$3" "$dir/reqs"
-  out=$(REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base" 2>&1)
-  report "$1" "$out"
+  REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base"
+  report "$1"
 }
-echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | peak RSS |"
-echo "|---|---|---|---|---|---|"
-report "GET /v1/health (floor)" "$(wrk -t2 -c64 -d${secs}s --latency "$base/v1/health" 2>&1)"
+echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | server CPU | peak RSS |"
+echo "|---|---|---|---|---|---|---|"
+measure "GET /v1/health (floor)" wrk -t2 -c64 -d${secs}s --latency "$base/v1/health"
+report "GET /v1/health (floor)"
 signed "POST /v1/health (HMAC + replay)" /v1/health $((secs * 25000)) '{"requestId":"req_bench"}'
 gen /v1/storage '{"operation":"set","collection":"tokens","key":"svc-{i}","data":{"meta":{"tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","displayName":"Service {i}"}}}' 200 "$dir/set"
 PATH_=/v1/storage python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/set"
@@ -62,11 +84,11 @@ signed "POST /v1/storage list 200 tokens" /v1/storage $((secs * 6000)) '{"operat
 signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operation":"set","collection":"proxy_configs","key":"p-{i}","data":{"name":"x","serviceName":"github"}}'
 direct() { # name, kind, n
   python3 benches/load/gen_direct.py "$secret" "$2" "$3" "$dir/direct"
-  out=$(REQS="$dir/direct" WRK_THREADS=2 wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base" 2>&1)
-  report "$1" "$out"
+  REQS="$dir/direct" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base"
+  report "$1"
 }
-direct "POST /v1/store (durable, sealed)" store $((secs * 9000))
-direct "GET /v1/credential (ticket + decrypt)" credential $((secs * 12000))
+direct "POST /v1/store (durable, sealed)" store $((secs * 15000))
+direct "GET /v1/credential (ticket + decrypt)" credential $((secs * 25000))
 python3 benches/load/gen_direct.py "$secret" totp-store 200 "$dir/totp-enrol" 200
 python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/totp-enrol"
-direct "GET /v1/totp-code" totp $((secs * 12000))
+direct "GET /v1/totp-code" totp $((secs * 20000))

@@ -92,6 +92,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Found by the token_document fuzz target: without serde_json's
+    /// correctly rounded float parsing a stored number drifted by one ULP on
+    /// each read-modify-write of a document.
+    #[test]
+    fn meta_numbers_round_trip_exactly() {
+        let raw = br#"{"v":1,"alg":"none","meta":{"n":76.1e111,"m":7411e9,"x":0.1}}"#;
+        let d: TokenDocument = serde_json::from_slice(raw).unwrap();
+        let again: TokenDocument =
+            serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        assert_eq!(again, d);
+        assert_eq!(d.meta["n"], json!(7.61e112));
+    }
+
     #[test]
     fn allowlist_drops_unknown_and_credential_keys() {
         let meta = json!({"serviceName":"gh","accessToken":"x","weird":1,"tokenType":"JWT"});
