@@ -56,8 +56,13 @@ measure() { # name, command...: sets $out and $cpu (server CPU, % of one core)
   cpu=$(( (t1 - t0) * 100 / hz / secs ))
   if [ -n "$perf_pid" ]; then
     wait "$perf_pid" || true
-    perf report -i "$dir/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null \
-      | grep -v '^#' | grep -v '^$' | head -40 > "perf-$(tr -c 'a-zA-Z0-9' '-' <<<"$name" | tr -s '-').txt"
+    local f
+    f="perf-$(tr -c 'a-zA-Z0-9' '-' <<<"$name" | tr -s '-' | sed 's/-$//').txt"
+    { echo "## by object"
+      perf report -i "$dir/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -12 || true
+      echo "## by symbol"
+      perf report -i "$dir/perf.data" --no-children --sort dso,symbol --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -40 | cut -c1-150 | sed 's/ *$//' || true
+    } > "$f"
   fi
 }
 report() { # name (wrk output in $out, server CPU in $cpu)
@@ -68,7 +73,10 @@ report() { # name (wrk output in $out, server CPU in $cpu)
   errs=$( (grep -oE "non2xx=[0-9]+" <<<"$out" || echo non2xx=0) | cut -d= -f2 | head -1)
   printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
+# ONLY=word: run the floor and the rows whose name holds word.
+want() { [ -z "${ONLY:-}" ] || [[ "$1" == *"$ONLY"* ]]; }
 signed() { # name, path, n, body
+  want "$1" || return 0
   gen "$2" "$4" "$3" "$dir/reqs"
   REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base"
   report "$1"
@@ -83,6 +91,7 @@ PATH_=/v1/storage python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$d
 signed "POST /v1/storage list 200 tokens" /v1/storage $((secs * 6000)) '{"operation":"list","collection":"tokens","options":{"limit":200}}'
 signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operation":"set","collection":"proxy_configs","key":"p-{i}","data":{"name":"x","serviceName":"github"}}'
 direct() { # name, kind, n
+  want "$1" || return 0
   python3 benches/load/gen_direct.py "$secret" "$2" "$3" "$dir/direct"
   REQS="$dir/direct" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base"
   report "$1"

@@ -2,7 +2,9 @@
 //! allowlist used wherever a document's meta leaves the appliance.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Stored form. `fields` hold sealed credential fields only (never plaintext).
@@ -85,6 +87,43 @@ pub fn public_meta(meta: Map<String, Value>) -> Map<String, Value> {
     meta.into_iter()
         .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_str()))
         .collect()
+}
+
+/// A token document's public metadata, borrowed from the stored bytes:
+/// keys and values are not parsed into a `Value` tree.
+#[derive(Deserialize)]
+struct RawMetaView<'a> {
+    #[serde(borrow, default)]
+    meta: BTreeMap<Cow<'a, str>, &'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct RawTokenItem<'a> {
+    key: &'a str,
+    meta: BTreeMap<&'a str, &'a RawValue>,
+}
+
+/// A `tokens` listing item, `{"key":…,"meta":{…}}`, rendered straight from
+/// the stored document: the same bytes as the `Value` path (allowlisted
+/// meta, sorted keys, `serviceName` defaulting to the key) without building
+/// and dropping a tree per item.
+pub fn list_item(k: &[u8], v: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    let doc: RawMetaView = serde_json::from_slice(v)?;
+    let key = String::from_utf8_lossy(k);
+    let mut meta: BTreeMap<&str, &RawValue> = doc
+        .meta
+        .iter()
+        .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_ref()))
+        .map(|(k, v)| (k.as_ref(), *v))
+        .collect();
+    let service;
+    if !meta.contains_key("serviceName") {
+        service = serde_json::value::to_raw_value(key.as_ref())?;
+        meta.insert("serviceName", &service);
+    }
+    let mut out = Vec::with_capacity(256);
+    serde_json::to_writer(&mut out, &RawTokenItem { key: &key, meta })?;
+    Ok(out)
 }
 
 #[cfg(test)]

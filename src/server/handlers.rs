@@ -4,9 +4,7 @@ use super::auth::{read_body, Signed};
 use super::{now, AppState};
 use crate::binding;
 use crate::custody::fields::{self, seal_token_data};
-use crate::protocol::document::{
-    public_meta, TokenDocument, CREDENTIAL_KEYS, META_ALLOWLIST, META_PROTECTED,
-};
+use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, CAPABILITIES, VERSION};
 use crate::store::{PutOutcome, StoreError};
@@ -15,11 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 // ---- health -------------------------------------------------------------
 
@@ -185,44 +179,6 @@ pub(super) fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, S
     }
 }
 
-/// A token document's public metadata, borrowed from the stored bytes:
-/// keys and values are not parsed into a `Value` tree.
-#[derive(Deserialize)]
-struct RawMetaView<'a> {
-    #[serde(borrow, default)]
-    meta: BTreeMap<Cow<'a, str>, &'a RawValue>,
-}
-
-#[derive(Serialize)]
-struct RawTokenItem<'a> {
-    key: &'a str,
-    meta: BTreeMap<&'a str, &'a RawValue>,
-}
-
-/// A `tokens` listing item, `{"key":…,"meta":{…}}`, rendered straight from
-/// the stored document: the same bytes as the `Value` path (allowlisted
-/// meta, sorted keys, `serviceName` defaulting to the key) without building
-/// and dropping a tree per item.
-pub(super) fn token_item_raw(k: &[u8], v: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |_| StoreError::Corrupt("token document");
-    let doc: RawMetaView = serde_json::from_slice(v).map_err(corrupt)?;
-    let key = String::from_utf8_lossy(k);
-    let mut meta: BTreeMap<&str, &RawValue> = doc
-        .meta
-        .iter()
-        .filter(|(k, _)| META_ALLOWLIST.contains(&k.as_ref()))
-        .map(|(k, v)| (k.as_ref(), *v))
-        .collect();
-    let service;
-    if !meta.contains_key("serviceName") {
-        service = serde_json::value::to_raw_value(key.as_ref()).map_err(corrupt)?;
-        meta.insert("serviceName", &service);
-    }
-    let mut out = Vec::with_capacity(256);
-    serde_json::to_writer(&mut out, &RawTokenItem { key: &key, meta }).map_err(corrupt)?;
-    Ok(out)
-}
-
 fn list_limit(o: &ListOptions) -> Result<Option<usize>, ApiError> {
     match o.limit {
         None => Ok(None),
@@ -234,16 +190,16 @@ fn list_limit(o: &ListOptions) -> Result<Option<usize>, ApiError> {
 }
 
 /// `list` of `tokens` without filters, the hot listing: the answer is
-/// assembled as bytes from [`token_item_raw`] items.
+/// assembled from the listing items rendered at write time.
 fn list_tokens_raw(s: &AppState, o: &ListOptions, rid: &str) -> Result<Response, ApiError> {
-    let keep_all = |_: &Vec<u8>| true;
+    let copy = |_: &[u8], item: &[u8]| Ok(item.to_vec());
     let (items, page) = s.store.list_as(
         Collection::Tokens,
+        true,
         list_limit(o)?,
         o.after.as_deref(),
-        false,
-        &keep_all,
-        &token_item_raw,
+        None,
+        &copy,
     )?;
     let len: usize = items.iter().map(|i| i.len() + 1).sum();
     let mut body = Vec::with_capacity(len + 128);
@@ -468,7 +424,7 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                                 merge_meta(&mut doc, &meta, &key);
                                 let raw = serde_json::to_vec(&doc)
                                     .map_err(|_| StoreError::Corrupt("token document"))?;
-                                dbs.tokens.put(txn, key.as_bytes(), &raw)?;
+                                dbs.put_token(txn, &key, &raw)?;
                                 Ok(())
                             })
                             .await?

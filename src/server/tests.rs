@@ -589,7 +589,7 @@ async fn tokens_never_leave_with_credentials() {
     let raw = serde_json::to_vec(&doc).unwrap();
     t.state
         .store
-        .write(move |txn, dbs| Ok(dbs.tokens.put(txn, b"github", &raw)?))
+        .write(move |txn, dbs| dbs.put_token(txn, "github", &raw))
         .await
         .unwrap();
 
@@ -717,7 +717,7 @@ async fn limits_clamp_and_pages_walk() {
             serde_json::to_vec(&json!({"v":1,"alg":"none","meta":{"serviceName":k}})).unwrap();
         t.state
             .store
-            .write(move |txn, dbs| Ok(dbs.tokens.put(txn, k.as_bytes(), &raw)?))
+            .write(move |txn, dbs| dbs.put_token(txn, &k, &raw))
             .await
             .unwrap();
     }
@@ -1344,7 +1344,7 @@ async fn totp_seeds_are_withheld_and_plaintext_docs_resealed() {
     let raw = serde_json::to_vec(&json!({"v":1,"alg":"none","fields":{"accessToken":"plain-tok"},"meta":{"serviceName":"legacy","tokenType":"PlainText"}})).unwrap();
     t.state
         .store
-        .write(move |txn, dbs| Ok(dbs.tokens.put(txn, b"legacy", &raw)?))
+        .write(move |txn, dbs| dbs.put_token(txn, "legacy", &raw))
         .await
         .unwrap();
     assert_eq!(
@@ -1754,7 +1754,7 @@ fn raw_token_listing_items_are_the_value_path_bytes() {
     ];
     for (key, doc) in docs {
         let raw = serde_json::to_vec(&doc).unwrap();
-        let fast = handlers::token_item_raw(key.as_bytes(), &raw).unwrap();
+        let fast = crate::protocol::document::list_item(key.as_bytes(), &raw).unwrap();
         let slow = handlers::project(Collection::Tokens)(key.as_bytes(), &raw).unwrap();
         assert_eq!(
             String::from_utf8(fast).unwrap(),
@@ -1762,5 +1762,5 @@ fn raw_token_listing_items_are_the_value_path_bytes() {
             "{key}"
         );
     }
-    assert!(handlers::token_item_raw(b"k", b"{not json").is_err());
+    assert!(crate::protocol::document::list_item(b"k", b"{not json").is_err());
 }

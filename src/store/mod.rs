@@ -50,6 +50,9 @@ pub struct Dbs {
     pub meta: Db,
     pub totp_state: Db,
     pub oauth_clients: Db,
+    /// Each token's listing item (`{"key":…,"meta":{…}}`, public meta only),
+    /// rendered when the document is written: a listing copies bytes.
+    pub token_items: Db,
 }
 
 impl Dbs {
@@ -60,6 +63,42 @@ impl Dbs {
             Collection::Audit => self.audit,
             Collection::VaultConfig => self.vault_config,
         }
+    }
+
+    /// Writes a token document and its listing item (one transaction).
+    pub fn put_token(&self, txn: &mut RwTxn<'_>, key: &str, raw: &[u8]) -> Result<(), StoreError> {
+        let item = crate::protocol::document::list_item(key.as_bytes(), raw)
+            .map_err(|_| StoreError::Corrupt("token document"))?;
+        self.tokens.put(txn, key.as_bytes(), raw)?;
+        self.token_items.put(txn, key.as_bytes(), &item)?;
+        Ok(())
+    }
+
+    /// Stores written before the listing index: renders every item once.
+    pub(crate) fn ensure_token_items(&self, wtxn: &mut RwTxn<'_>) -> Result<(), StoreError> {
+        if self.meta.get(wtxn, META_TOKEN_ITEMS)?.is_some() {
+            return Ok(());
+        }
+        let mut rows = Vec::new();
+        for row in self.tokens.iter(wtxn)? {
+            let (k, v) = row?;
+            rows.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        }
+        for (k, v) in &rows {
+            self.put_token(wtxn, k, v)?;
+        }
+        self.meta.put(wtxn, META_TOKEN_ITEMS, b"1")?;
+        if !rows.is_empty() {
+            tracing::info!(tokens = rows.len(), "token listing index built");
+        }
+        Ok(())
+    }
+
+    /// Deletes a token document and its listing item.
+    pub fn delete_token(&self, txn: &mut RwTxn<'_>, key: &str) -> Result<(), StoreError> {
+        self.tokens.delete(txn, key.as_bytes())?;
+        self.token_items.delete(txn, key.as_bytes())?;
+        Ok(())
     }
 }
 
@@ -101,6 +140,8 @@ pub const META_HMAC_KEY_ID: &[u8] = b"hmac_key_id";
 pub const META_BOUND_AT: &[u8] = b"bound_at";
 const META_AUDIT_SEQ: &[u8] = b"audit_seq";
 const META_SCHEMA: &[u8] = b"schema_version";
+/// Set once `token_items` holds every token's listing item.
+const META_TOKEN_ITEMS: &[u8] = b"token_items_v1";
 const SCHEMA_VERSION: &[u8] = b"1";
 
 type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
@@ -133,7 +174,7 @@ impl Store {
         // processes (the CLI). It lives for the rest of the process (database
         // handles borrow it), so it is leaked deliberately.
         let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 9] = [
+        const NAMES: [&str; 10] = [
             "tokens",
             "proxy_configs",
             "audit",
@@ -143,15 +184,16 @@ impl Store {
             "meta",
             "totp_state",
             "oauth_clients",
+            "token_items",
         ];
         let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients] =
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items] =
             env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
                 let mut out = Vec::with_capacity(NAMES.len());
                 for name in NAMES {
                     out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
                 }
-                let arr: [Database<'_, Bytes, Bytes>; 9] = out
+                let arr: [Database<'_, Bytes, Bytes>; 10] = out
                     .try_into()
                     .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(arr))
@@ -167,6 +209,7 @@ impl Store {
             meta,
             totp_state,
             oauth_clients,
+            token_items,
         };
         let mut wtxn = env.write_txn()?;
         match dbs.meta.get(&wtxn, META_SCHEMA)? {
@@ -174,6 +217,7 @@ impl Store {
             Some(v) if v == SCHEMA_VERSION => {}
             Some(_) => return Err(StoreError::Corrupt("unknown schema version")),
         }
+        dbs.ensure_token_items(&mut wtxn)?;
         wtxn.commit()?;
         let writer = writer::spawn(env, dbs).map_err(|e| StoreError::Lmdb(e.to_string()))?;
         Ok(Store {
@@ -439,7 +483,7 @@ impl Store {
             }
             let raw =
                 serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
-            dbs.tokens.put(txn, service.as_bytes(), &raw)?;
+            dbs.put_token(txn, &service, &raw)?;
             dbs.totp_state.delete(txn, service.as_bytes())?;
             if let Some((n, exp)) = &nonce {
                 dbs.replay.put(
@@ -465,7 +509,7 @@ impl Store {
                     .unwrap_or(None),
                 None => None,
             };
-            dbs.tokens.delete(txn, service.as_bytes())?;
+            dbs.delete_token(txn, &service)?;
             dbs.totp_state.delete(txn, service.as_bytes())?;
             Ok(otp)
         })
@@ -568,7 +612,7 @@ impl Store {
         self.write(
             move |txn, dbs| match dbs.tokens.get(txn, service.as_bytes())? {
                 Some(cur) if cur == expected.as_slice() => {
-                    dbs.tokens.put(txn, service.as_bytes(), &raw)?;
+                    dbs.put_token(txn, &service, &raw)?;
                     Ok(true)
                 }
                 _ => Ok(false),
@@ -643,26 +687,33 @@ impl Store {
             }
         };
         let filtered = filters.is_some_and(|f| !f.is_empty());
-        let (items, pagination) = self.list_as(c, limit, after, filtered, &matches, project)?;
+        let keep: Option<&dyn Fn(&Value) -> bool> = if filtered { Some(&matches) } else { None };
+        let (items, pagination) = self.list_as(c, false, limit, after, keep, project)?;
         Ok(ListResult { items, pagination })
     }
 
     /// [`Store::list`] for any item type: `project` renders a stored row,
-    /// `keep` filters the rendered items (`filtered`: whether it can refuse
-    /// any, so totalCount must visit every row).
+    /// `keep` (if any) filters the rendered items, and then totalCount visits
+    /// every row.
     pub fn list_as<T>(
         &self,
         c: Collection,
+        prerendered: bool,
         limit: Option<usize>,
         after: Option<&str>,
-        filtered: bool,
-        keep: &dyn Fn(&T) -> bool,
+        keep: Option<&dyn Fn(&T) -> bool>,
         project: Projector<'_, T>,
     ) -> Result<(Vec<T>, Pagination), StoreError> {
         let r = self.read()?;
-        let db = self.dbs.collection(c);
+        // `prerendered`: the tokens' listing items instead of the documents.
+        let db = if prerendered && c == Collection::Tokens {
+            self.dbs.token_items
+        } else {
+            self.dbs.collection(c)
+        };
         let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
-        let matches = keep;
+        let filtered = keep.is_some();
+        let matches = |item: &T| keep.is_none_or(|k| k(item));
         let mut items = Vec::new();
         let mut last_key: Option<Vec<u8>> = None;
         let mut has_more = false;

@@ -270,3 +270,61 @@ async fn bind_code_lifecycle() {
     assert!(s.bind_code("c1").unwrap().unwrap().sealed_secret.is_empty());
     assert_eq!(s.meta_get(META_HMAC_KEY_ID).unwrap().unwrap(), b"k1");
 }
+
+/// The listing items always match the documents: after writes, deletes and
+/// replaces, and when an older store (documents only) is opened.
+#[tokio::test]
+async fn token_listing_items_follow_every_token_write() {
+    let (_d, s) = open();
+    let doc = |name: &str| {
+        serde_json::to_vec(&json!({"v":1,"alg":"none","meta":{"tokenType":"JWT","displayName":name,"accessToken":"never"}}))
+            .unwrap()
+    };
+    for k in ["a", "b", "c"] {
+        let raw = doc(k);
+        let k = k.to_string();
+        s.write(move |txn, dbs| dbs.put_token(txn, &k, &raw))
+            .await
+            .unwrap();
+    }
+    s.delete_token("b".into()).await.unwrap();
+    let items = |s: &Store| {
+        let r = s.read().unwrap();
+        let mut out = Vec::new();
+        for row in s.dbs().token_items.iter(&r).unwrap() {
+            let (k, v) = row.unwrap();
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        out
+    };
+    let expected = |s: &Store| {
+        let r = s.read().unwrap();
+        let mut out = Vec::new();
+        for row in s.dbs().tokens.iter(&r).unwrap() {
+            let (k, v) = row.unwrap();
+            out.push((
+                k.to_vec(),
+                crate::protocol::document::list_item(k, v).unwrap(),
+            ));
+        }
+        out
+    };
+    assert_eq!(items(&s).len(), 2);
+    assert_eq!(items(&s), expected(&s));
+    assert!(!String::from_utf8(items(&s)[0].1.clone())
+        .unwrap()
+        .contains("never"));
+
+    // An older store: documents without items and without the marker.
+    let raw = doc("old");
+    s.write(move |txn, dbs| {
+        dbs.tokens.put(txn, b"old", &raw)?;
+        dbs.token_items.clear(txn)?;
+        dbs.meta.delete(txn, META_TOKEN_ITEMS)?;
+        dbs.ensure_token_items(txn)
+    })
+    .await
+    .unwrap();
+    assert_eq!(items(&s).len(), 3);
+    assert_eq!(items(&s), expected(&s));
+}
