@@ -1,5 +1,6 @@
 //! Command line: `dev`, `serve`, `init`, `register-url`, `configtest`.
 
+pub mod backup;
 pub mod dev;
 pub mod doctor;
 
@@ -75,6 +76,21 @@ pub enum Command {
     TlsKey {
         #[command(subcommand)]
         action: TlsKeyAction,
+    },
+    /// Write a consistent, compacted copy of the store to FILE (works while
+    /// the service runs; documents stay sealed under the device's keys).
+    Backup {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Replace the store with a backup, after checking that every document
+    /// opens under the current keys. The service must be stopped; an
+    /// existing store is replaced only with --force (and kept aside).
+    Restore {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -412,6 +428,8 @@ pub fn run(cli: Cli) -> Result<()> {
         } => dev::run(&dir, listen, backend.as_deref(), cli.landlock == "on"),
         Command::OauthClient { action } => oauth_client(&cli.config, action),
         Command::TlsKey { action } => tls_key(&cli.config, action),
+        Command::Backup { out } => backup::backup(&cli.config, &out),
+        Command::Restore { from, force } => backup::restore(&cli.config, &from, force),
     }
 }
 

@@ -3,6 +3,7 @@
 //! (a few microseconds); writes go through the group-commit thread.
 
 pub mod audit;
+pub mod backup;
 mod writer;
 
 use crate::protocol::document::TokenDocument;
@@ -155,10 +156,22 @@ pub struct Store {
     dbs: Dbs,
     writer: mpsc::Sender<writer::Job>,
     _guard: Arc<()>,
+    /// The shared lock on the store directory (see [`backup`]).
+    _lock: Option<Arc<backup::StoreLock>>,
 }
 
 impl Store {
+    /// Opens (creating) the store in `dir`, holding the directory's shared
+    /// lock for as long as the process keeps it.
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
+        Self::ensure_dir(dir)?;
+        let lock = backup::lock_shared(dir)?;
+        let mut store = Self::open_unlocked(dir, map_size_bytes)?;
+        store._lock = Some(Arc::new(lock));
+        Ok(store)
+    }
+
+    fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -167,6 +180,13 @@ impl Store {
                 .create(dir)
                 .map_err(|e| StoreError::Lmdb(e.to_string()))?;
         }
+        Ok(())
+    }
+
+    /// [`Store::open`] without the directory lock (a restore's staging copy,
+    /// opened under the exclusive lock).
+    pub(crate) fn open_unlocked(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
+        Self::ensure_dir(dir)?;
         let mut opts = EnvOpenOptions::new().read_txn_without_tls();
         opts.map_size(map_size_bytes).max_dbs(16).max_readers(256);
         // SAFETY: the environment is opened once per process for this path and
@@ -225,6 +245,7 @@ impl Store {
             dbs,
             writer,
             _guard: Arc::new(()),
+            _lock: None,
         })
     }
 
@@ -444,6 +465,14 @@ impl Store {
             }
             dbs.meta.put(txn, key, &value)?;
             Ok(value.clone())
+        })
+    }
+
+    /// Removes a metadata value (durable when this returns).
+    pub fn meta_delete_blocking(&self, key: &'static [u8]) -> Result<(), StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            dbs.meta.delete(txn, key)?;
+            Ok(())
         })
     }
 

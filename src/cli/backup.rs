@@ -1,0 +1,114 @@
+//! `backup` and `restore`.
+
+use super::{load_for_run, open_device, refuse_root};
+use crate::config::Config;
+use crate::custody::fields::open_fields;
+use crate::keys::{Backend, HmacKeyId};
+use crate::protocol::document::TokenDocument;
+use crate::store::backup::stage_restore;
+use crate::store::{Store, META_BOUND_AT, META_HMAC_KEY_ID};
+use anyhow::{anyhow, bail, Result};
+use serde_json::json;
+use std::path::Path;
+
+/// `backup --out FILE`: works while the service runs; needs no keys.
+pub fn backup(config: &Path, out: &Path) -> Result<()> {
+    let cfg: Config = load_for_run(config)?;
+    refuse_root(&cfg)?;
+    if out.exists() {
+        bail!("{} exists; choose a new file", out.display());
+    }
+    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let tokens = store.count(crate::protocol::storage::Collection::Tokens)?;
+    let bytes = store.backup_to(out)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "backup": out.display().to_string(),
+            "bytes": bytes,
+            "tokens": tokens,
+        }))?
+    );
+    eprintln!("documents stay sealed: the backup is useless without this appliance's HSM or TPM keys (back those up with the device's own tools)");
+    Ok(())
+}
+
+/// What a restore found in the backup.
+struct Checked {
+    tokens: u64,
+    fields: u64,
+    totp_keys: u64,
+    bound: bool,
+}
+
+/// Every document must parse and every sealed field open under the current
+/// keys; every TOTP seed key it names must be in the device.
+fn check(store: &Store, backend: &Backend) -> Result<Checked> {
+    let otp_keys = backend
+        .list_otp()
+        .map_err(|e| anyhow!("key backend: {e}"))?;
+    let r = store.read()?;
+    let mut c = Checked {
+        tokens: 0,
+        fields: 0,
+        totp_keys: 0,
+        bound: false,
+    };
+    for row in store.dbs().tokens.iter(&r)? {
+        let (k, v) = row?;
+        let service = String::from_utf8_lossy(k).into_owned();
+        let doc: TokenDocument = serde_json::from_slice(v)
+            .map_err(|_| anyhow!("token {service:?}: the document does not parse"))?;
+        let opened = open_fields(backend, &service, &doc).map_err(|e| {
+            anyhow!("token {service:?}: {e} (was the backup taken with other keys?)")
+        })?;
+        c.fields += opened.len() as u64;
+        drop(opened);
+        if let Some(id) = &doc.otp {
+            if !otp_keys.contains(id) {
+                bail!("token {service:?}: its TOTP seed key {id} is not in the key device");
+            }
+            c.totp_keys += 1;
+        }
+        c.tokens += 1;
+    }
+    Ok(c)
+}
+
+/// `restore --from FILE [--force]`: the service must be stopped.
+pub fn restore(config: &Path, from: &Path, force: bool) -> Result<()> {
+    let cfg: Config = load_for_run(config)?;
+    refuse_root(&cfg)?;
+    if !from.is_file() {
+        bail!("{} is not a file", from.display());
+    }
+    let backend = open_device(&cfg)?.backend();
+    let staged = stage_restore(&cfg.store.path, from, force, cfg.store.map_size_mib << 20)?;
+    let mut checked = check(staged.store(), &backend)?;
+    // The binding: the backup's HMAC key must still be in the device (a
+    // re-bind since the backup destroyed it). If not, restore unbound.
+    let key = staged.store().meta_get(META_HMAC_KEY_ID)?;
+    if let Some(id) = key {
+        let id = HmacKeyId(String::from_utf8_lossy(&id).into_owned());
+        if backend.activate_hmac(&id).is_ok() {
+            checked.bound = true;
+        } else {
+            staged.store().meta_delete_blocking(META_HMAC_KEY_ID)?;
+            staged.store().meta_delete_blocking(META_BOUND_AT)?;
+            eprintln!("the backup's binding key is no longer in the key device (re-bound since the backup): the restored store is unbound; bind again with register-url");
+        }
+    }
+    let kept = staged.commit()?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "restored": cfg.store.path.display().to_string(),
+            "tokens": checked.tokens,
+            "fieldsVerified": checked.fields,
+            "totpKeysVerified": checked.totp_keys,
+            "bound": checked.bound,
+            "previous": kept.map(|p| p.display().to_string()),
+        }))?
+    );
+    Ok(())
+}

@@ -1,0 +1,216 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `backup` under load and `restore`, on the real binary and key device.
+
+mod harness;
+
+use harness::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+async fn all_tokens(a: &Appliance) -> BTreeMap<String, ()> {
+    let mut out = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut opts = json!({"limit": 200});
+        if let Some(c) = &after {
+            opts["after"] = json!(c);
+        }
+        let v = a
+            .storage(json!({"operation": "list", "collection": "tokens", "options": opts}))
+            .await;
+        for i in v["items"].as_array().unwrap() {
+            out.insert(i["key"].as_str().unwrap().to_string(), ());
+        }
+        match v["pagination"]["nextCursor"].as_str() {
+            Some(c) if v["pagination"]["hasMore"] == true => after = Some(c.to_string()),
+            _ => return out,
+        }
+    }
+}
+
+fn cli_fails(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(!out.status.success(), "{args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_backup_under_load_restores_every_acknowledged_credential() {
+    let (tmp, mut a) = Appliance::start_new();
+    a.bind().await;
+    let cfg = a.config();
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let out = tmp.path().join("store.backup");
+
+    // Stores from 32 concurrent clients while the backup runs.
+    let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(Vec::new()));
+    let acked_before = Arc::new(Mutex::new(0usize));
+    let done = Arc::new(AtomicBool::new(false));
+    let backup = {
+        let (acked, acked_before, done, out, cfg_s) = (
+            acked.clone(),
+            acked_before.clone(),
+            done.clone(),
+            out.clone(),
+            cfg_s.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            // Let the load build up, then take the backup.
+            while acked.lock().unwrap().len() < 200 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            *acked_before.lock().unwrap() = acked.lock().unwrap().len();
+            let v = cli_json(&["--config", &cfg_s, "backup", "--out", out.to_str().unwrap()]);
+            done.store(true, Ordering::SeqCst);
+            v
+        })
+    };
+    let a_ref = &a;
+    let mut round = 0;
+    while !done.load(Ordering::SeqCst) {
+        let batch = futures::future::join_all((0..32).map(|i| {
+            let svc = format!("svc-{round}-{i}");
+            let value = format!("value-{round}-{i}-{}", new_rid());
+            async move {
+                let (s, v) = a_ref
+                    .store(&svc, json!({"accessToken": value.clone()}))
+                    .await;
+                assert_eq!(s, 200, "{v}");
+                (svc, value)
+            }
+        }))
+        .await;
+        acked.lock().unwrap().extend(batch);
+        round += 1;
+    }
+    let report = backup.await.unwrap();
+    assert!(report["bytes"].as_u64().unwrap() > 0, "{report}");
+    let before = *acked_before.lock().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    eprintln!(
+        "backup under load: {} stores acknowledged before it started, {} in all, {report}",
+        before,
+        acked.len()
+    );
+    let mode = std::fs::metadata(&out).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o077,
+        0
+    );
+    let raw = std::fs::read(&out).unwrap();
+    for (_, value) in &acked {
+        assert!(
+            !raw.windows(value.len()).any(|w| w == value.as_bytes()),
+            "a plaintext credential is in the backup"
+        );
+    }
+    let listed_at_end = all_tokens(&a).await;
+
+    // While the service runs, restore refuses (the store is in use).
+    let err = cli_fails(&[
+        "--config",
+        &cfg_s,
+        "restore",
+        "--from",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(err.contains("in use"), "{err}");
+    a.terminate();
+    // `dev` ran its own swtpm (TPM backend): the commands need one now.
+    let tpm = start_swtpm_for(&a.dir);
+    // An existing store is replaced only with --force.
+    let err = cli_fails(&[
+        "--config",
+        &cfg_s,
+        "restore",
+        "--from",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--force"), "{err}");
+    let r = cli_json(&[
+        "--config",
+        &cfg_s,
+        "restore",
+        "--from",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(r["bound"], true, "{r}");
+    assert!(r["previous"].is_string(), "{r}");
+    let tokens = r["tokens"].as_u64().unwrap() as usize;
+    assert!(tokens >= before, "{r}");
+    assert!(
+        r["fieldsVerified"].as_u64().unwrap() >= tokens as u64,
+        "{r}"
+    );
+
+    drop(tpm);
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&a.dir);
+    b.secret = secret;
+    // The restored store is the snapshot: everything acknowledged before the
+    // backup began, each with its value, nothing that was never stored.
+    let listed = all_tokens(&b).await;
+    assert_eq!(listed.len(), tokens);
+    assert!(listed.keys().all(|k| listed_at_end.contains_key(k)));
+    let values: BTreeMap<_, _> = acked.iter().cloned().collect();
+    for (svc, value) in &acked[..before] {
+        assert!(listed.contains_key(svc), "{svc} lost");
+        let (s, v) = b.credential(svc, "").await;
+        assert_eq!(s, 200, "{svc}: {v}");
+        assert_eq!(v["token"]["accessToken"], json!(value));
+    }
+    for svc in listed.keys() {
+        let (s, v) = b.credential(svc, "").await;
+        assert_eq!(s, 200, "{svc}: {v}");
+        assert_eq!(v["token"]["accessToken"], json!(values[svc]));
+    }
+}
+
+#[tokio::test]
+async fn restore_refuses_a_backup_sealed_under_other_keys_and_keeps_the_store() {
+    let (tmp, mut a) = Appliance::start_new();
+    a.bind().await;
+    let (s, _) = a.store("github", json!({"accessToken": "gho_mine"})).await;
+    assert_eq!(s, 200);
+    // Another appliance: its own HSM token (or TPM) and its own keys.
+    let other = tmp.path().join("other");
+    let mut o = Appliance::start_dev(&other);
+    o.bind().await;
+    let (s, _) = o.store("github", json!({"accessToken": "gho_other"})).await;
+    assert_eq!(s, 200);
+    let out = tmp.path().join("other.backup");
+    let oc = o.config();
+    cli_json(&[
+        "--config",
+        oc.to_str().unwrap(),
+        "backup",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    o.terminate();
+
+    a.terminate();
+    let tpm = start_swtpm_for(&a.dir);
+    let cfg = a.config();
+    let err = cli_fails(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "restore",
+        "--from",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(err.contains("does not decrypt"), "{err}");
+    drop(tpm);
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&a.dir);
+    b.secret = secret;
+    let (s, v) = b.credential("github", "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["token"]["accessToken"], "gho_mine");
+    let _: Value = b.health().await;
+}
