@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod dev;
 pub mod doctor;
+pub mod import;
 
 use crate::config::{Config, KeyBackendKind, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
@@ -91,6 +92,15 @@ pub enum Command {
         from: PathBuf,
         #[arg(long)]
         force: bool,
+    },
+    /// Import a public reference webhook's stores: --from its
+    /// tokenvault_store.json (keys), --kv its tokenvault_kv_store.json
+    /// (collections); credentials are re-sealed under this appliance's keys.
+    Import {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        kv: PathBuf,
     },
 }
 
@@ -430,6 +440,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::TlsKey { action } => tls_key(&cli.config, action),
         Command::Backup { out } => backup::backup(&cli.config, &out),
         Command::Restore { from, force } => backup::restore(&cli.config, &from, force),
+        Command::Import { from, kv } => import::import(&cli.config, &from, &kv),
     }
 }
 

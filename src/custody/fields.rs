@@ -83,6 +83,20 @@ pub struct Prepared {
     pub installed_otp: Option<String>,
 }
 
+/// Merges caller metadata onto a document: never the flags the appliance
+/// computes (`META_PROTECTED`) or anything named like a credential.
+pub fn merge_meta(doc: &mut TokenDocument, meta: &Map<String, Value>, key: &str) {
+    use crate::protocol::document::{CREDENTIAL_KEYS, META_PROTECTED};
+    for (k, v) in meta {
+        if !META_PROTECTED.contains(&k.as_str()) && !CREDENTIAL_KEYS.contains(&k.as_str()) {
+            doc.meta.insert(k.clone(), v.clone());
+        }
+    }
+    doc.meta
+        .entry("serviceName")
+        .or_insert_with(|| Value::String(key.to_string()));
+}
+
 /// Validates `tokenData` and seals it. `existing_created_at` keeps
 /// `createdAt` on overwrite. Messages name fields, never values.
 pub fn seal_token_data(

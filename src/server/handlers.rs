@@ -3,8 +3,8 @@
 use super::auth::{read_body, Signed};
 use super::{now, AppState};
 use crate::binding;
-use crate::custody::fields::{self, seal_token_data};
-use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, META_PROTECTED};
+use crate::custody::fields::{self, merge_meta, seal_token_data};
+use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, CAPABILITIES, VERSION};
 use crate::store::{PutOutcome, StoreError};
@@ -317,17 +317,6 @@ fn token_write(data: &Value) -> Result<TokenWrite, ApiError> {
         return Ok(TokenWrite::Meta(flat));
     }
     Ok(TokenWrite::Meta(meta))
-}
-
-fn merge_meta(doc: &mut TokenDocument, meta: &Map<String, Value>, key: &str) {
-    for (k, v) in meta {
-        if !META_PROTECTED.contains(&k.as_str()) && !CREDENTIAL_KEYS.contains(&k.as_str()) {
-            doc.meta.insert(k.clone(), v.clone());
-        }
-    }
-    doc.meta
-        .entry("serviceName")
-        .or_insert_with(|| Value::String(key.to_string()));
 }
 
 pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
