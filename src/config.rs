@@ -30,6 +30,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -315,6 +317,14 @@ fn d_burst() -> u32 {
     600
 }
 
+/// Prometheus metrics on a separate plain-HTTP loopback listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// e.g. "127.0.0.1:9464"; absent: no metrics listener.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
@@ -437,6 +447,16 @@ impl Config {
                 "unsupported config version {} (this build reads version {CONFIG_VERSION})",
                 self.version
             ));
+        }
+        if let Some(m) = self.metrics.listen {
+            if !m.ip().is_loopback() {
+                return Err(format!(
+                    "metrics.listen = \"{m}\" must be a loopback address (metrics are plain HTTP; scrape them through a local agent or an SSH tunnel)"
+                ));
+            }
+            if m.port() != 0 && m == self.server.listen {
+                return Err("metrics.listen must differ from server.listen".into());
+            }
         }
         if let (TlsMode::Acme, a) = (self.tls.mode, &self.tls.acme) {
             let Some(a) = a else {

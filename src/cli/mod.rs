@@ -705,6 +705,20 @@ pub fn run_server(
             },
             bound,
         );
+        if let Some(addr) = cfg.metrics.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+            let at = l.local_addr()?;
+            let router = crate::server::metrics::router(state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, router).await {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            });
+            tracing::info!(%at, "metrics: Prometheus text at http://{at}/metrics");
+            eprintln!("METRICS http://{at}/metrics");
+        }
         let pruner = store.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -899,6 +913,9 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
                 if cfg.tls.mode == crate::config::TlsMode::Acme {
                     v.push(h.port());
                 }
+            }
+            if let Some(m) = cfg.metrics.listen.filter(|m| m.port() != 0) {
+                v.push(m.port());
             }
             v
         }),

@@ -355,6 +355,7 @@ pub async fn totp_verify(
     }
     let valid = s.store.totp_record(service.clone(), matched, step).await?;
     tracing::info!(service = %service, valid, "totp-verify");
+    s.metrics().totp_verify(valid);
     Ok(axum::response::IntoResponse::into_response(axum::Json(
         json!({
             "valid": valid,

@@ -7,6 +7,7 @@ pub mod direct;
 pub mod errors;
 pub mod handlers;
 pub mod listener;
+pub mod metrics;
 
 use crate::keys::Backend;
 use crate::store::Store;
@@ -48,6 +49,7 @@ pub struct Settings {
 
 #[derive(Clone)]
 pub struct AppState {
+    /// The key backend, counted into `metrics`.
     pub backend: Backend,
     pub store: Store,
     pub settings: Arc<Settings>,
@@ -55,18 +57,29 @@ pub struct AppState {
     bound: Arc<AtomicBool>,
     /// The serving certificate (expiry in health), once the listener has one.
     tls: Arc<std::sync::OnceLock<Arc<listener::TlsState>>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
     pub fn new(backend: Backend, store: Store, settings: Settings, bound: bool) -> Self {
+        let metrics = Arc::new(metrics::Metrics::default());
+        let backend: Backend = Arc::new(metrics::Metered {
+            inner: backend,
+            metrics: metrics.clone(),
+        });
         AppState {
             backend,
+            metrics,
             store,
             settings: Arc::new(settings),
             started: Instant::now(),
             bound: Arc::new(AtomicBool::new(bound)),
             tls: Arc::new(std::sync::OnceLock::new()),
         }
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// Lets health report the serving certificate's expiry.
@@ -153,7 +166,7 @@ pub fn app(state: AppState) -> Router {
 
 /// One line per request: method, path (no query), status, latency, request
 /// id, peer. Never a body, ticket or secret header.
-async fn access_log(State(_s): State<AppState>, req: Request, next: Next) -> Response {
+async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -165,6 +178,8 @@ async fn access_log(State(_s): State<AppState>, req: Request, next: Next) -> Res
         .map(str::to_string);
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     let resp = next.run(req).await;
+    s.metrics
+        .request(&path, resp.status().as_u16(), start.elapsed());
     tracing::info!(
         target: "access",
         method = %method,

@@ -253,6 +253,17 @@ impl Store {
         &self.dbs
     }
 
+    /// Map size, bytes of pages in use, and the data file's size.
+    pub fn usage(&self) -> Usage {
+        let info = self.env.info();
+        let page = self.env.unnamed_database_stat().page_size as u64;
+        Usage {
+            map_size: info.map_size as u64,
+            used: (info.last_page_number as u64 + 1) * page,
+            file: self.env.real_disk_size().unwrap_or(0),
+        }
+    }
+
     pub fn read(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
         Ok(self.env.read_txn()?)
     }
@@ -315,14 +326,6 @@ impl Store {
     pub fn count(&self, c: Collection) -> Result<u64, StoreError> {
         let r = self.read()?;
         Ok(self.dbs.collection(c).len(&r)?)
-    }
-
-    /// LMDB size figures: (bytes used by pages, map size).
-    pub fn usage(&self) -> (u64, u64) {
-        let info = self.env.info();
-        let stat = self.env.unnamed_database_stat();
-        let used = (info.last_page_number as u64 + 1) * stat.page_size as u64;
-        (used, info.map_size as u64)
     }
 
     // ---- replay memory --------------------------------------------------
@@ -815,6 +818,14 @@ impl Store {
             },
         ))
     }
+}
+
+/// What [`Store::usage`] reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub map_size: u64,
+    pub used: u64,
+    pub file: u64,
 }
 
 /// Result of [`Store::put_token`].
