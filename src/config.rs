@@ -32,6 +32,8 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -315,6 +317,34 @@ fn d_rate() -> u32 {
 }
 fn d_burst() -> u32 {
     600
+}
+
+/// The appliance's own audit trail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Records older than this are dropped (the chain keeps their last hash).
+    #[serde(default = "d_retention_days")]
+    pub retention_days: u32,
+    /// How often the chain head is signed with the HMAC key (when bound).
+    #[serde(default = "d_sign_every")]
+    pub sign_every_secs: u64,
+}
+
+fn d_retention_days() -> u32 {
+    365
+}
+fn d_sign_every() -> u64 {
+    60
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention_days: d_retention_days(),
+            sign_every_secs: d_sign_every(),
+        }
+    }
 }
 
 /// Prometheus metrics on a separate plain-HTTP loopback listener.

@@ -102,6 +102,22 @@ pub enum Command {
         #[arg(long)]
         kv: PathBuf,
     },
+    /// The appliance's own audit trail (hash-chained, head signed).
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditAction {
+    /// Check every link and hash of the chain and the signature of its head.
+    Verify,
+    /// Print the newest events, one JSON object per line.
+    Tail {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,6 +457,57 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backup { out } => backup::backup(&cli.config, &out),
         Command::Restore { from, force } => backup::restore(&cli.config, &from, force),
         Command::Import { from, kv } => import::import(&cli.config, &from, &kv),
+        Command::Audit { action } => audit(&cli.config, action),
+    }
+}
+
+fn audit(config: &Path, action: AuditAction) -> Result<()> {
+    let cfg = load_for_run(config)?;
+    refuse_root(&cfg)?;
+    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    match action {
+        AuditAction::Tail { lines } => {
+            for r in store.trail_tail(lines)? {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }
+        AuditAction::Verify => {
+            let report = store
+                .trail_verify()
+                .map_err(|e| anyhow!("audit trail BROKEN: {e}"))?;
+            let signature = match &report.signed {
+                None => "no signed head yet".to_string(),
+                Some(s) => {
+                    let backend = open_device(&cfg)?.backend();
+                    let key = store
+                        .meta_get(crate::store::META_HMAC_KEY_ID)?
+                        .ok_or_else(|| anyhow!("the trail has a signed head but the appliance is not bound: cannot check it"))?;
+                    backend.activate_hmac(&crate::keys::HmacKeyId(
+                        String::from_utf8_lossy(&key).into_owned(),
+                    ))?;
+                    let mac =
+                        backend.hmac_sha256(&crate::store::trail::head_message(s.seq, &s.hash))?;
+                    let given = hex::decode(&s.mac).unwrap_or_default();
+                    if !crate::protocol::signature::mac_eq(&mac, &given) {
+                        bail!("audit trail BROKEN: the signature of the head (record {}) does not verify with this appliance's HMAC key (re-bound since? then it was signed with the previous key)", s.seq);
+                    }
+                    format!("head record {} signed and verified", s.seq)
+                }
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "ok": true,
+                    "records": report.records,
+                    "from": report.anchor.seq + 1,
+                    "to": report.head.seq,
+                    "signature": signature,
+                    "unsignedAfterHead": report.signed.as_ref().map_or(report.head.seq, |s| report.head.seq - s.seq),
+                }))?
+            );
+            Ok(())
+        }
     }
 }
 
@@ -718,6 +785,28 @@ pub fn run_server(
             });
             tracing::info!(%at, "metrics: Prometheus text at http://{at}/metrics");
             eprintln!("METRICS http://{at}/metrics");
+        }
+        {
+            // The audit trail: sign the head, apply retention.
+            let (store, backend) = (store.clone(), state.backend.clone());
+            let every = Duration::from_secs(cfg.audit.sign_every_secs.max(1));
+            let keep = i64::from(cfg.audit.retention_days) * 86_400;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let t = crate::server::now();
+                    let mac = |m: &[u8]| backend.hmac_sha256(m).ok();
+                    if let Err(e) = store.trail_sign_head(t, mac).await {
+                        tracing::warn!(error = %e, "audit trail: signing the head failed");
+                    }
+                    match store.trail_prune(t - keep).await {
+                        Ok(n) if n > 0 => tracing::info!(removed = n, "audit trail: retention applied"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "audit trail: retention failed"),
+                    }
+                }
+            });
         }
         let pruner = store.clone();
         tokio::spawn(async move {

@@ -109,6 +109,12 @@ pub fn verify(
             "Ticket service does not match the requested service",
         ));
     }
+    crate::store::trail::note(|n| {
+        n.service = Some(svc.clone());
+        n.sub = c.sub.clone();
+        n.aid = c.aid.clone();
+        n.purpose = Some(pur.clone());
+    });
     Ok(Ticket {
         sub: c.sub,
         svc,

@@ -356,6 +356,9 @@ pub async fn totp_verify(
     let valid = s.store.totp_record(service.clone(), matched, step).await?;
     tracing::info!(service = %service, valid, "totp-verify");
     s.metrics().totp_verify(valid);
+    crate::store::trail::note(|n| {
+        n.result = Some(if valid { "accepted" } else { "rejected" }.into())
+    });
     Ok(axum::response::IntoResponse::into_response(axum::Json(
         json!({
             "valid": valid,

@@ -164,6 +164,21 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The routes the appliance's own audit trail records, by event name.
+fn trail_event(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/v1/credential" => "credential_read",
+        "/v1/totp-code" => "totp_code",
+        "/v1/totp-verify" => "totp_verify",
+        "/v1/proxy" => "proxy",
+        "/v1/refresh-notify" => "refresh",
+        "/v1/refresh" => "tv_refresh",
+        "/v1/store" => "store",
+        "/v1/exchange" => "bind",
+        _ => return None,
+    })
+}
+
 /// One line per request: method, path (no query), status, latency, request
 /// id, peer. Never a body, ticket or secret header.
 async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Response {
@@ -177,9 +192,18 @@ async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Resp
         .filter(|v| crate::protocol::signature::validate_request_id(v).is_ok())
         .map(str::to_string);
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
-    let resp = next.run(req).await;
+    let (resp, note) = crate::store::trail::with_note(next.run(req)).await;
     s.metrics
         .request(&path, resp.status().as_u16(), start.elapsed());
+    if let Some(event) = trail_event(&path) {
+        s.store.trail_append(crate::store::trail::TrailEvent {
+            ts: now(),
+            event,
+            status: resp.status().as_u16(),
+            note,
+            peer: peer.map(|p| p.ip().to_string()),
+        });
+    }
     tracing::info!(
         target: "access",
         method = %method,

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod trail;
 mod writer;
 
 use crate::protocol::document::TokenDocument;
@@ -54,6 +55,8 @@ pub struct Dbs {
     /// Each token's listing item (`{"key":…,"meta":{…}}`, public meta only),
     /// rendered when the document is written: a listing copies bytes.
     pub token_items: Db,
+    /// The appliance's own audit trail (see [`trail`]).
+    pub trail: Db,
 }
 
 impl Dbs {
@@ -194,7 +197,7 @@ impl Store {
         // processes (the CLI). It lives for the rest of the process (database
         // handles borrow it), so it is leaked deliberately.
         let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 10] = [
+        const NAMES: [&str; 11] = [
             "tokens",
             "proxy_configs",
             "audit",
@@ -205,15 +208,16 @@ impl Store {
             "totp_state",
             "oauth_clients",
             "token_items",
+            "trail",
         ];
         let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items] =
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items, trail] =
             env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
                 let mut out = Vec::with_capacity(NAMES.len());
                 for name in NAMES {
                     out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
                 }
-                let arr: [Database<'_, Bytes, Bytes>; 10] = out
+                let arr: [Database<'_, Bytes, Bytes>; 11] = out
                     .try_into()
                     .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(arr))
@@ -230,6 +234,7 @@ impl Store {
             totp_state,
             oauth_clients,
             token_items,
+            trail,
         };
         let mut wtxn = env.write_txn()?;
         match dbs.meta.get(&wtxn, META_SCHEMA)? {

@@ -328,3 +328,65 @@ async fn token_listing_items_follow_every_token_write() {
     assert_eq!(items(&s).len(), 3);
     assert_eq!(items(&s), expected(&s));
 }
+
+#[tokio::test]
+async fn trail_chain_verifies_and_any_change_breaks_it() {
+    use super::trail::{TrailEvent, TrailNote};
+    let (_d, s) = open();
+    for i in 0..5 {
+        s.trail_append(TrailEvent {
+            ts: 1_000 + i,
+            event: "credential_read",
+            status: 200,
+            note: TrailNote {
+                service: Some(format!("svc{i}")),
+                sub: Some("user-1".into()),
+                ..Default::default()
+            },
+            peer: Some("127.0.0.1".into()),
+        });
+    }
+    // FIFO writer: this commit lands after the appends.
+    s.write(|_, _| Ok(())).await.unwrap();
+    let r = s.trail_verify().unwrap();
+    assert_eq!((r.records, r.head.seq), (5, 5));
+    let mac = |m: &[u8]| Some(<[u8; 32]>::try_from(&sha2::Sha256::digest(m)[..]).unwrap());
+    use sha2::Digest;
+    assert_eq!(s.trail_sign_head(2_000, mac).await.unwrap().unwrap().seq, 5);
+    assert_eq!(s.trail_verify().unwrap().signed.unwrap().seq, 5);
+    assert_eq!(s.trail_tail(2).unwrap()[1].service.as_deref(), Some("svc4"));
+
+    // Retention keeps the signed record: drop 1..=3, anchor at 3.
+    assert_eq!(s.trail_prune(1_003).await.unwrap(), 3);
+    let r = s.trail_verify().unwrap();
+    assert_eq!((r.anchor.seq, r.records), (3, 2));
+
+    // An altered record.
+    let raw = {
+        let r = s.read().unwrap();
+        s.dbs()
+            .trail
+            .get(&r, &4u64.to_be_bytes())
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    };
+    let mut rec: super::trail::TrailRecord = serde_json::from_slice(&raw).unwrap();
+    rec.service = Some("someone-else".into());
+    let tampered = serde_json::to_vec(&rec).unwrap();
+    s.write(move |txn, dbs| Ok(dbs.trail.put(txn, &4u64.to_be_bytes(), &tampered)?))
+        .await
+        .unwrap();
+    let e = s.trail_verify().unwrap_err();
+    assert!(e.contains("record 4: altered"), "{e}");
+    // A removed record.
+    s.write(move |txn, dbs| {
+        dbs.trail.put(txn, &4u64.to_be_bytes(), &raw)?;
+        dbs.trail.delete(txn, &5u64.to_be_bytes())?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let e = s.trail_verify().unwrap_err();
+    assert!(e.contains("head says 5"), "{e}");
+}

@@ -1,0 +1,347 @@
+//! The appliance's own audit trail: every credential read, TOTP code,
+//! verify, proxy call, refresh, store and bind, append-only and hash-chained
+//! (`hash = SHA-256` of the record, which holds the previous record's hash).
+//! Periodically the chain head is signed with the backend's HMAC key
+//! (`sign_head`); `audit verify` checks the links, the hashes and that
+//! signature; retention drops the oldest records and keeps their last hash as
+//! the chain's anchor.
+//!
+//! Records are appended by the request's middleware in the writer's next
+//! group commit after the answer: a crash can lose the last few ms of
+//! events, never break the chain (each append is one transaction).
+
+use super::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+
+const META_HEAD: &[u8] = b"trail_head";
+const META_ANCHOR: &[u8] = b"trail_anchor";
+const META_SIGNED: &[u8] = b"trail_signed";
+const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Who and what, from the verified ticket, filled in while the request runs.
+#[derive(Debug, Clone, Default)]
+pub struct TrailNote {
+    pub service: Option<String>,
+    pub sub: Option<String>,
+    pub aid: Option<String>,
+    pub purpose: Option<String>,
+    pub result: Option<String>,
+}
+
+tokio::task_local! {
+    static NOTE: RefCell<TrailNote>;
+}
+
+/// Runs `f` (a request) with an empty note; returns the note it left.
+pub async fn with_note<F: std::future::Future>(f: F) -> (F::Output, TrailNote) {
+    NOTE.scope(RefCell::new(TrailNote::default()), async move {
+        let out = f.await;
+        let note = NOTE.with(|n| n.borrow().clone());
+        (out, note)
+    })
+    .await
+}
+
+/// Changes the running request's note (no-op outside a request).
+pub fn note(f: impl FnOnce(&mut TrailNote)) {
+    let _ = NOTE.try_with(|n| f(&mut n.borrow_mut()));
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrailRecord {
+    pub seq: u64,
+    pub ts: i64,
+    pub event: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    pub prev: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+}
+
+impl TrailRecord {
+    fn compute_hash(&self) -> Result<String, StoreError> {
+        let mut r = self.clone();
+        r.hash.clear();
+        let bytes = serde_json::to_vec(&r).map_err(|_| StoreError::Corrupt("trail record"))?;
+        Ok(hex::encode(Sha256::digest(&bytes)))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Link {
+    pub seq: u64,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedHead {
+    pub seq: u64,
+    pub hash: String,
+    pub ts: i64,
+    pub mac: String,
+}
+
+/// What [`Store::trail_verify`] found.
+#[derive(Debug)]
+pub struct TrailReport {
+    pub anchor: Link,
+    pub head: Link,
+    pub records: u64,
+    pub signed: Option<SignedHead>,
+}
+
+/// The message the backend's HMAC key signs for a head.
+pub fn head_message(seq: u64, hash: &str) -> Vec<u8> {
+    format!("tvw-trail-head-v1:{seq}:{hash}").into_bytes()
+}
+
+fn get_link(
+    txn: &heed::RoTxn<'_, heed::WithoutTls>,
+    db: &super::Db,
+    key: &[u8],
+) -> Result<Link, StoreError> {
+    match db.get(txn, key)? {
+        Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail link")),
+        None => Ok(Link {
+            seq: 0,
+            hash: ZERO.into(),
+        }),
+    }
+}
+
+/// An event to append (the chain fields are filled in by the writer).
+#[derive(Debug, Clone)]
+pub struct TrailEvent {
+    pub ts: i64,
+    pub event: &'static str,
+    pub status: u16,
+    pub note: TrailNote,
+    pub peer: Option<String>,
+}
+
+impl Store {
+    /// Appends an event in the next group commit (not awaited).
+    pub fn trail_append(&self, ev: TrailEvent) {
+        let job = move |txn: &mut heed::RwTxn<'_>, dbs: &super::Dbs| {
+            let head = get_link(txn, &dbs.meta, META_HEAD)?;
+            let mut r = TrailRecord {
+                seq: head.seq + 1,
+                ts: ev.ts,
+                event: ev.event.to_string(),
+                status: ev.status,
+                service: ev.note.service.clone(),
+                sub: ev.note.sub.clone(),
+                aid: ev.note.aid.clone(),
+                purpose: ev.note.purpose.clone(),
+                result: ev.note.result.clone(),
+                peer: ev.peer.clone(),
+                prev: head.hash,
+                hash: String::new(),
+            };
+            r.hash = r.compute_hash()?;
+            let raw = serde_json::to_vec(&r).map_err(|_| StoreError::Corrupt("trail record"))?;
+            dbs.trail.put(txn, &r.seq.to_be_bytes(), &raw)?;
+            let link = serde_json::to_vec(&Link {
+                seq: r.seq,
+                hash: r.hash,
+            })
+            .map_err(|_| StoreError::Corrupt("trail link"))?;
+            dbs.meta.put(txn, META_HEAD, &link)?;
+            Ok(())
+        };
+        if self.enqueue(job).is_err() {
+            tracing::warn!("audit trail: the store writer has stopped; event not recorded");
+        }
+    }
+
+    /// The newest `n` records, oldest first.
+    pub fn trail_tail(&self, n: usize) -> Result<Vec<TrailRecord>, StoreError> {
+        let r = self.read()?;
+        let mut out = Vec::new();
+        for row in self.dbs.trail.rev_iter(&r)? {
+            let (_, v) = row?;
+            out.push(serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?);
+            if out.len() >= n {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Walks the chain from the anchor: sequence, links and hashes.
+    pub fn trail_verify(&self) -> Result<TrailReport, String> {
+        let r = self.read().map_err(|e| e.to_string())?;
+        let anchor = get_link(&r, &self.dbs.meta, META_ANCHOR).map_err(|e| e.to_string())?;
+        let head = get_link(&r, &self.dbs.meta, META_HEAD).map_err(|e| e.to_string())?;
+        let mut prev = anchor.clone();
+        let mut records = 0u64;
+        for row in self.dbs.trail.iter(&r).map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let rec: TrailRecord = serde_json::from_slice(v)
+                .map_err(|_| format!("record {}: does not parse", hex::encode(k)))?;
+            if k != rec.seq.to_be_bytes() {
+                return Err(format!("record {}: stored under another key", rec.seq));
+            }
+            if rec.seq != prev.seq + 1 {
+                return Err(format!(
+                    "record {} follows {}: records are missing",
+                    rec.seq, prev.seq
+                ));
+            }
+            if rec.prev != prev.hash {
+                return Err(format!(
+                    "record {}: its link does not match record {}'s hash",
+                    rec.seq, prev.seq
+                ));
+            }
+            let h = rec.compute_hash().map_err(|e| e.to_string())?;
+            if h != rec.hash {
+                return Err(format!("record {}: altered (hash mismatch)", rec.seq));
+            }
+            prev = Link {
+                seq: rec.seq,
+                hash: rec.hash,
+            };
+            records += 1;
+        }
+        if prev != head {
+            return Err(format!(
+                "the chain ends at record {} but the head says {}",
+                prev.seq, head.seq
+            ));
+        }
+        let signed = match self
+            .dbs
+            .meta
+            .get(&r, META_SIGNED)
+            .map_err(|e| e.to_string())?
+        {
+            Some(v) => Some(
+                serde_json::from_slice::<SignedHead>(v)
+                    .map_err(|_| "the signed head does not parse".to_string())?,
+            ),
+            None => None,
+        };
+        if let Some(s) = &signed {
+            if s.seq > head.seq || s.seq < anchor.seq {
+                return Err(format!(
+                    "the signed head (record {}) is outside the chain ({}..{})",
+                    s.seq, anchor.seq, head.seq
+                ));
+            }
+            let at = if s.seq == anchor.seq {
+                anchor.hash.clone()
+            } else {
+                let raw = self
+                    .dbs
+                    .trail
+                    .get(&r, &s.seq.to_be_bytes())
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("the signed record {} is missing", s.seq))?;
+                serde_json::from_slice::<TrailRecord>(raw)
+                    .map_err(|_| format!("record {}: does not parse", s.seq))?
+                    .hash
+            };
+            if at != s.hash {
+                return Err(format!("record {} differs from the signed head", s.seq));
+            }
+        }
+        Ok(TrailReport {
+            anchor,
+            head,
+            records,
+            signed,
+        })
+    }
+
+    /// Signs the current head with `mac` (the backend's HMAC key).
+    pub async fn trail_sign_head(
+        &self,
+        ts: i64,
+        mac: impl Fn(&[u8]) -> Option<[u8; 32]>,
+    ) -> Result<Option<Link>, StoreError> {
+        let head = {
+            let r = self.read()?;
+            get_link(&r, &self.dbs.meta, META_HEAD)?
+        };
+        if head.seq == 0 {
+            return Ok(None);
+        }
+        let Some(m) = mac(&head_message(head.seq, &head.hash)) else {
+            return Ok(None);
+        };
+        let signed = serde_json::to_vec(&SignedHead {
+            seq: head.seq,
+            hash: head.hash.clone(),
+            ts,
+            mac: hex::encode(m),
+        })
+        .map_err(|_| StoreError::Corrupt("trail head"))?;
+        self.write(move |txn, dbs| {
+            // Only forward: never replace a newer signature.
+            if let Some(v) = dbs.meta.get(txn, META_SIGNED)? {
+                if let Ok(old) = serde_json::from_slice::<SignedHead>(v) {
+                    if old.seq >= head.seq {
+                        return Ok(());
+                    }
+                }
+            }
+            dbs.meta.put(txn, META_SIGNED, &signed)?;
+            Ok(())
+        })
+        .await?;
+        Ok(Some(head))
+    }
+
+    /// Drops records older than `before` (keeping the signed head's record
+    /// and everything after it); the last dropped record becomes the anchor.
+    pub async fn trail_prune(&self, before: i64) -> Result<u64, StoreError> {
+        self.write(move |txn, dbs| {
+            let keep_from = match dbs.meta.get(txn, META_SIGNED)? {
+                Some(v) => serde_json::from_slice::<SignedHead>(v)
+                    .map(|s| s.seq)
+                    .unwrap_or(u64::MAX),
+                None => u64::MAX,
+            };
+            let mut drop_keys = Vec::new();
+            let mut anchor = None;
+            for row in dbs.trail.iter(txn)? {
+                let (k, v) = row?;
+                let rec: TrailRecord =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?;
+                if rec.ts >= before || rec.seq >= keep_from {
+                    break;
+                }
+                drop_keys.push(k.to_vec());
+                anchor = Some(Link {
+                    seq: rec.seq,
+                    hash: rec.hash,
+                });
+            }
+            for k in &drop_keys {
+                dbs.trail.delete(txn, k)?;
+            }
+            if let Some(a) = anchor {
+                let raw = serde_json::to_vec(&a).map_err(|_| StoreError::Corrupt("trail link"))?;
+                dbs.meta.put(txn, META_ANCHOR, &raw)?;
+            }
+            Ok(drop_keys.len() as u64)
+        })
+        .await
+    }
+}
