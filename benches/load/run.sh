@@ -71,7 +71,8 @@ report() { # name (wrk output in $out, server CPU in $cpu)
   p50=$(grep " 50%" <<<"$out" | awk '{print $2}')
   p99=$(grep " 99%" <<<"$out" | awk '{print $2}')
   errs=$( (grep -oE "non2xx=[0-9]+" <<<"$out" || echo non2xx=0) | cut -d= -f2 | head -1)
-  printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))"
+  printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" \
+    "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))" "$(( $(grep RssAnon /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
 # ONLY=word: run the floor and the rows whose name holds word.
 want() { [ -z "${ONLY:-}" ] || [[ "$1" == *"$ONLY"* ]]; }
@@ -81,8 +82,10 @@ signed() { # name, path, n, body
   REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base"
   report "$1"
 }
-echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | server CPU | peak RSS |"
-echo "|---|---|---|---|---|---|---|"
+# peak RSS (VmHWM) includes LMDB's memory-mapped file pages, which grow with
+# the data written; anon RSS (RssAnon, at the end of the row) is the heap.
+echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | server CPU | peak RSS | anon RSS |"
+echo "|---|---|---|---|---|---|---|---|"
 measure "GET /v1/health (floor)" wrk -t2 -c64 -d${secs}s --latency "$base/v1/health"
 report "GET /v1/health (floor)"
 signed "POST /v1/health (HMAC + replay)" /v1/health $((secs * 25000)) '{"requestId":"req_bench"}'

@@ -161,6 +161,7 @@ pub struct Store {
     _guard: Arc<()>,
     /// The shared lock on the store directory (see [`backup`]).
     _lock: Option<Arc<backup::StoreLock>>,
+    trail_queue: Arc<trail::TrailQueue>,
 }
 
 impl Store {
@@ -251,6 +252,7 @@ impl Store {
             writer,
             _guard: Arc::new(()),
             _lock: None,
+            trail_queue: Arc::new(trail::TrailQueue::default()),
         })
     }
 

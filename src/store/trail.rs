@@ -133,38 +133,79 @@ pub struct TrailEvent {
     pub peer: Option<String>,
 }
 
+/// Events waiting for the writer: one job appends all of them, so a batch
+/// of requests costs one nested transaction, not one each.
+#[derive(Default)]
+pub struct TrailQueue {
+    pending: std::sync::Mutex<Vec<TrailEvent>>,
+    scheduled: std::sync::atomic::AtomicBool,
+}
+
+fn append_one(
+    txn: &mut heed::RwTxn<'_>,
+    dbs: &super::Dbs,
+    ev: TrailEvent,
+) -> Result<(), StoreError> {
+    let head = get_link(txn, &dbs.meta, META_HEAD)?;
+    let mut r = TrailRecord {
+        seq: head.seq + 1,
+        ts: ev.ts,
+        event: ev.event.to_string(),
+        status: ev.status,
+        service: ev.note.service,
+        sub: ev.note.sub,
+        aid: ev.note.aid,
+        purpose: ev.note.purpose,
+        result: ev.note.result,
+        peer: ev.peer,
+        prev: head.hash,
+        hash: String::new(),
+    };
+    r.hash = r.compute_hash()?;
+    let raw = serde_json::to_vec(&r).map_err(|_| StoreError::Corrupt("trail record"))?;
+    dbs.trail.put(txn, &r.seq.to_be_bytes(), &raw)?;
+    let link = serde_json::to_vec(&Link {
+        seq: r.seq,
+        hash: r.hash,
+    })
+    .map_err(|_| StoreError::Corrupt("trail link"))?;
+    dbs.meta.put(txn, META_HEAD, &link)?;
+    Ok(())
+}
+
 impl Store {
-    /// Appends an event in the next group commit (not awaited).
+    /// Queues an event for the next group commit (not awaited). All events
+    /// queued by then are appended by one job, in queue order.
     pub fn trail_append(&self, ev: TrailEvent) {
+        let q = self.trail_queue.clone();
+        if let Ok(mut p) = q.pending.lock() {
+            p.push(ev);
+        }
+        if q.scheduled.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        // The drained events stay with the job: if its batch fails and the
+        // writer retries the job alone, the same events are appended.
+        let mut taken: Option<Vec<TrailEvent>> = None;
         let job = move |txn: &mut heed::RwTxn<'_>, dbs: &super::Dbs| {
-            let head = get_link(txn, &dbs.meta, META_HEAD)?;
-            let mut r = TrailRecord {
-                seq: head.seq + 1,
-                ts: ev.ts,
-                event: ev.event.to_string(),
-                status: ev.status,
-                service: ev.note.service.clone(),
-                sub: ev.note.sub.clone(),
-                aid: ev.note.aid.clone(),
-                purpose: ev.note.purpose.clone(),
-                result: ev.note.result.clone(),
-                peer: ev.peer.clone(),
-                prev: head.hash,
-                hash: String::new(),
-            };
-            r.hash = r.compute_hash()?;
-            let raw = serde_json::to_vec(&r).map_err(|_| StoreError::Corrupt("trail record"))?;
-            dbs.trail.put(txn, &r.seq.to_be_bytes(), &raw)?;
-            let link = serde_json::to_vec(&Link {
-                seq: r.seq,
-                hash: r.hash,
-            })
-            .map_err(|_| StoreError::Corrupt("trail link"))?;
-            dbs.meta.put(txn, META_HEAD, &link)?;
+            let events = taken.get_or_insert_with(|| {
+                q.scheduled
+                    .store(false, std::sync::atomic::Ordering::Release);
+                q.pending
+                    .lock()
+                    .map(|mut p| std::mem::take(&mut *p))
+                    .unwrap_or_default()
+            });
+            for ev in events.iter() {
+                if let Err(e) = append_one(txn, dbs, ev.clone()) {
+                    tracing::warn!(error = %e, events = events.len(), "audit trail: events not recorded");
+                    return Err(e);
+                }
+            }
             Ok(())
         };
         if self.enqueue(job).is_err() {
-            tracing::warn!("audit trail: the store writer has stopped; event not recorded");
+            tracing::warn!("audit trail: the store writer has stopped; events not recorded");
         }
     }
 
