@@ -30,10 +30,14 @@ async fn all_tokens(a: &Appliance) -> BTreeMap<String, ()> {
     }
 }
 
-fn cli_fails(args: &[&str]) -> String {
-    let out = cli(args);
-    assert!(!out.status.success(), "{args:?} should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// `restore --from FILE [--force]` on a config.
+fn restore(cfg: &str, from: &std::path::Path, force: bool) -> std::process::Output {
+    let from = from.to_str().unwrap();
+    let mut args = vec!["--config", cfg, "restore", "--from", from];
+    if force {
+        args.push("--force");
+    }
+    cli(&args)
 }
 
 #[tokio::test]
@@ -109,35 +113,21 @@ async fn a_backup_under_load_restores_every_acknowledged_credential() {
     let listed_at_end = all_tokens(&a).await;
 
     // While the service runs, restore refuses (the store is in use).
-    let err = cli_fails(&[
-        "--config",
-        &cfg_s,
-        "restore",
-        "--from",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = restore(&cfg_s, &out, true);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("in use"), "{err}");
     a.terminate();
     // `dev` ran its own swtpm (TPM backend): the commands need one now.
     let tpm = start_swtpm_for(&a.dir);
     // An existing store is replaced only with --force.
-    let err = cli_fails(&[
-        "--config",
-        &cfg_s,
-        "restore",
-        "--from",
-        out.to_str().unwrap(),
-    ]);
+    let o = restore(&cfg_s, &out, false);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--force"), "{err}");
-    let r = cli_json(&[
-        "--config",
-        &cfg_s,
-        "restore",
-        "--from",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = restore(&cfg_s, &out, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["bound"], true, "{r}");
     assert!(r["previous"].is_string(), "{r}");
     let tokens = r["tokens"].as_u64().unwrap() as usize;
@@ -196,14 +186,9 @@ async fn restore_refuses_a_backup_sealed_under_other_keys_and_keeps_the_store() 
     a.terminate();
     let tpm = start_swtpm_for(&a.dir);
     let cfg = a.config();
-    let err = cli_fails(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "restore",
-        "--from",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = restore(cfg.to_str().unwrap(), &out, true);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("does not decrypt"), "{err}");
     drop(tpm);
     let secret = a.secret.clone();

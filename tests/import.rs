@@ -25,6 +25,20 @@ fn reference_seal(key: &[u8; 32], plaintext: &str, iv: u8) -> String {
     B64.encode(raw)
 }
 
+/// `import --from STORE --kv KV` on the appliance's config.
+fn import(a: &Appliance, store: &std::path::Path, kv: &std::path::Path) -> std::process::Output {
+    let cfg = a.config();
+    cli(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "import",
+        "--from",
+        store.to_str().unwrap(),
+        "--kv",
+        kv.to_str().unwrap(),
+    ])
+}
+
 #[tokio::test]
 async fn a_reference_store_imports_and_serves_the_same_credentials() {
     let (tmp, mut a) = Appliance::start_new();
@@ -68,16 +82,13 @@ async fn a_reference_store_imports_and_serves_the_same_credentials() {
     std::fs::write(&kv_file, kv.to_string()).unwrap();
 
     let _tpm = start_swtpm_for(&a.dir);
-    let cfg = a.config();
-    let r = cli_json(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "import",
-        "--from",
-        store_file.to_str().unwrap(),
-        "--kv",
-        kv_file.to_str().unwrap(),
-    ]);
+    let out = import(&a, &store_file, &kv_file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["tokens"], json!({"imported": 4, "skipped": 1}), "{r}");
     assert_eq!(r["proxyConfigs"]["imported"], 1, "{r}");
     assert_eq!(r["vaultConfig"]["imported"], 1, "{r}");
@@ -186,16 +197,7 @@ async fn an_import_with_the_wrong_key_changes_nothing() {
     )
     .unwrap();
     let _tpm = start_swtpm_for(&a.dir);
-    let cfg = a.config();
-    let out = cli(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "import",
-        "--from",
-        store_file.to_str().unwrap(),
-        "--kv",
-        kv_file.to_str().unwrap(),
-    ]);
+    let out = import(&a, &store_file, &kv_file);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not decrypt"), "{err}");
