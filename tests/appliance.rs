@@ -32,15 +32,7 @@ async fn dev_binds_over_https_and_serves_health_and_storage() {
     assert_eq!((s, v["error"].as_str()), (403, Some("setup_required")));
 
     // register-url over HTTP from loopback, as the spec's helper.
-    let reg: Value = a
-        .client
-        .get(a.url("/v1/register-url"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reg = json_of(a.client.get(a.url("/v1/register-url"))).await;
     assert_eq!(reg["webhookUrl"], a.base);
     assert!(reg["registrationUrl"]
         .as_str()

@@ -348,6 +348,11 @@ pub fn client_trusting(cert: &Path) -> reqwest::Client {
         .unwrap()
 }
 
+/// Sends a request and parses its JSON answer (whatever the status).
+pub async fn json_of(rb: reqwest::RequestBuilder) -> Value {
+    rb.send().await.unwrap().json().await.unwrap()
+}
+
 pub fn cli(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)

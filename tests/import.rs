@@ -116,18 +116,11 @@ async fn a_reference_store_imports_and_serves_the_same_credentials() {
     let seed = base32_decode("JBSWY3DPEHPK3PXP").unwrap();
     let tk = b.ticket("totp_code", "twofa", json!({}));
     let t0 = now();
-    let v: Value = b
-        .client
-        .get(format!(
-            "{}?ticket={tk}&service=twofa",
-            b.url("/v1/totp-code")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(b.client.get(format!(
+        "{}?ticket={tk}&service=twofa",
+        b.url("/v1/totp-code")
+    )))
+    .await;
     let t1 = now();
     let codes: Vec<String> = [t0, t1]
         .iter()

@@ -35,16 +35,7 @@ async fn metrics_count_requests_key_operations_and_verifies_without_any_secret()
         .await;
     let tk = a.ticket("totp_verify", "peer", json!({}));
     let body = json!({"ticket": tk, "service": "peer", "code": "000000"});
-    let v: serde_json::Value = a
-        .client
-        .post(a.url("/v1/totp-verify"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(a.client.post(a.url("/v1/totp-verify")).json(&body)).await;
     // One in a million: 000000 may be the current code.
     let rejected = v["valid"] == false;
 

@@ -88,15 +88,11 @@ async fn seeds_live_in_the_hsm_and_codes_come_out() {
     }
     let tk = a.ticket("totp_code", "gh", json!({}));
     let t0 = now();
-    let v: Value = a
-        .client
-        .get(format!("{}?ticket={tk}&service=gh", a.url("/v1/totp-code")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(
+        a.client
+            .get(format!("{}?ticket={tk}&service=gh", a.url("/v1/totp-code"))),
+    )
+    .await;
     assert!(codes_around(&seed, p, t0, now()).contains(&v["code"].as_str().unwrap().to_string()));
 
     // Overwrite and delete destroy the old key objects.
