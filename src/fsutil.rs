@@ -19,7 +19,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     if let Some(d) = path.parent() {
-        std::fs::File::open(d)?.sync_all()?;
+        fsync_dir(d)?;
     }
     Ok(())
+}
+
+/// Makes a rename or a new file in `dir` durable.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

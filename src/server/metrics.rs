@@ -90,6 +90,18 @@ impl Default for Metrics {
     }
 }
 
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+}
+
+/// A gauge with one value and no labels.
+fn gauge(o: &mut String, name: &str, help: &str, value: impl std::fmt::Display) {
+    header(o, name, "gauge", help);
+    let _ = writeln!(o, "{name} {value}");
+}
+
 fn route_index(path: &str) -> usize {
     ROUTES.iter().position(|r| *r == path).unwrap_or(OTHER)
 }
@@ -141,11 +153,12 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self, store: &Store, backend_kind: &str, healthy: bool) -> String {
         let mut o = String::with_capacity(8192);
-        let _ = writeln!(
-            o,
-            "# HELP tvw_requests_total HTTP requests by route and status."
+        header(
+            &mut o,
+            "tvw_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
         );
-        let _ = writeln!(o, "# TYPE tvw_requests_total counter");
         if let Ok(m) = self.requests.lock() {
             for ((i, status), n) in m.iter() {
                 let _ = writeln!(
@@ -155,11 +168,12 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            o,
-            "# HELP tvw_request_duration_seconds Request latency by route."
+        header(
+            &mut o,
+            "tvw_request_duration_seconds",
+            "histogram",
+            "Request latency by route.",
         );
-        let _ = writeln!(o, "# TYPE tvw_request_duration_seconds histogram");
         for (i, h) in self.latency.iter().enumerate() {
             let count = h.count.load(Ordering::Relaxed);
             if count == 0 {
@@ -187,8 +201,12 @@ impl Metrics {
                 "tvw_request_duration_seconds_count{{route=\"{r}\"}} {count}"
             );
         }
-        let _ = writeln!(o, "# HELP tvw_key_operations_total Key backend operations.");
-        let _ = writeln!(o, "# TYPE tvw_key_operations_total counter");
+        header(
+            &mut o,
+            "tvw_key_operations_total",
+            "counter",
+            "Key backend operations.",
+        );
         for (name, c) in OPS.iter().zip(&self.key_ops) {
             let _ = writeln!(
                 o,
@@ -196,11 +214,12 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP tvw_key_errors_total Key backend operations that failed."
+        header(
+            &mut o,
+            "tvw_key_errors_total",
+            "counter",
+            "Key backend operations that failed.",
         );
-        let _ = writeln!(o, "# TYPE tvw_key_errors_total counter");
         for (name, c) in OPS.iter().zip(&self.key_errors) {
             let _ = writeln!(
                 o,
@@ -208,17 +227,18 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP tvw_key_backend_healthy 1 when the key backend answers."
+        gauge(
+            &mut o,
+            "tvw_key_backend_healthy",
+            "1 when the key backend answers.",
+            u8::from(healthy),
         );
-        let _ = writeln!(o, "# TYPE tvw_key_backend_healthy gauge");
-        let _ = writeln!(o, "tvw_key_backend_healthy {}", u8::from(healthy));
-        let _ = writeln!(
-            o,
-            "# HELP tvw_totp_verify_total TOTP verifications by result."
+        header(
+            &mut o,
+            "tvw_totp_verify_total",
+            "counter",
+            "TOTP verifications by result.",
         );
-        let _ = writeln!(o, "# TYPE tvw_totp_verify_total counter");
         let _ = writeln!(
             o,
             "tvw_totp_verify_total{{result=\"accepted\"}} {}",
@@ -230,26 +250,26 @@ impl Metrics {
             self.verify_rejected.load(Ordering::Relaxed)
         );
         let u = store.usage();
-        let _ = writeln!(
-            o,
-            "# HELP tvw_store_map_size_bytes LMDB map size (the store's limit)."
+        gauge(
+            &mut o,
+            "tvw_store_map_size_bytes",
+            "LMDB map size (the store's limit).",
+            u.map_size,
         );
-        let _ = writeln!(o, "# TYPE tvw_store_map_size_bytes gauge");
-        let _ = writeln!(o, "tvw_store_map_size_bytes {}", u.map_size);
-        let _ = writeln!(o, "# HELP tvw_store_used_bytes LMDB pages in use.");
-        let _ = writeln!(o, "# TYPE tvw_store_used_bytes gauge");
-        let _ = writeln!(o, "tvw_store_used_bytes {}", u.used);
-        let _ = writeln!(o, "# HELP tvw_store_file_bytes Size of the LMDB data file.");
-        let _ = writeln!(o, "# TYPE tvw_store_file_bytes gauge");
-        let _ = writeln!(o, "tvw_store_file_bytes {}", u.file);
-        let _ = writeln!(o, "# HELP tvw_tokens Token documents held.");
-        let _ = writeln!(o, "# TYPE tvw_tokens gauge");
-        let _ = writeln!(
-            o,
-            "tvw_tokens {}",
+        gauge(&mut o, "tvw_store_used_bytes", "LMDB pages in use.", u.used);
+        gauge(
+            &mut o,
+            "tvw_store_file_bytes",
+            "Size of the LMDB data file.",
+            u.file,
+        );
+        gauge(
+            &mut o,
+            "tvw_tokens",
+            "Token documents held.",
             store
                 .count(crate::protocol::storage::Collection::Tokens)
-                .unwrap_or(0)
+                .unwrap_or(0),
         );
         o
     }

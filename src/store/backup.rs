@@ -43,28 +43,28 @@ fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+fn lock(dir: &Path, op: libc::c_int, busy: &str) -> Result<StoreLock, StoreError> {
+    let f = lock_file(dir)?;
+    flock(&f, op).map_err(|_| StoreError::Lmdb(format!("{} {busy}", dir.display())))?;
+    Ok(StoreLock(f))
+}
+
 /// Shared: any process using the store (taken by [`Store::open`]).
 pub(crate) fn lock_shared(dir: &Path) -> Result<StoreLock, StoreError> {
-    let f = lock_file(dir)?;
-    flock(&f, libc::LOCK_SH).map_err(|_| {
-        StoreError::Lmdb(format!(
-            "{} is being restored; try again when the restore has finished",
-            dir.display()
-        ))
-    })?;
-    Ok(StoreLock(f))
+    lock(
+        dir,
+        libc::LOCK_SH,
+        "is being restored; try again when the restore has finished",
+    )
 }
 
 /// Exclusive: nobody else has the store open.
 pub fn lock_exclusive(dir: &Path) -> Result<StoreLock, StoreError> {
-    let f = lock_file(dir)?;
-    flock(&f, libc::LOCK_EX).map_err(|_| {
-        StoreError::Lmdb(format!(
-            "{} is in use (is the service running? stop it first: systemctl stop tokenvault-webhook)",
-            dir.display()
-        ))
-    })?;
-    Ok(StoreLock(f))
+    lock(
+        dir,
+        libc::LOCK_EX,
+        "is in use (is the service running? stop it first: systemctl stop tokenvault-webhook)",
+    )
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -72,7 +72,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    crate::fsutil::fsync_dir(dir).map_err(io(dir))
 }
 
 impl Store {
@@ -124,14 +124,7 @@ pub fn stage_restore(
     force: bool,
     map_size_bytes: usize,
 ) -> Result<Staged, StoreError> {
-    if !dir.exists() {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
-    }
+    Store::ensure_dir(dir)?;
     let lock = lock_exclusive(dir)?;
     if dir.join(DATA_FILE).exists() && !force {
         return Err(StoreError::Lmdb(format!(
