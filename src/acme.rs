@@ -32,6 +32,29 @@ use zeroize::Zeroizing;
 const AAD_ACCOUNT: &[u8] = b"tokenvault-webhook/acme/v1\0account";
 const AAD_KEY: &[u8] = b"tokenvault-webhook/acme/v1\0certificate-key";
 
+/// `rotate-key`: re-seals the ACME account and certificate key files in
+/// `dir` (`<store.path>/acme`) under `gen`. Returns how many changed.
+pub fn rekey_files(
+    backend: &Backend,
+    dir: &Path,
+    gen: crate::keys::AesGen,
+) -> Result<usize, AcmeError> {
+    let mut n = 0;
+    for (file, aad) in [("account.sealed", AAD_ACCOUNT), ("key.sealed", AAD_KEY)] {
+        let path = dir.join(file);
+        let sealed = match std::fs::read(&path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(AcmeError::Io(path, e)),
+        };
+        if let Some(new) = crate::keys::reseal_blob(backend.as_ref(), gen, aad, &sealed)? {
+            write_atomic(&path, &new)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("ACME server: {0}")]

@@ -35,6 +35,29 @@ fn aad(code: &str) -> Vec<u8> {
     format!("tokenvault-webhook/bind-code/v1/{code}").into_bytes()
 }
 
+/// `rotate-key`: an unused code with its secret sealed under `gen`, or
+/// `None` if there is nothing to change.
+pub fn rekey_code(
+    backend: &Backend,
+    code: &str,
+    rec: &BindCode,
+    gen: crate::keys::AesGen,
+) -> Result<Option<BindCode>, BindError> {
+    if rec.used || rec.sealed_secret.is_empty() {
+        return Ok(None);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let sealed = b64
+        .decode(&rec.sealed_secret)
+        .map_err(|_| StoreError::Corrupt("bind code"))?;
+    Ok(
+        crate::keys::reseal_blob(backend.as_ref(), gen, &aad(code), &sealed)?.map(|s| BindCode {
+            sealed_secret: b64.encode(s),
+            ..rec.clone()
+        }),
+    )
+}
+
 /// Creates a code and its sealed secret. The caller persists the record.
 pub fn prepare(
     backend: &Backend,

@@ -96,6 +96,38 @@ pub fn save(store: &Store, c: &OAuthClient) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// `rotate-key`: re-seals every client secret under `gen` (compare-and-set
+/// on the stored record). Returns how many changed.
+pub fn rekey_all(
+    store: &Store,
+    backend: &Backend,
+    gen: crate::keys::AesGen,
+) -> Result<usize, String> {
+    let mut n = 0;
+    for raw in store.oauth_all().map_err(|e| e.to_string())? {
+        let mut c: OAuthClient = serde_json::from_slice(&raw)
+            .map_err(|_| "stored OAuth client is corrupt".to_string())?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let sealed = b64
+            .decode(&c.sealed_secret)
+            .map_err(|_| format!("OAuth client {}: sealed secret is not base64", c.name))?;
+        let Some(new) = crate::keys::reseal_blob(backend.as_ref(), gen, &aad(&c.name), &sealed)
+            .map_err(|e| format!("OAuth client {}: {e}", c.name))?
+        else {
+            continue;
+        };
+        c.sealed_secret = b64.encode(new);
+        let out = serde_json::to_vec(&c).map_err(|e| e.to_string())?;
+        if store
+            .replace_oauth_blocking(c.name.clone(), raw, out)
+            .map_err(|e| e.to_string())?
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 pub fn get(store: &Store, name: &str) -> Option<OAuthClient> {
     store
         .oauth_get(&key(name))

@@ -93,12 +93,16 @@ pub async fn update_tokens(
     }
     let mut doc: TokenDocument =
         serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
-    fields::reseal(&s.backend, service, &mut doc)?;
+    // The whole document under the active generation, then the new tokens
+    // under the same one.
+    let gen = s.backend.aes_active()?;
+    fields::rekey(&s.backend, service, &mut doc, gen)?;
     doc.fields.insert(
         "accessToken".into(),
         seal_field(
             &s.backend,
             service,
+            gen,
             "accessToken",
             &Value::String(t.access.to_string()),
         )?,
@@ -109,6 +113,7 @@ pub async fn update_tokens(
             seal_field(
                 &s.backend,
                 service,
+                gen,
                 "refreshToken",
                 &Value::String(r.to_string()),
             )?,

@@ -251,8 +251,8 @@ pub fn import(config: &Path, from: &Path, kv: &Path) -> Result<()> {
     drop(secrets);
     let kv_doc: Value = serde_json::from_slice(&read_json(kv)?)
         .with_context(|| format!("{} is not JSON", kv.display()))?;
-    let backend = open_device(&cfg)?.backend();
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
     let now = crate::server::now();
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let report = rt.block_on(async {

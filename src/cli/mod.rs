@@ -4,6 +4,7 @@ pub mod backup;
 pub mod dev;
 pub mod doctor;
 pub mod import;
+pub mod rotate;
 
 use crate::config::{Config, KeyBackendKind, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
@@ -101,6 +102,20 @@ pub enum Command {
         from: PathBuf,
         #[arg(long)]
         kv: PathBuf,
+    },
+    /// Create a new AES key generation, re-seal every document, OAuth
+    /// secret, bind code and ACME file under it in batches while the
+    /// service runs, then destroy the old key. Re-run to resume after a crash.
+    RotateKey {
+        /// Show the key generations and documents per generation; change nothing.
+        #[arg(long)]
+        status: bool,
+        /// Documents per batch (one durable write each).
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Pause between batches in milliseconds (bounds the load on a busy appliance).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
     /// The appliance's own audit trail (hash-chained, head signed).
     Audit {
@@ -425,8 +440,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RegisterUrl => {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
-            let backend = open_device(&cfg)?.backend();
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+            let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
             let (reg, rec) = crate::binding::prepare(
                 &backend,
                 &cfg.binding.frontend_url,
@@ -458,6 +473,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Restore { from, force } => backup::restore(&cli.config, &from, force),
         Command::Import { from, kv } => import::import(&cli.config, &from, &kv),
         Command::Audit { action } => audit(&cli.config, action),
+        Command::RotateKey {
+            status,
+            batch,
+            pause_ms,
+        } => rotate::run(&cli.config, status, batch, pause_ms),
     }
 }
 
@@ -624,7 +644,7 @@ fn oauth_client(config: &Path, action: OauthAction) -> Result<()> {
                 _ => bail!("--auth must be post or basic"),
             };
             let secret = read_secret_file(&client_secret_file)?;
-            let backend = open_device(&cfg)?.backend();
+            let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
             let c = oauth::OAuthClient::new(
                 &backend,
                 &name,
@@ -684,7 +704,8 @@ pub fn run_server(
         .ok_or_else(|| {
             anyhow!("store not initialised: run `tokenvault-webhook --config FILE init` first")
         })?;
-    let dyn_backend = backend;
+    // Seals follow the store's AES generation (see `rotate-key`).
+    let dyn_backend = crate::store::keyring::keyring(backend, &store);
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
     remove_orphan_otp_keys(&dyn_backend, &store)?;
     let (tls, acme) = match (cfg.tls.mode, &tls_key) {
@@ -808,11 +829,14 @@ pub fn run_server(
                 }
             });
         }
-        let pruner = store.clone();
+        let (pruner, keys) = (store.clone(), state.backend.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
+                // Reading the key state drops cached copies of an AES
+                // generation `rotate-key` retired, on a server that only reads.
+                let _ = keys.aes_readable();
                 match pruner.prune(crate::server::now()).await {
                     Ok(n) if n > 0 => tracing::debug!(removed = n, "pruned replay memory"),
                     Ok(_) => {}

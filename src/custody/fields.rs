@@ -7,7 +7,7 @@
 //! field does not decrypt. The sealed plaintext is the field's JSON value.
 
 use super::totp;
-use crate::keys::{Backend, KeyError};
+use crate::keys::{AesGen, Backend, KeyError};
 use crate::protocol::document::TokenDocument;
 use crate::protocol::ApiError;
 use base64::Engine;
@@ -17,10 +17,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-pub const ALG_SEALED: &str = "AES-256-GCM";
-pub const ALG_NONE: &str = "none";
-/// Marks this appliance's field encoding (AAD-bound, JSON plaintext).
-pub const ENC: &str = "tvw-field-v1";
+pub use crate::protocol::document::{ALG_NONE, ALG_SEALED, ENC};
 
 /// `tokenData` keys that are metadata, stored in clear. Everything else is sealed.
 pub const META_INPUT: &[&str] = &["tokenType", "expiresAt", "expiryTime", "scope"];
@@ -200,10 +197,12 @@ pub fn seal_token_data(
         meta.insert("creationId".into(), Value::String(cid.into()));
     }
     let b64 = base64::engine::general_purpose::STANDARD;
+    // One key generation for the whole document, recorded in it.
+    let gen = backend.aes_active()?;
     let mut fields = BTreeMap::new();
     for (k, v) in secrets {
         let pt = Zeroizing::new(serde_json::to_vec(v).map_err(|_| ApiError::Internal)?);
-        let sealed = backend.seal(&aad(service, k), &pt)?;
+        let sealed = backend.seal_with(gen, &aad(service, k), &pt)?;
         fields.insert(k.clone(), b64.encode(sealed));
     }
     // The TOTP seed: a device key where the backend can hold one, otherwise
@@ -220,7 +219,7 @@ pub fn seal_token_data(
                 let pt = Zeroizing::new(
                     serde_json::to_vec(b32.as_str()).map_err(|_| ApiError::Internal)?,
                 );
-                let sealed = backend.seal(&aad(service, TOTP_FIELD), &pt)?;
+                let sealed = backend.seal_with(gen, &aad(service, TOTP_FIELD), &pt)?;
                 fields.insert(TOTP_FIELD.into(), b64.encode(sealed));
             }
         }
@@ -230,6 +229,7 @@ pub fn seal_token_data(
             v: 1,
             alg: ALG_SEALED.into(),
             enc: Some(ENC.into()),
+            kid: Some(gen),
             fields,
             meta,
             otp: installed_otp.clone(),
@@ -274,15 +274,23 @@ pub fn open_fields(
         }
         (ALG_SEALED, Some(ENC)) => {
             let b64 = base64::engine::general_purpose::STANDARD;
+            let gen = doc
+                .sealed_gen()
+                .unwrap_or(crate::protocol::document::FIRST_KID);
             for (k, v) in &doc.fields {
                 let sealed = b64
                     .decode(v)
                     .map_err(|_| OpenError::Format("field is not base64"))?;
-                let pt = match backend.open(&aad(service, k), &sealed) {
+                let pt = match backend.open_with(gen, &aad(service, k), &sealed) {
                     Ok(pt) => pt,
                     Err(KeyError::DecryptFailed) => {
                         return Err(OpenError::Format(
                             "field does not decrypt under this key, service and name",
+                        ))
+                    }
+                    Err(KeyError::NoAesKey) if backend.aes_key_present() => {
+                        return Err(OpenError::Format(
+                            "document's key generation is not in the key backend",
                         ))
                     }
                     Err(e) => return Err(OpenError::Keys(e)),
@@ -301,15 +309,17 @@ pub fn open_fields(
     Ok(out)
 }
 
-/// Seals one field value for `service` (base64 of IV ‖ ciphertext ‖ tag).
+/// Seals one field value for `service` under generation `gen` (the
+/// document's: see [`rekey`]); base64 of IV ‖ ciphertext ‖ tag.
 pub fn seal_field(
     backend: &Backend,
     service: &str,
+    gen: AesGen,
     name: &str,
     value: &Value,
 ) -> Result<String, ApiError> {
     let pt = Zeroizing::new(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?);
-    let sealed = backend.seal(&aad(service, name), &pt)?;
+    let sealed = backend.seal_with(gen, &aad(service, name), &pt)?;
     Ok(base64::engine::general_purpose::STANDARD.encode(sealed))
 }
 
@@ -327,6 +337,7 @@ pub fn open_field(
         v: doc.v,
         alg: doc.alg.clone(),
         enc: doc.enc.clone(),
+        kid: doc.kid,
         fields: [(name.to_string(), v.clone())].into(),
         meta: Map::new(),
         otp: None,
@@ -334,23 +345,62 @@ pub fn open_field(
     Ok(open_fields(backend, service, &one)?.remove(name))
 }
 
-/// Re-seals a plaintext (`alg: "none"`) document's fields in place.
-pub fn reseal(backend: &Backend, service: &str, doc: &mut TokenDocument) -> Result<(), ApiError> {
-    if doc.alg != ALG_NONE {
-        return Ok(());
-    }
+/// Moves a document's fields under key generation `gen`: a plaintext
+/// (`alg: "none"`) document is sealed, a sealed one under another generation
+/// is opened and sealed again. Returns whether anything changed. Plaintext
+/// lives in zeroizing buffers only.
+pub fn rekey(
+    backend: &Backend,
+    service: &str,
+    doc: &mut TokenDocument,
+    gen: AesGen,
+) -> Result<bool, ApiError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut fields = BTreeMap::new();
-    for (k, v) in &doc.fields {
-        let pt = Zeroizing::new(
-            serde_json::to_vec(&Value::String(v.clone())).map_err(|_| ApiError::Internal)?,
-        );
-        fields.insert(k.clone(), b64.encode(backend.seal(&aad(service, k), &pt)?));
+    match doc.sealed_gen() {
+        Some(g) if g == gen => return Ok(false),
+        Some(g) => {
+            for (k, v) in &doc.fields {
+                let sealed = b64.decode(v).map_err(|_| {
+                    tracing::error!(service, "stored field is not base64");
+                    ApiError::Internal
+                })?;
+                let pt = backend.open_with(g, &aad(service, k), &sealed)?;
+                fields.insert(
+                    k.clone(),
+                    b64.encode(backend.seal_with(gen, &aad(service, k), &pt)?),
+                );
+            }
+        }
+        None if doc.alg == ALG_NONE => {
+            for (k, v) in &doc.fields {
+                let pt = Zeroizing::new(
+                    serde_json::to_vec(&Value::String(v.clone()))
+                        .map_err(|_| ApiError::Internal)?,
+                );
+                fields.insert(
+                    k.clone(),
+                    b64.encode(backend.seal_with(gen, &aad(service, k), &pt)?),
+                );
+            }
+        }
+        // A format this appliance does not seal (refused when read).
+        None => return Ok(false),
     }
     doc.fields = fields;
     doc.alg = ALG_SEALED.into();
     doc.enc = Some(ENC.into());
-    Ok(())
+    doc.kid = Some(gen);
+    Ok(true)
+}
+
+/// Seals a plaintext (`alg: "none"`) document's fields in place, under the
+/// active generation; sealed documents are left as they are.
+pub fn reseal(backend: &Backend, service: &str, doc: &mut TokenDocument) -> Result<(), ApiError> {
+    if doc.alg != ALG_NONE {
+        return Ok(());
+    }
+    rekey(backend, service, doc, backend.aes_active()?).map(|_| ())
 }
 
 #[cfg(test)]
@@ -462,6 +512,7 @@ mod tests {
             v: 1,
             alg: "none".into(),
             enc: None,
+            kid: None,
             fields: [("accessToken".to_string(), "ghp_plain".to_string())].into(),
             meta: Map::new(),
             otp: None,

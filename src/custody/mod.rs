@@ -2,5 +2,6 @@
 
 pub mod fields;
 pub mod gcp;
+pub mod rotate;
 pub mod ticket;
 pub mod totp;

@@ -102,6 +102,44 @@ pub fn concurrent_use(b: &(dyn KeyBackend + Sync)) {
     });
 }
 
+/// Key generations (`rotate-key`): a second AES key next to the first,
+/// each opening only its own blobs, re-sealing from one to the other, and
+/// destroying the first without touching the second.
+pub fn aes_generations(b: &dyn KeyBackend) {
+    assert_eq!(b.aes_generations().unwrap(), vec![FIRST_AES_GEN]);
+    let old = b.seal_with(1, b"aad", b"under-1").unwrap();
+    assert_eq!(b.open_with(2, b"aad", &old), Err(KeyError::NoAesKey));
+    assert_eq!(b.seal_with(2, b"aad", b"x"), Err(KeyError::NoAesKey));
+    assert!(b.create_aes(2).unwrap());
+    assert!(!b.create_aes(2).unwrap(), "creating twice keeps the key");
+    assert_eq!(b.aes_generations().unwrap(), vec![1, 2]);
+    let new = b.seal_with(2, b"aad", b"under-2").unwrap();
+    assert_eq!(b.open_with(2, b"aad", &new).unwrap().as_slice(), b"under-2");
+    // Each key opens only its own blobs.
+    assert_eq!(b.open_with(1, b"aad", &new), Err(KeyError::DecryptFailed));
+    assert_eq!(b.open_with(2, b"aad", &old), Err(KeyError::DecryptFailed));
+    // A bare device reads generation 1 only: a blob under 2 needs its generation.
+    assert_eq!(b.open(b"aad", &new), Err(KeyError::DecryptFailed));
+    assert_eq!(reseal_blob(b, 1, b"aad", &old).unwrap(), None);
+    let moved = reseal_blob(b, 2, b"aad", &old).unwrap().unwrap();
+    assert_eq!(
+        b.open_with(2, b"aad", &moved).unwrap().as_slice(),
+        b"under-1"
+    );
+    b.destroy_aes(1).unwrap();
+    b.destroy_aes(1).unwrap();
+    assert_eq!(b.aes_generations().unwrap(), vec![2]);
+    assert_eq!(b.open_with(1, b"aad", &old), Err(KeyError::NoAesKey));
+    assert_eq!(b.seal_with(1, b"aad", b"x"), Err(KeyError::NoAesKey));
+    assert!(b.aes_key_present());
+    b.forget_aes_except(&[2]);
+    assert_eq!(
+        b.open_with(2, b"aad", &moved).unwrap().as_slice(),
+        b"under-1"
+    );
+    assert!(b.healthy());
+}
+
 pub fn run_all(b: &(dyn KeyBackend + Sync)) {
     reports_health(b);
     random_is_random(b);
@@ -110,6 +148,8 @@ pub fn run_all(b: &(dyn KeyBackend + Sync)) {
     seal_open_roundtrip_and_tamper(b);
     concurrent_use(b);
     otp_matches_rfc6238(b);
+    // Last: it retires generation 1.
+    aes_generations(b);
 }
 
 /// RFC 6238 through the device, when the backend holds seeds; identical to

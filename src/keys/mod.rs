@@ -69,11 +69,77 @@ pub trait MacKeys {
     fn hmac_sha256(&self, data: &[u8]) -> Result<[u8; 32], KeyError>;
 }
 
+/// Generation of the AES key: 1 is the key `init` created, each
+/// `rotate-key` adds the next. Token documents record theirs (`kid`).
+pub type AesGen = u32;
+pub const FIRST_AES_GEN: AesGen = 1;
+
 pub trait SealKeys {
-    /// AES-256-GCM under the backend key with a fresh 12-byte IV; returns IV ‖ ciphertext ‖ tag.
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError>;
-    /// Inverse of [`SealKeys::seal`].
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// AES-256-GCM under generation `gen` with a fresh 12-byte IV; returns
+    /// IV ‖ ciphertext ‖ tag. `NoAesKey` if that generation does not exist.
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Inverse of [`SealKeys::seal_with`].
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError>;
+    /// The generation new seals use. A bare device answers
+    /// [`FIRST_AES_GEN`]; the store's key ring answers what the store records
+    /// (every wrapper must forward this).
+    fn aes_active(&self) -> Result<AesGen, KeyError>;
+    /// Generations a blob without a recorded generation may be under, the
+    /// active one first (more than one only while a rotation runs).
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError>;
+
+    /// Seals under the active generation.
+    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.seal_with(self.aes_active()?, aad, plaintext)
+    }
+    /// Opens a blob that does not record its generation: each readable
+    /// generation in turn (GCM's tag tells a wrong key from the right one).
+    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let mut last = KeyError::DecryptFailed;
+        for gen in self.aes_readable()? {
+            match self.open_with(gen, aad, sealed) {
+                Err(e @ (KeyError::DecryptFailed | KeyError::NoAesKey)) => last = e,
+                r => return r,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Re-seals a blob that does not record its generation under `gen`;
+/// `None` if it already is. For `rotate-key`.
+pub fn reseal_blob(
+    b: &dyn KeyBackend,
+    gen: AesGen,
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Option<Vec<u8>>, KeyError> {
+    match b.open_with(gen, aad, sealed) {
+        Ok(_) => return Ok(None),
+        Err(KeyError::DecryptFailed) => {}
+        Err(e) => return Err(e),
+    }
+    let pt = b.open(aad, sealed)?;
+    b.seal_with(gen, aad, &pt).map(Some)
+}
+
+/// Creating and retiring AES key generations (`rotate-key`).
+pub trait AesGenerations {
+    /// Creates generation `gen` (sensitive, non-extractable) unless it
+    /// exists. Returns whether it was created.
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError>;
+    /// Generations present in the device, ascending.
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError>;
+    /// Destroys generation `gen` in the device (absent is not an error).
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError>;
+    /// Drops this process's cached copies (session objects, unsealed
+    /// memory) of every generation not in `keep`: another process retired them.
+    fn forget_aes_except(&self, keep: &[AesGen]);
 }
 
 /// HMAC hash of a TOTP seed.
@@ -113,8 +179,14 @@ pub trait OtpKeys {
     fn list_otp(&self) -> Result<Vec<String>, KeyError>;
 }
 
-pub trait KeyBackend: KeyBackendBase + RandomSource + MacKeys + SealKeys + OtpKeys {}
-impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys + OtpKeys> KeyBackend for T {}
+pub trait KeyBackend:
+    KeyBackendBase + RandomSource + MacKeys + SealKeys + AesGenerations + OtpKeys
+{
+}
+impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys + AesGenerations + OtpKeys> KeyBackend
+    for T
+{
+}
 
 pub type Backend = Arc<dyn KeyBackend>;
 

@@ -27,7 +27,10 @@ pub mod tls;
 pub const AES_LABEL: &str = "tokenvault-aes";
 pub const HMAC_LABEL: &str = "tokenvault-hmac";
 pub const OTP_LABEL: &str = "tokenvault-totp";
-const AES_ID: &[u8] = b"aes-1";
+/// CKA_ID of AES generation `gen` (`aes-1` is the key `init` created).
+fn aes_id(gen: AesGen) -> Vec<u8> {
+    format!("aes-{gen}").into_bytes()
+}
 
 /// Usual locations of SoftHSM2 on Debian/Ubuntu and Fedora.
 pub const SOFTHSM_MODULE_PATHS: &[&str] = &[
@@ -117,7 +120,8 @@ pub fn init_token(
 
 struct Pooled {
     session: Session,
-    aes: Option<ObjectHandle>,
+    /// AES key handles by generation (session copies with `copy_to_session`).
+    aes: Vec<(AesGen, ObjectHandle)>,
     hmac: Option<(u64, ObjectHandle)>,
 }
 
@@ -228,38 +232,24 @@ impl Pkcs11Backend {
             }
             e => SetupError::Call("C_OpenSession/C_Login", e.to_string()),
         })?;
-        let aes = find_one(&s.session, &aes_template()).map_err(call("C_FindObjects"))?;
+        let aes = find_one(&s.session, &aes_template(None)).map_err(call("C_FindObjects"))?;
         b.aes_present.store(aes.is_some(), Ordering::Relaxed);
         b.give_back(s);
         Ok(b)
     }
 
-    /// Creates the AES-256 key if absent. Returns true if it was created.
+    /// `init`: creates the first AES-256 key unless any generation exists.
+    /// Returns true if it was created.
     pub fn ensure_aes_key(&self) -> Result<bool, SetupError> {
         let s = self.open_session().map_err(call("C_OpenSession/C_Login"))?;
-        if find_one(&s.session, &aes_template())
+        if find_one(&s.session, &aes_template(None))
             .map_err(call("C_FindObjects"))?
             .is_some()
         {
             self.aes_present.store(true, Ordering::Relaxed);
             return Ok(false);
         }
-        let mut t = aes_template();
-        t.extend([
-            Attribute::ValueLen(Ulong::from(32)),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Sign(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Derive(false),
-        ]);
-        s.session
-            .generate_key(&Mechanism::AesKeyGen, &t)
-            .map_err(call("C_GenerateKey"))?;
+        generate_aes(&s.session, FIRST_AES_GEN).map_err(call("C_GenerateKey"))?;
         self.aes_present.store(true, Ordering::Relaxed);
         Ok(true)
     }
@@ -267,22 +257,31 @@ impl Pkcs11Backend {
     /// Reads back the AES key's security attributes (for tests and `doctor`).
     pub fn aes_key_attributes(&self) -> Result<(bool, bool), KeyError> {
         self.with_session(|p| {
-            let h = find_one(&p.session, &aes_template())?.ok_or(CkError::InvalidValue)?;
-            let attrs = p.session.get_attributes(
-                h,
-                &[
-                    cryptoki::object::AttributeType::Sensitive,
-                    cryptoki::object::AttributeType::Extractable,
-                ],
-            )?;
-            let mut sensitive = false;
-            let mut extractable = true;
-            for a in attrs {
-                match a {
-                    Attribute::Sensitive(v) => sensitive = v,
-                    Attribute::Extractable(v) => extractable = v,
-                    _ => {}
+            // Every generation: all must be sensitive, none extractable.
+            let keys = p.session.find_objects(&aes_template(None))?;
+            if keys.is_empty() {
+                return Err(CkError::InvalidValue);
+            }
+            let mut sensitive = true;
+            let mut extractable = false;
+            for h in keys {
+                let attrs = p.session.get_attributes(
+                    h,
+                    &[
+                        cryptoki::object::AttributeType::Sensitive,
+                        cryptoki::object::AttributeType::Extractable,
+                    ],
+                )?;
+                let (mut s, mut x) = (false, true);
+                for a in attrs {
+                    match a {
+                        Attribute::Sensitive(v) => s = v,
+                        Attribute::Extractable(v) => x = v,
+                        _ => {}
+                    }
                 }
+                sensitive &= s;
+                extractable |= x;
             }
             Ok((sensitive, extractable))
         })
@@ -322,7 +321,7 @@ impl Pkcs11Backend {
         self.login(&session)?;
         Ok(Pooled {
             session,
-            aes: None,
+            aes: Vec::new(),
             hmac: None,
         })
     }
@@ -491,21 +490,22 @@ impl Pkcs11Backend {
         Ok(id)
     }
 
-    fn aes_handle(&self, p: &mut Pooled) -> Result<ObjectHandle, CkError> {
-        if let Some(h) = p.aes {
-            return Ok(h);
+    /// The handle of generation `gen` in this session; `None` if the token
+    /// has no such key.
+    fn aes_handle(&self, p: &mut Pooled, gen: AesGen) -> Result<Option<ObjectHandle>, CkError> {
+        if let Some((_, h)) = p.aes.iter().find(|(g, _)| *g == gen) {
+            return Ok(Some(*h));
         }
-        let token = find_one(&p.session, &aes_template())?.ok_or(CkError::Pkcs11(
-            RvError::KeyHandleInvalid,
-            cryptoki::context::Function::FindObjects,
-        ))?;
+        let Some(token) = find_one(&p.session, &aes_template(Some(gen)))? else {
+            return Ok(None);
+        };
         let h = if self.copy_to_session {
             p.session.copy_object(token, &[Attribute::Token(false)])?
         } else {
             token
         };
-        p.aes = Some(h);
-        Ok(h)
+        p.aes.push((gen, h));
+        Ok(Some(h))
     }
 
     fn hmac_handle(&self, p: &mut Pooled) -> Result<ObjectHandle, CkError> {
@@ -536,14 +536,36 @@ impl Pkcs11Backend {
     }
 }
 
-fn aes_template() -> Vec<Attribute> {
-    vec![
+/// The AES key of generation `gen`, or (`None`) of any generation.
+fn aes_template(gen: Option<AesGen>) -> Vec<Attribute> {
+    let mut t = vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
         Attribute::Token(true),
         Attribute::Label(AES_LABEL.as_bytes().to_vec()),
-        Attribute::Id(AES_ID.to_vec()),
-    ]
+    ];
+    if let Some(gen) = gen {
+        t.push(Attribute::Id(aes_id(gen)));
+    }
+    t
+}
+
+/// A new AES-256 token key: sensitive, non-extractable, encrypt/decrypt only.
+fn generate_aes(s: &Session, gen: AesGen) -> Result<ObjectHandle, CkError> {
+    let mut t = aes_template(Some(gen));
+    t.extend([
+        Attribute::ValueLen(Ulong::from(32)),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]);
+    s.generate_key(&Mechanism::AesKeyGen, &t)
 }
 
 fn hmac_template(id: Option<&str>) -> Vec<Attribute> {
@@ -758,23 +780,24 @@ impl OtpKeys for Pkcs11Backend {
 }
 
 impl SealKeys for Pkcs11Backend {
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
-        if !self.aes_key_present() {
-            return Err(KeyError::NoAesKey);
-        }
-        let ct = self.with_session(|p| {
-            let h = self.aes_handle(p)?;
-            let mut iv = [0u8; IV_LEN];
-            p.session.generate_random_slice(&mut iv)?;
-            let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
-            let ct = p
-                .session
-                .encrypt(&Mechanism::AesGcm(params), h, plaintext)?;
-            let mut out = Vec::with_capacity(IV_LEN + ct.len());
-            out.extend_from_slice(&iv);
-            out.extend_from_slice(&ct);
-            Ok(out)
-        })?;
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let ct = self
+            .with_session(|p| {
+                let Some(h) = self.aes_handle(p, gen)? else {
+                    return Ok(None);
+                };
+                let mut iv = [0u8; IV_LEN];
+                p.session.generate_random_slice(&mut iv)?;
+                let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
+                let ct = p
+                    .session
+                    .encrypt(&Mechanism::AesGcm(params), h, plaintext)?;
+                let mut out = Vec::with_capacity(IV_LEN + ct.len());
+                out.extend_from_slice(&iv);
+                out.extend_from_slice(&ct);
+                Ok(Some(out))
+            })?
+            .ok_or(KeyError::NoAesKey)?;
         // Enforce the 128-bit tag: the device must have appended exactly 16 bytes.
         if ct.len() != IV_LEN + plaintext.len() + TAG_LEN {
             return Err(KeyError::Unavailable);
@@ -782,18 +805,97 @@ impl SealKeys for Pkcs11Backend {
         Ok(ct)
     }
 
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        if !self.aes_key_present() {
-            return Err(KeyError::NoAesKey);
-        }
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let (iv, ct) = split_sealed(sealed)?;
         let mut iv: [u8; IV_LEN] = iv.try_into().map_err(|_| KeyError::DecryptFailed)?;
-        let pt = self.with_session(|p| {
-            let h = self.aes_handle(p)?;
-            let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
-            p.session.decrypt(&Mechanism::AesGcm(params), h, ct)
-        })?;
+        let pt = self
+            .with_session(|p| {
+                let Some(h) = self.aes_handle(p, gen)? else {
+                    return Ok(None);
+                };
+                let params = GcmParams::new(&mut iv, aad, Ulong::from((TAG_LEN * 8) as u64))?;
+                p.session
+                    .decrypt(&Mechanism::AesGcm(params), h, ct)
+                    .map(Some)
+            })?
+            .ok_or(KeyError::NoAesKey)?;
         Ok(Zeroizing::new(pt))
+    }
+
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        Ok(FIRST_AES_GEN)
+    }
+
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        Ok(vec![FIRST_AES_GEN])
+    }
+}
+
+impl AesGenerations for Pkcs11Backend {
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
+        let created = self.with_session(|p| {
+            if find_one(&p.session, &aes_template(Some(gen)))?.is_some() {
+                return Ok(false);
+            }
+            generate_aes(&p.session, gen).map(|_| true)
+        })?;
+        self.aes_present.store(true, Ordering::Relaxed);
+        Ok(created)
+    }
+
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
+        let mut gens = self.with_session(|p| {
+            let mut out = Vec::new();
+            for h in p.session.find_objects(&aes_template(None))? {
+                for a in p
+                    .session
+                    .get_attributes(h, &[cryptoki::object::AttributeType::Id])?
+                {
+                    if let Attribute::Id(id) = a {
+                        let gen = std::str::from_utf8(&id)
+                            .ok()
+                            .and_then(|i| i.strip_prefix("aes-"))
+                            .and_then(|g| g.parse::<AesGen>().ok());
+                        out.extend(gen);
+                    }
+                }
+            }
+            Ok(out)
+        })?;
+        gens.sort_unstable();
+        gens.dedup();
+        Ok(gens)
+    }
+
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
+        self.with_session(|p| {
+            for h in p.session.find_objects(&aes_template(Some(gen)))? {
+                p.session.destroy_object(h)?;
+            }
+            Ok(())
+        })?;
+        self.forget_aes_except(&[]);
+        Ok(())
+    }
+
+    fn forget_aes_except(&self, keep: &[AesGen]) {
+        let Ok(mut pool) = self.pool.lock() else {
+            return;
+        };
+        for p in pool.iter_mut() {
+            p.aes.retain(|(g, h)| {
+                let kept = keep.contains(g);
+                if !kept && self.copy_to_session {
+                    let _ = p.session.destroy_object(*h);
+                }
+                kept
+            });
+        }
     }
 }
 
@@ -857,22 +959,26 @@ mod tests {
 
         // Pull the login from under the pool: C_Logout destroys the private
         // session-object key copies of every pooled session.
-        let sealed = t.backend.seal(b"a", b"before").unwrap();
+        // (run_all retired generation 1: generation 2 is the key now.)
+        let sealed = t.backend.seal_with(2, b"a", b"before").unwrap();
         {
             let pool = t.backend.pool.lock().unwrap();
             assert!(!pool.is_empty());
             pool[0].session.logout().unwrap();
             // The scenario is real: pooled key handles are now dead.
-            let p = pool.iter().find(|p| p.aes.is_some()).unwrap();
+            let p = pool.iter().find(|p| !p.aes.is_empty()).unwrap();
             let mut iv = [0u8; 12];
             let params = GcmParams::new(&mut iv, b"", Ulong::from(128u64)).unwrap();
             assert!(p
                 .session
-                .encrypt(&Mechanism::AesGcm(params), p.aes.unwrap(), b"x")
+                .encrypt(&Mechanism::AesGcm(params), p.aes[0].1, b"x")
                 .is_err());
         }
         // The next operations recover on a fresh session, without a restart.
-        assert_eq!(t.backend.open(b"a", &sealed).unwrap().as_slice(), b"before");
+        assert_eq!(
+            t.backend.open_with(2, b"a", &sealed).unwrap().as_slice(),
+            b"before"
+        );
         t.backend.hmac_sha256(b"x").unwrap();
         assert!(t.backend.healthy());
         // No key bytes in any token file in plaintext form is SoftHSM's job;

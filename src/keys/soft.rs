@@ -14,7 +14,7 @@ use std::sync::Mutex;
 type HmacKeys = (HashMap<String, Zeroizing<Vec<u8>>>, Option<String>);
 
 pub struct SoftBackend {
-    aes: Option<Zeroizing<[u8; 32]>>,
+    aes: Mutex<std::collections::BTreeMap<AesGen, Zeroizing<[u8; 32]>>>,
     hmac: Mutex<HmacKeys>,
 }
 
@@ -24,23 +24,28 @@ impl Default for SoftBackend {
     }
 }
 
+fn fresh() -> Zeroizing<[u8; 32]> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    let _ = getrandom::getrandom(k.as_mut());
+    k
+}
+
 impl SoftBackend {
     pub fn new() -> Self {
-        let mut k = Zeroizing::new([0u8; 32]);
-        let _ = getrandom::getrandom(k.as_mut());
         SoftBackend {
-            aes: Some(k),
+            aes: Mutex::new([(FIRST_AES_GEN, fresh())].into()),
             hmac: Mutex::new((HashMap::new(), None)),
         }
     }
     pub fn without_aes() -> Self {
         SoftBackend {
-            aes: None,
+            aes: Mutex::new(Default::default()),
             hmac: Mutex::new((HashMap::new(), None)),
         }
     }
-    fn cipher(&self) -> Result<Aes256Gcm, KeyError> {
-        let k = self.aes.as_ref().ok_or(KeyError::NoAesKey)?;
+    fn cipher(&self, gen: AesGen) -> Result<Aes256Gcm, KeyError> {
+        let g = self.aes.lock().map_err(|_| KeyError::Unavailable)?;
+        let k = g.get(&gen).ok_or(KeyError::NoAesKey)?;
         Aes256Gcm::new_from_slice(k.as_ref()).map_err(|_| KeyError::InvalidInput)
     }
 }
@@ -53,7 +58,7 @@ impl KeyBackendBase for SoftBackend {
         true
     }
     fn aes_key_present(&self) -> bool {
-        self.aes.is_some()
+        self.aes.lock().is_ok_and(|g| !g.is_empty())
     }
     fn probe(&self) -> Result<(), KeyError> {
         Ok(())
@@ -123,11 +128,11 @@ impl OtpKeys for SoftBackend {
 }
 
 impl SealKeys for SoftBackend {
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
         let mut iv = [0u8; IV_LEN];
         self.fill_random(&mut iv)?;
         let ct = self
-            .cipher()?
+            .cipher(gen)?
             .encrypt(
                 Nonce::from_slice(&iv),
                 Payload {
@@ -140,13 +145,46 @@ impl SealKeys for SoftBackend {
         out.extend_from_slice(&ct);
         Ok(out)
     }
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let (iv, ct) = split_sealed(sealed)?;
-        self.cipher()?
+        self.cipher(gen)?
             .decrypt(Nonce::from_slice(iv), Payload { msg: ct, aad })
             .map(Zeroizing::new)
             .map_err(|_| KeyError::DecryptFailed)
     }
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        Ok(FIRST_AES_GEN)
+    }
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        Ok(vec![FIRST_AES_GEN])
+    }
+}
+
+impl AesGenerations for SoftBackend {
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
+        let mut g = self.aes.lock().map_err(|_| KeyError::Unavailable)?;
+        if g.contains_key(&gen) {
+            return Ok(false);
+        }
+        g.insert(gen, fresh());
+        Ok(true)
+    }
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
+        let g = self.aes.lock().map_err(|_| KeyError::Unavailable)?;
+        Ok(g.keys().copied().collect())
+    }
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
+        let mut g = self.aes.lock().map_err(|_| KeyError::Unavailable)?;
+        g.remove(&gen);
+        Ok(())
+    }
+    /// One process holds the only copy: nothing cached to drop.
+    fn forget_aes_except(&self, _: &[AesGen]) {}
 }
 
 #[cfg(test)]

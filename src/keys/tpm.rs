@@ -16,10 +16,10 @@ use hmac::{Hmac, Mac};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{OnceLock, RwLock};
+use std::sync::RwLock;
 use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
 use tss_esapi::constants::response_code::Tss2ResponseCodeKind;
 use tss_esapi::constants::{CapabilityType, SessionType};
@@ -41,6 +41,26 @@ use zeroize::Zeroizing;
 
 const BLOB_FORMAT: &str = "tvw-tpm-sealed-v1";
 const AES_BLOB: &str = "aes.json";
+
+/// The sealed blob of AES generation `gen` (`aes.json` is generation 1).
+fn aes_blob(gen: AesGen) -> String {
+    if gen == FIRST_AES_GEN {
+        AES_BLOB.into()
+    } else {
+        format!("aes-{gen}.json")
+    }
+}
+
+fn aes_gen_of(name: &str) -> Option<AesGen> {
+    if name == AES_BLOB {
+        return Some(FIRST_AES_GEN);
+    }
+    name.strip_prefix("aes-")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+        .filter(|g| *g > FIRST_AES_GEN)
+}
 const HMAC_PREFIX: &str = "hmac-";
 
 /// Why the TPM backend could not start; each names the cause and the fix.
@@ -88,7 +108,9 @@ type HmacKeys = (HashMap<String, LockedKey>, Option<String>);
 
 pub struct TpmBackend {
     settings: TpmSettings,
-    aes: OnceLock<LockedKey>,
+    /// Unsealed AES keys by generation. A generation another process
+    /// created (`rotate-key`) is unsealed on first use.
+    aes: RwLock<BTreeMap<AesGen, LockedKey>>,
     hmac: RwLock<HmacKeys>,
 }
 
@@ -473,29 +495,28 @@ impl TpmBackend {
     pub fn open(settings: TpmSettings) -> Result<TpmBackend, TpmSetupError> {
         let b = TpmBackend {
             settings,
-            aes: OnceLock::new(),
+            aes: RwLock::new(BTreeMap::new()),
             hmac: RwLock::new((HashMap::new(), None)),
         };
-        let aes_path = b.settings.dir.join(AES_BLOB);
-        let hmac_paths: Vec<(String, PathBuf)> = match std::fs::read_dir(&b.settings.dir) {
-            Ok(rd) => rd
-                .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    hmac_id_of(&name).map(|id| (id.to_string(), e.path()))
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        let mut conn = Conn::open(&b.settings.tcti)?;
-        if aes_path.exists() {
-            let blob = read_blob(&aes_path)?;
-            b.warn_if_policy_differs(&aes_path, &blob);
-            let key = conn.unseal(&aes_path, &blob)?;
-            if key.len() != 32 {
-                return Err(TpmSetupError::Blob(aes_path, "not a 32-byte key".into()));
+        let mut hmac_paths: Vec<(String, PathBuf)> = Vec::new();
+        let mut aes_paths: Vec<(AesGen, PathBuf)> = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&b.settings.dir) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(id) = hmac_id_of(&name) {
+                    hmac_paths.push((id.to_string(), e.path()));
+                } else if let Some(gen) = aes_gen_of(&name) {
+                    aes_paths.push((gen, e.path()));
+                }
             }
-            let _ = b.aes.set(LockedKey::new(&key)?);
+        }
+        let mut conn = Conn::open(&b.settings.tcti)?;
+        let mut aes = BTreeMap::new();
+        for (gen, path) in aes_paths {
+            aes.insert(gen, b.unseal_aes(&mut conn, &path)?);
+        }
+        if let Ok(mut g) = b.aes.write() {
+            *g = aes;
         }
         let mut map = HashMap::new();
         for (id, path) in hmac_paths {
@@ -507,6 +528,19 @@ impl TpmBackend {
             g.0 = map;
         }
         Ok(b)
+    }
+
+    fn unseal_aes(&self, conn: &mut Conn, path: &Path) -> Result<LockedKey, TpmSetupError> {
+        let blob = read_blob(path)?;
+        self.warn_if_policy_differs(path, &blob);
+        let key = conn.unseal(path, &blob)?;
+        if key.len() != 32 {
+            return Err(TpmSetupError::Blob(
+                path.to_path_buf(),
+                "not a 32-byte key".into(),
+            ));
+        }
+        Ok(LockedKey::new(&key)?)
     }
 
     fn warn_if_policy_differs(&self, path: &Path, blob: &SealedBlob) {
@@ -523,7 +557,7 @@ impl TpmBackend {
     /// `init`: creates and seals the AES key unless one exists. Returns
     /// whether it created one.
     pub fn ensure_aes_key(&self) -> Result<bool, TpmSetupError> {
-        if self.aes.get().is_some() {
+        if self.aes.read().is_ok_and(|g| !g.is_empty()) {
             return Ok(false);
         }
         let path = self.settings.dir.join(AES_BLOB);
@@ -532,6 +566,15 @@ impl TpmBackend {
                 path,
                 "exists but was not unsealed".into(),
             ));
+        }
+        self.create_gen(FIRST_AES_GEN)
+    }
+
+    /// Creates and seals generation `gen` unless its blob exists.
+    fn create_gen(&self, gen: AesGen) -> Result<bool, TpmSetupError> {
+        let path = self.settings.dir.join(aes_blob(gen));
+        if path.exists() {
+            return Ok(false);
         }
         crate::cli::create_private_dir(&self.settings.dir).map_err(|e| {
             TpmSetupError::Io(
@@ -542,7 +585,10 @@ impl TpmBackend {
         let mut conn = Conn::open(&self.settings.tcti)?;
         let key = fresh_key(&mut conn)?;
         self.write_sealed(&mut conn, &path, "aes", &key)?;
-        let _ = self.aes.set(LockedKey::new(&key)?);
+        let locked = LockedKey::new(&key)?;
+        if let Ok(mut g) = self.aes.write() {
+            g.insert(gen, locked);
+        }
         Ok(true)
     }
 
@@ -573,7 +619,11 @@ impl TpmBackend {
 
     /// Whether every key held in memory sits in a locked page.
     pub fn keys_locked(&self) -> bool {
-        let aes = self.aes.get().is_none_or(|k| k.is_locked());
+        let aes = self
+            .aes
+            .read()
+            .map(|g| g.values().all(|k| k.is_locked()))
+            .unwrap_or(false);
         let hmac = self
             .hmac
             .read()
@@ -582,8 +632,31 @@ impl TpmBackend {
         aes && hmac
     }
 
-    fn aes_key(&self) -> Result<&LockedKey, KeyError> {
-        self.aes.get().ok_or(KeyError::NoAesKey)
+    /// Runs `f` with the key of generation `gen`, unsealing it first if
+    /// another process created it since this one started.
+    fn with_aes<T>(
+        &self,
+        gen: AesGen,
+        f: impl FnOnce(&LockedKey) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        {
+            let g = self.aes.read().map_err(|_| KeyError::Unavailable)?;
+            if let Some(k) = g.get(&gen) {
+                return f(k);
+            }
+        }
+        let path = self.settings.dir.join(aes_blob(gen));
+        if !path.exists() {
+            return Err(KeyError::NoAesKey);
+        }
+        let mut conn = Conn::open(&self.settings.tcti).map_err(unavailable("connect"))?;
+        let key = self
+            .unseal_aes(&mut conn, &path)
+            .map_err(unavailable("unseal"))?;
+        drop(conn);
+        let mut g = self.aes.write().map_err(|_| KeyError::Unavailable)?;
+        let k = g.entry(gen).or_insert(key);
+        f(k)
     }
 }
 
@@ -623,10 +696,14 @@ impl KeyBackendBase for TpmBackend {
         true
     }
     fn aes_key_present(&self) -> bool {
-        self.aes.get().is_some()
+        self.aes.read().is_ok_and(|g| !g.is_empty())
     }
     fn probe(&self) -> Result<(), KeyError> {
-        self.aes_key().map(|_| ())
+        if self.aes_key_present() {
+            Ok(())
+        } else {
+            Err(KeyError::NoAesKey)
+        }
     }
 }
 
@@ -725,35 +802,101 @@ impl OtpKeys for TpmBackend {
 }
 
 impl SealKeys for TpmBackend {
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let cipher = Aes256Gcm::new_from_slice(self.aes_key()?.as_slice())
-            .map_err(|_| KeyError::InvalidInput)?;
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
         let mut iv = [0u8; IV_LEN];
         self.fill_random(&mut iv)?;
-        let ct = cipher
-            .encrypt(
-                &Nonce::from(iv),
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .map_err(|_| KeyError::InvalidInput)?;
+        let ct = self.with_aes(gen, |k| {
+            let cipher =
+                Aes256Gcm::new_from_slice(k.as_slice()).map_err(|_| KeyError::InvalidInput)?;
+            cipher
+                .encrypt(
+                    &Nonce::from(iv),
+                    Payload {
+                        msg: plaintext,
+                        aad,
+                    },
+                )
+                .map_err(|_| KeyError::InvalidInput)
+        })?;
         let mut out = Vec::with_capacity(IV_LEN + ct.len());
         out.extend_from_slice(&iv);
         out.extend_from_slice(&ct);
         Ok(out)
     }
 
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        let cipher = Aes256Gcm::new_from_slice(self.aes_key()?.as_slice())
-            .map_err(|_| KeyError::InvalidInput)?;
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let (iv, ct) = split_sealed(sealed)?;
         let iv: [u8; IV_LEN] = iv.try_into().map_err(|_| KeyError::DecryptFailed)?;
-        cipher
-            .decrypt(&Nonce::from(iv), Payload { msg: ct, aad })
-            .map(Zeroizing::new)
-            .map_err(|_| KeyError::DecryptFailed)
+        self.with_aes(gen, |k| {
+            let cipher =
+                Aes256Gcm::new_from_slice(k.as_slice()).map_err(|_| KeyError::InvalidInput)?;
+            cipher
+                .decrypt(&Nonce::from(iv), Payload { msg: ct, aad })
+                .map(Zeroizing::new)
+                .map_err(|_| KeyError::DecryptFailed)
+        })
+    }
+
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        Ok(FIRST_AES_GEN)
+    }
+
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        Ok(vec![FIRST_AES_GEN])
+    }
+}
+
+impl AesGenerations for TpmBackend {
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
+        self.create_gen(gen)
+            .map_err(unavailable("AES key creation"))
+    }
+
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
+        let mut gens: Vec<AesGen> = match std::fs::read_dir(&self.settings.dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .filter_map(|e| aes_gen_of(&e.file_name().to_string_lossy()))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::error!(dir = %self.settings.dir.display(), error = %e, "cannot list sealed keys");
+                return Err(KeyError::Unavailable);
+            }
+        };
+        gens.sort_unstable();
+        Ok(gens)
+    }
+
+    /// Removes the sealed blob (the key cannot be unsealed again) and the
+    /// unsealed copy in this process.
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
+        let path = self.settings.dir.join(aes_blob(gen));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                let _ = crate::fsutil::fsync_dir(&self.settings.dir);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "cannot remove sealed AES key");
+                return Err(KeyError::Unavailable);
+            }
+        }
+        if let Ok(mut g) = self.aes.write() {
+            g.remove(&gen);
+        }
+        Ok(())
+    }
+
+    fn forget_aes_except(&self, keep: &[AesGen]) {
+        if let Ok(mut g) = self.aes.write() {
+            g.retain(|gen, _| keep.contains(gen));
+        }
     }
 }
 

@@ -7,6 +7,13 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+pub const ALG_SEALED: &str = "AES-256-GCM";
+pub const ALG_NONE: &str = "none";
+/// Marks this appliance's field encoding (AAD-bound, JSON plaintext).
+pub const ENC: &str = "tvw-field-v1";
+/// The AES key generation of sealed documents that do not record one.
+pub const FIRST_KID: u32 = 1;
+
 /// Stored form. `fields` hold sealed credential fields only (never plaintext).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TokenDocument {
@@ -15,6 +22,10 @@ pub struct TokenDocument {
     /// Field encoding of this appliance (absent in the spec's own formats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc: Option<String>,
+    /// Generation of the AES key every field is sealed under (absent: 1,
+    /// the key `init` created). `rotate-key` moves documents to the next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<u32>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, String>,
     #[serde(default)]
@@ -22,6 +33,18 @@ pub struct TokenDocument {
     /// Id of the TOTP seed held as a key in the key backend (never the seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub otp: Option<String>,
+}
+
+impl TokenDocument {
+    /// The key generation this document's fields need, if they are sealed
+    /// in this appliance's encoding.
+    pub fn sealed_gen(&self) -> Option<u32> {
+        sealed_gen(&self.alg, self.enc.as_deref(), self.kid)
+    }
+}
+
+fn sealed_gen(alg: &str, enc: Option<&str>, kid: Option<u32>) -> Option<u32> {
+    (alg == ALG_SEALED && enc == Some(ENC)).then_some(kid.unwrap_or(FIRST_KID))
 }
 
 /// Meta keys that may leave the appliance (list, get, store answers).
@@ -95,6 +118,12 @@ pub fn public_meta(meta: Map<String, Value>) -> Map<String, Value> {
 struct RawMetaView<'a> {
     #[serde(borrow, default)]
     meta: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    #[serde(borrow, default)]
+    alg: Cow<'a, str>,
+    #[serde(borrow, default)]
+    enc: Option<Cow<'a, str>>,
+    #[serde(default)]
+    kid: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -108,7 +137,13 @@ struct RawTokenItem<'a> {
 /// meta, sorted keys, `serviceName` defaulting to the key) without building
 /// and dropping a tree per item.
 pub fn list_item(k: &[u8], v: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    render_item(k, v).map(|(item, _)| item)
+}
+
+/// [`list_item`], plus the document's [`TokenDocument::sealed_gen`] (one parse).
+pub fn render_item(k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Option<u32>), serde_json::Error> {
     let doc: RawMetaView = serde_json::from_slice(v)?;
+    let gen = sealed_gen(&doc.alg, doc.enc.as_deref(), doc.kid);
     let key = String::from_utf8_lossy(k);
     let mut meta: BTreeMap<&str, &RawValue> = doc
         .meta
@@ -123,7 +158,7 @@ pub fn list_item(k: &[u8], v: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
     }
     let mut out = Vec::with_capacity(256);
     serde_json::to_writer(&mut out, &RawTokenItem { key: &key, meta })?;
-    Ok(out)
+    Ok((out, gen))
 }
 
 #[cfg(test)]

@@ -54,6 +54,9 @@ pub enum ApiError {
     GcpMintFailed(&'static str),
     /// 503: the key backend (HSM) is unavailable.
     KeysUnavailable,
+    /// 503: the write was sealed under an AES key generation a running
+    /// `rotate-key` has just closed; nothing was written, retry.
+    KeyRotating,
     /// 507: the LMDB map is full; nothing was written.
     InsufficientStorage,
     /// 500: anything else. Detail is logged, not returned.
@@ -96,6 +99,7 @@ impl ApiError {
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::GcpMintFailed(_) => "gcp_mint_failed",
             ApiError::KeysUnavailable => "hsm_unavailable",
+            ApiError::KeyRotating => "key_rotating",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::Internal => "internal_error",
         }
@@ -120,7 +124,7 @@ impl ApiError {
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::GcpMintFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::KeysUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeysUnavailable | ApiError::KeyRotating => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -151,6 +155,9 @@ impl ApiError {
             ApiError::RateLimited(_) => "Too many requests; slow down".into(),
             ApiError::GcpMintFailed(m) => format!("Could not mint a GCP access token: {m}"),
             ApiError::KeysUnavailable => "Key backend unavailable; retry later".into(),
+            ApiError::KeyRotating => {
+                "The encryption key was rotated while this write was in flight; nothing was stored, retry".into()
+            }
             ApiError::InsufficientStorage => "Store is full; nothing was written".into(),
             ApiError::Internal => "Internal error".into(),
         }
@@ -165,7 +172,12 @@ impl IntoResponse for ApiError {
             message: &msg,
         };
         let mut r = (self.status(), axum::Json(body)).into_response();
-        if let ApiError::RateLimited(secs) = self {
+        let retry = match self {
+            ApiError::RateLimited(secs) => Some(secs),
+            ApiError::KeyRotating => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry {
             if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
                 r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
             }

@@ -25,6 +25,7 @@ impl From<StoreError> for ApiError {
                 tracing::error!("LMDB map is full; raise store.map_size_mib");
                 ApiError::InsufficientStorage
             }
+            StoreError::KeyRetired => ApiError::KeyRotating,
             StoreError::Corrupt(_) | StoreError::Lmdb(_) | StoreError::Closed => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal

@@ -405,6 +405,7 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                                         v: 1,
                                         alg: fields::ALG_NONE.into(),
                                         enc: None,
+                                        kid: None,
                                         fields: Default::default(),
                                         meta: Map::new(),
                                         otp: None,

@@ -4,7 +4,8 @@
 //! label ever carries a service name, ticket, token or any request value.
 
 use crate::keys::{
-    Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys, RandomSource, SealKeys,
+    AesGen, AesGenerations, Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys,
+    RandomSource, SealKeys,
 };
 use crate::store::Store;
 use secrecy::SecretSlice;
@@ -319,12 +320,39 @@ impl MacKeys for Metered {
 }
 
 impl SealKeys for Metered {
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.metrics
-            .key_op(Op::Seal, self.inner.seal(aad, plaintext))
+            .key_op(Op::Seal, self.inner.seal_with(gen, aad, plaintext))
     }
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        self.metrics.key_op(Op::Open, self.inner.open(aad, sealed))
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        self.metrics
+            .key_op(Op::Open, self.inner.open_with(gen, aad, sealed))
+    }
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        self.inner.aes_active()
+    }
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        self.inner.aes_readable()
+    }
+}
+
+impl AesGenerations for Metered {
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
+        self.inner.create_aes(gen)
+    }
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
+        self.inner.aes_generations()
+    }
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
+        self.inner.destroy_aes(gen)
+    }
+    fn forget_aes_except(&self, keep: &[AesGen]) {
+        self.inner.forget_aes_except(keep)
     }
 }
 

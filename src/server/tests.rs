@@ -903,17 +903,41 @@ impl crate::keys::OtpKeys for Flaky {
     }
 }
 impl crate::keys::SealKeys for Flaky {
-    fn seal(&self, a: &[u8], p: &[u8]) -> Result<Vec<u8>, crate::keys::KeyError> {
+    fn seal_with(&self, g: u32, a: &[u8], p: &[u8]) -> Result<Vec<u8>, crate::keys::KeyError> {
         self.check()?;
-        self.inner.seal(a, p)
+        self.inner.seal_with(g, a, p)
     }
-    fn open(
+    fn open_with(
         &self,
+        g: u32,
         a: &[u8],
         s: &[u8],
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, crate::keys::KeyError> {
         self.check()?;
-        self.inner.open(a, s)
+        self.inner.open_with(g, a, s)
+    }
+    fn aes_active(&self) -> Result<u32, crate::keys::KeyError> {
+        self.inner.aes_active()
+    }
+    fn aes_readable(&self) -> Result<Vec<u32>, crate::keys::KeyError> {
+        self.inner.aes_readable()
+    }
+}
+impl crate::keys::AesGenerations for Flaky {
+    fn create_aes(&self, g: u32) -> Result<bool, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.create_aes(g)
+    }
+    fn aes_generations(&self) -> Result<Vec<u32>, crate::keys::KeyError> {
+        self.check()?;
+        self.inner.aes_generations()
+    }
+    fn destroy_aes(&self, g: u32) -> Result<(), crate::keys::KeyError> {
+        self.check()?;
+        self.inner.destroy_aes(g)
+    }
+    fn forget_aes_except(&self, keep: &[u32]) {
+        self.inner.forget_aes_except(keep)
     }
 }
 

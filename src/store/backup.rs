@@ -23,15 +23,15 @@ pub const DATA_FILE: &str = "data.mdb";
 /// The store directory's lock, held for as long as it lives.
 pub struct StoreLock(#[allow(dead_code)] File);
 
-fn lock_file(dir: &Path) -> Result<File, StoreError> {
+fn lock_file(path: &Path) -> Result<File, StoreError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(dir.join(LOCK_FILE))
-        .map_err(|e| StoreError::Lmdb(format!("{}: {e}", dir.join(LOCK_FILE).display())))
+        .open(path)
+        .map_err(|e| StoreError::Lmdb(format!("{}: {e}", path.display())))
 }
 
 fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -44,9 +44,24 @@ fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
 }
 
 fn lock(dir: &Path, op: libc::c_int, busy: &str) -> Result<StoreLock, StoreError> {
-    let f = lock_file(dir)?;
+    lock_at(&dir.join(LOCK_FILE), dir, op, busy)
+}
+
+fn lock_at(path: &Path, dir: &Path, op: libc::c_int, busy: &str) -> Result<StoreLock, StoreError> {
+    let f = lock_file(path)?;
     flock(&f, op).map_err(|_| StoreError::Lmdb(format!("{} {busy}", dir.display())))?;
     Ok(StoreLock(f))
+}
+
+/// Exclusive, on its own file: one `rotate-key` at a time (the service and
+/// other commands keep running).
+pub fn lock_rotation(dir: &Path) -> Result<StoreLock, StoreError> {
+    lock_at(
+        &dir.join("rotate.lock"),
+        dir,
+        libc::LOCK_EX,
+        "has a key rotation running in another process",
+    )
 }
 
 /// Shared: any process using the store (taken by [`Store::open`]).

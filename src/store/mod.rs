@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod backup;
+pub mod keyring;
 pub mod trail;
 mod writer;
 
@@ -30,6 +31,10 @@ pub enum StoreError {
     Lmdb(String),
     #[error("store writer has stopped")]
     Closed,
+    /// A token document sealed under an AES generation that `rotate-key`
+    /// has closed for writes; nothing was written (the caller retries).
+    #[error("document sealed under a retiring AES key generation")]
+    KeyRetired,
 }
 
 impl From<heed::Error> for StoreError {
@@ -70,9 +75,16 @@ impl Dbs {
     }
 
     /// Writes a token document and its listing item (one transaction).
+    /// A document sealed under a generation `rotate-key` has closed is
+    /// refused: after the close, no such document can land (see [`keyring`]).
     pub fn put_token(&self, txn: &mut RwTxn<'_>, key: &str, raw: &[u8]) -> Result<(), StoreError> {
-        let item = crate::protocol::document::list_item(key.as_bytes(), raw)
+        let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw)
             .map_err(|_| StoreError::Corrupt("token document"))?;
+        if let Some(gen) = gen {
+            if self.aes_state(txn)?.closed_gen() == Some(gen) {
+                return Err(StoreError::KeyRetired);
+            }
+        }
         self.tokens.put(txn, key.as_bytes(), raw)?;
         self.token_items.put(txn, key.as_bytes(), &item)?;
         Ok(())

@@ -48,6 +48,37 @@ fn tpm_backend_conforms_and_holds_keys_in_locked_memory() {
     assert_eq!(b.kind(), "tpm");
 }
 
+/// Two processes on one TPM and blob dir (the server and `rotate-key`): a
+/// generation one creates is unsealed by the other on first use; one the
+/// other destroys is dropped from memory when the key ring says so.
+#[test]
+fn tpm_generations_cross_processes() {
+    let f = fixture();
+    let server = TpmBackend::open(f.settings(&[])).unwrap();
+    assert!(server.ensure_aes_key().unwrap());
+    let old = server.seal_with(1, b"a", b"one").unwrap();
+    let cli = TpmBackend::open(f.settings(&[])).unwrap();
+    assert_eq!(cli.aes_generations().unwrap(), vec![1]);
+    assert!(cli.create_aes(2).unwrap());
+    assert!(f.dir.path().join("state/tpm/aes-2.json").exists());
+    let new = server.seal_with(2, b"a", b"two").unwrap();
+    assert_eq!(cli.open_with(2, b"a", &new).unwrap().as_slice(), b"two");
+    cli.destroy_aes(1).unwrap();
+    assert!(!f.dir.path().join("state/tpm/aes.json").exists());
+    assert_eq!(cli.open_with(1, b"a", &old), Err(KeyError::NoAesKey));
+    // The server still holds its unsealed copy until told.
+    assert!(server.open_with(1, b"a", &old).is_ok());
+    server.forget_aes_except(&[2]);
+    assert_eq!(server.open_with(1, b"a", &old), Err(KeyError::NoAesKey));
+    assert_eq!(server.open_with(2, b"a", &new).unwrap().as_slice(), b"two");
+    // A restart finds generation 2 alone, and `init` does not add a first key.
+    let again = TpmBackend::open(f.settings(&[])).unwrap();
+    assert!(!again.ensure_aes_key().unwrap());
+    assert_eq!(again.aes_generations().unwrap(), vec![2]);
+    assert_eq!(again.open_with(2, b"a", &new).unwrap().as_slice(), b"two");
+    assert!(again.keys_locked());
+}
+
 #[test]
 fn tpm_keys_survive_restart_and_leaked_handles_are_flushed() {
     let f = fixture();

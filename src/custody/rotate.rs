@@ -1,0 +1,269 @@
+//! `rotate-key`: a new AES key generation, everything sealed under the old
+//! one re-sealed under it in batches while the service runs, then the old
+//! key destroyed. The steps and why no write can be lost are in
+//! [`crate::store::keyring`]; each is durable before the next, so a crash
+//! at any point resumes where it stopped when the command is run again.
+
+use super::fields;
+use crate::keys::{AesGen, Backend, KeyError};
+use crate::protocol::document::TokenDocument;
+use crate::protocol::ApiError;
+use crate::store::keyring::AesState;
+use crate::store::{Store, StoreError};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("key backend: {0}")]
+    Keys(#[from] KeyError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("the active AES key generation {0} is not in the key device; nothing was changed")]
+    ActiveMissing(AesGen),
+    #[error("generation {0} is recorded as the rotation's target but is not in the key device; restore the device's keys (nothing was lost: generation {1} still opens everything)")]
+    TargetMissing(AesGen, AesGen),
+    #[error("document {service:?} could not be re-sealed ({why}); the rotation stopped with nothing lost: run rotate-key again once this is fixed")]
+    Document { service: String, why: String },
+    #[error("{0}; the rotation stopped with nothing lost: run rotate-key again")]
+    Other(String),
+    #[error("documents kept changing under generation {0} for {1} passes; run rotate-key again")]
+    NoProgress(AesGen, usize),
+}
+
+pub struct Options {
+    /// Documents per batch (one durable transaction each).
+    pub batch: usize,
+    /// Pause between batches, to bound the load on a busy appliance.
+    pub pause: Duration,
+    /// `<store.path>/acme`: ACME account and key files sealed under the key.
+    pub acme_dir: PathBuf,
+}
+
+/// What the command shows as it goes.
+pub enum Progress {
+    Started {
+        from: AesGen,
+        to: AesGen,
+    },
+    Resumed {
+        from: AesGen,
+        to: AesGen,
+        closed: bool,
+    },
+    Batch {
+        pass: usize,
+        done: u64,
+        total: u64,
+    },
+    Closed {
+        from: AesGen,
+    },
+    Retired {
+        gen: AesGen,
+    },
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub from: AesGen,
+    pub to: AesGen,
+    pub resumed: bool,
+    pub documents: u64,
+    pub conflicts: u64,
+    pub oauth_clients: usize,
+    pub bind_codes: usize,
+    pub acme_files: usize,
+}
+
+/// Runs (or resumes) a rotation to its end.
+pub fn rotate(
+    store: &Store,
+    backend: &Backend,
+    opts: &Options,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, RotateError> {
+    let mut st = store.aes_state()?;
+    let present = backend.aes_generations()?;
+    let resumed = st.previous.is_some();
+    let (from, to) = match st.previous {
+        Some(from) => {
+            progress(Progress::Resumed {
+                from,
+                to: st.active,
+                closed: st.closed,
+            });
+            (from, st.active)
+        }
+        None => {
+            if !present.contains(&st.active) {
+                return Err(RotateError::ActiveMissing(st.active));
+            }
+            let from = st.active;
+            // Above everything the device or the store has ever used (a
+            // leftover from a crash before the state was written is reused:
+            // nothing was sealed under it yet).
+            let to = present
+                .iter()
+                .chain(st.retired.iter())
+                .copied()
+                .chain([from])
+                .max()
+                .unwrap_or(from)
+                + 1;
+            backend.create_aes(to)?;
+            let now = crate::server::now();
+            st = store.update_aes_state(move |s| {
+                s.previous = Some(from);
+                s.active = to;
+                s.closed = false;
+                s.started_at = Some(now);
+            })?;
+            progress(Progress::Started { from, to });
+            (from, to)
+        }
+    };
+    if !backend.aes_generations()?.contains(&to) {
+        return Err(RotateError::TargetMissing(to, from));
+    }
+    let mut report = Report {
+        from,
+        to,
+        resumed,
+        ..Report::default()
+    };
+    // Pass 1 runs while writers may still commit under `from`; after the
+    // close none can, and the passes that follow find whatever is left.
+    let mut pass = 0;
+    if !st.closed {
+        pass += 1;
+        reseal_documents(store, backend, to, opts, pass, &mut report, progress)?;
+        store.update_aes_state(|s| s.closed = true)?;
+        progress(Progress::Closed { from });
+    }
+    loop {
+        pass += 1;
+        if reseal_documents(store, backend, to, opts, pass, &mut report, progress)? == 0 {
+            break;
+        }
+        if pass > 50 {
+            return Err(RotateError::NoProgress(from, pass));
+        }
+    }
+    // The rest of what is sealed under the key (none of it is written
+    // under `from` after the close either: every process seals under the
+    // store's active generation).
+    report.oauth_clients = crate::broker::oauth::rekey_all(store, backend, to)
+        .map_err(|e| RotateError::Other(format!("OAuth clients: {e}")))?;
+    report.bind_codes = rekey_bind_codes(store, backend, to)?;
+    report.acme_files = crate::acme::rekey_files(backend, &opts.acme_dir, to)
+        .map_err(|e| RotateError::Other(format!("ACME files: {e}")))?;
+    // Last look before the key goes: nothing may still need it.
+    let left = store.tokens_by_generation()?;
+    if let Some(n) = left.get(&from) {
+        return Err(RotateError::Other(format!(
+            "{n} documents are still under generation {from}"
+        )));
+    }
+    backend.destroy_aes(from)?;
+    store.update_aes_state(move |s| finish(s, from))?;
+    progress(Progress::Retired { gen: from });
+    Ok(report)
+}
+
+fn finish(s: &mut AesState, from: AesGen) {
+    s.previous = None;
+    s.closed = false;
+    s.started_at = None;
+    if !s.retired.contains(&from) {
+        s.retired.push(from);
+    }
+}
+
+/// One pass over every document; returns how many needed re-sealing.
+fn reseal_documents(
+    store: &Store,
+    backend: &Backend,
+    to: AesGen,
+    opts: &Options,
+    pass: usize,
+    report: &mut Report,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<u64, RotateError> {
+    let by_gen = store.tokens_by_generation()?;
+    let total: u64 = by_gen
+        .iter()
+        .filter(|(g, _)| **g != to)
+        .map(|(_, n)| *n)
+        .sum();
+    let mut seen = 0u64;
+    let mut after: Option<String> = None;
+    loop {
+        let batch = store.tokens_not_under(to, after.as_deref(), opts.batch.max(1))?;
+        let mut rows = Vec::with_capacity(batch.docs.len());
+        for (service, raw) in batch.docs {
+            let mut doc: TokenDocument =
+                serde_json::from_slice(&raw).map_err(|_| RotateError::Document {
+                    service: service.clone(),
+                    why: "not a token document".into(),
+                })?;
+            match fields::rekey(backend, &service, &mut doc, to) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    return Err(RotateError::Document {
+                        service,
+                        why: why(&e),
+                    })
+                }
+            }
+            seen += 1;
+            let new =
+                serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
+            rows.push((service, raw, new));
+        }
+        if !rows.is_empty() {
+            let tried = rows.len() as u64;
+            let written = store.replace_tokens_if_unchanged_blocking(rows)? as u64;
+            report.documents += written;
+            report.conflicts += tried - written;
+            progress(Progress::Batch {
+                pass,
+                done: seen,
+                total: total.max(seen),
+            });
+            if !opts.pause.is_zero() {
+                std::thread::sleep(opts.pause);
+            }
+        }
+        match batch.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    Ok(seen)
+}
+
+fn rekey_bind_codes(store: &Store, backend: &Backend, to: AesGen) -> Result<usize, RotateError> {
+    let mut n = 0;
+    for (code, rec) in store.bind_codes_all()? {
+        let new = crate::binding::rekey_code(backend, &code, &rec, to)
+            .map_err(|e| RotateError::Other(format!("bind code: {e}")))?;
+        if let Some(new) = new {
+            if store.replace_bind_code_blocking(&code, &rec, &new)? {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The reason, without anything of the document's content.
+fn why(e: &ApiError) -> String {
+    match e {
+        ApiError::KeysUnavailable => "key backend unavailable".into(),
+        ApiError::KeyRotating => "written concurrently under the retiring key".into(),
+        _ => "its fields do not open under their recorded key generation".into(),
+    }
+}

@@ -1,0 +1,365 @@
+//! Which AES key generation is in use, recorded in the store, and the
+//! [`KeyRing`]: the backend as every process (server and CLI) uses it, with
+//! new seals under the generation the store names.
+//!
+//! `rotate-key` (see `custody::rotate`) moves the store from generation M to
+//! N in steps, each one durable in `meta` before the next:
+//!
+//! 1. `active = N, previous = M`: every process seals new material under N
+//!    (the key ring reads the state for each seal) and reads either.
+//! 2. Documents are re-sealed in batches, compare-and-set, so a concurrent
+//!    write wins and is picked up on the next pass.
+//! 3. `closed = true`: from this commit on [`Dbs::put_token`] refuses any
+//!    document sealed under M, so a write that sealed under M before step 1
+//!    and commits late fails (and is retried by its client) instead of
+//!    landing under a key about to go. A final pass then finds every
+//!    remaining M document.
+//! 4. M is destroyed in the device; `previous` is cleared.
+//!
+//! Any step can crash: re-running `rotate-key` continues from the state.
+
+use super::{Dbs, Store, StoreError};
+use crate::keys::{
+    AesGen, AesGenerations, Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys,
+    RandomSource, SealKeys, FIRST_AES_GEN,
+};
+use heed::{RoTxn, RwTxn};
+use secrecy::SecretSlice;
+use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
+use zeroize::Zeroizing;
+
+const META_AES_STATE: &[u8] = b"aes_state";
+
+/// The AES generations of this store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AesState {
+    /// Generation new seals use.
+    pub active: AesGen,
+    /// The generation a running rotation moves away from (still readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<AesGen>,
+    /// `previous` is closed for writes (the rotation's final pass).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed: bool,
+    /// When the running rotation started (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    /// Generations retired by finished rotations (destroyed in the device).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired: Vec<AesGen>,
+}
+
+impl Default for AesState {
+    fn default() -> Self {
+        AesState {
+            active: FIRST_AES_GEN,
+            previous: None,
+            closed: false,
+            started_at: None,
+            retired: Vec::new(),
+        }
+    }
+}
+
+impl AesState {
+    /// Generations material may be under: active first.
+    pub fn readable(&self) -> Vec<AesGen> {
+        let mut v = vec![self.active];
+        v.extend(self.previous);
+        v
+    }
+
+    /// The generation no document may be written under any more.
+    pub fn closed_gen(&self) -> Option<AesGen> {
+        self.previous.filter(|_| self.closed)
+    }
+}
+
+impl Dbs {
+    pub fn aes_state(&self, txn: &RoTxn) -> Result<AesState, StoreError> {
+        match self.meta.get(txn, META_AES_STATE)? {
+            Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("aes state")),
+            None => Ok(AesState::default()),
+        }
+    }
+
+    pub fn put_aes_state(&self, txn: &mut RwTxn<'_>, st: &AesState) -> Result<(), StoreError> {
+        let raw = serde_json::to_vec(st).map_err(|_| StoreError::Corrupt("aes state"))?;
+        self.meta.put(txn, META_AES_STATE, &raw)?;
+        Ok(())
+    }
+}
+
+impl Store {
+    pub fn aes_state(&self) -> Result<AesState, StoreError> {
+        let r = self.read()?;
+        self.dbs.aes_state(&r)
+    }
+
+    /// Changes the state in one durable write; returns the new state.
+    pub fn update_aes_state(
+        &self,
+        f: impl Fn(&mut AesState) + Send + 'static,
+    ) -> Result<AesState, StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            let mut st = dbs.aes_state(txn)?;
+            f(&mut st);
+            dbs.put_aes_state(txn, &st)?;
+            Ok(st)
+        })
+    }
+}
+
+/// One batch of documents to move to another generation.
+pub struct TokenBatch {
+    /// (service, stored bytes) of documents not under the target generation.
+    pub docs: Vec<(String, Vec<u8>)>,
+    /// Where the next batch starts (exclusive); `None` at the end.
+    pub next: Option<String>,
+}
+
+impl Store {
+    /// Up to `limit` documents after `after` whose fields are not sealed
+    /// under `gen` (sealed under another generation, or plaintext).
+    pub fn tokens_not_under(
+        &self,
+        gen: AesGen,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TokenBatch, StoreError> {
+        use crate::protocol::document::{TokenDocument, ALG_NONE};
+        use std::ops::Bound;
+        let r = self.read()?;
+        let lo = after.map(|a| a.as_bytes().to_vec());
+        let range = match &lo {
+            Some(l) => (Bound::Excluded(l.as_slice()), Bound::Unbounded),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        };
+        let mut docs = Vec::new();
+        let mut last = None;
+        for row in self.dbs.tokens.range(&r, &range)? {
+            let (k, v) = row?;
+            if docs.len() >= limit {
+                return Ok(TokenBatch { docs, next: last });
+            }
+            last = Some(String::from_utf8_lossy(k).into_owned());
+            let doc: TokenDocument =
+                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("token document"))?;
+            let needs = match doc.sealed_gen() {
+                Some(g) => g != gen,
+                None => doc.alg == ALG_NONE && !doc.fields.is_empty(),
+            };
+            if needs {
+                docs.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+            }
+        }
+        Ok(TokenBatch { docs, next: None })
+    }
+
+    /// Documents by the generation they are sealed under (`0`: not sealed
+    /// by this appliance).
+    pub fn tokens_by_generation(
+        &self,
+    ) -> Result<std::collections::BTreeMap<AesGen, u64>, StoreError> {
+        let r = self.read()?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in self.dbs.tokens.iter(&r)? {
+            let (_, v) = row?;
+            let doc: crate::protocol::document::TokenDocument =
+                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("token document"))?;
+            *out.entry(doc.sealed_gen().unwrap_or(0)).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// Writes each (service, expected bytes, new bytes) in one durable
+    /// transaction where the stored document is still `expected`. Returns
+    /// how many were written.
+    pub fn replace_tokens_if_unchanged_blocking(
+        &self,
+        rows: Vec<(String, Vec<u8>, Vec<u8>)>,
+    ) -> Result<usize, StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            let mut n = 0;
+            for (service, expected, raw) in &rows {
+                if dbs.tokens.get(txn, service.as_bytes())? == Some(expected.as_slice()) {
+                    dbs.put_token(txn, service, raw)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Every bind code with its record.
+    pub fn bind_codes_all(&self) -> Result<Vec<(String, super::BindCode)>, StoreError> {
+        let r = self.read()?;
+        let mut out = Vec::new();
+        for row in self.dbs.bind_codes.iter(&r)? {
+            let (k, v) = row?;
+            let rec = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
+            out.push((String::from_utf8_lossy(k).into_owned(), rec));
+        }
+        Ok(out)
+    }
+
+    /// Replaces a bind code's sealed secret if the record is still `expected`.
+    pub fn replace_bind_code_blocking(
+        &self,
+        code: &str,
+        expected: &super::BindCode,
+        new: &super::BindCode,
+    ) -> Result<bool, StoreError> {
+        let (k, old) = super::bind_code_kv(code, expected)?;
+        let (_, v) = super::bind_code_kv(code, new)?;
+        self.write_blocking(move |txn, dbs| {
+            if dbs.bind_codes.get(txn, &k)? != Some(old.as_slice()) {
+                return Ok(false);
+            }
+            dbs.bind_codes.put(txn, &k, &v)?;
+            Ok(true)
+        })
+    }
+
+    /// Replaces an OAuth client record if it is still `expected`.
+    pub fn replace_oauth_blocking(
+        &self,
+        name: String,
+        expected: Vec<u8>,
+        new: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        self.write_blocking(move |txn, dbs| {
+            if dbs.oauth_clients.get(txn, name.as_bytes())? != Some(expected.as_slice()) {
+                return Ok(false);
+            }
+            dbs.oauth_clients.put(txn, name.as_bytes(), &new)?;
+            Ok(true)
+        })
+    }
+}
+
+/// The device as the appliance uses it: seals under the store's active
+/// generation, opens unrecorded blobs under any readable one, and tells the
+/// device to drop cached copies of generations another process retired.
+pub struct KeyRing {
+    inner: Backend,
+    store: Store,
+    seen: Mutex<Vec<AesGen>>,
+}
+
+/// Wraps `inner` for use with `store`.
+pub fn keyring(inner: Backend, store: &Store) -> Backend {
+    std::sync::Arc::new(KeyRing {
+        inner,
+        store: store.clone(),
+        seen: Mutex::new(Vec::new()),
+    })
+}
+
+impl KeyRing {
+    fn state(&self) -> Result<AesState, KeyError> {
+        let st = self.store.aes_state().map_err(|e| {
+            tracing::error!(error = %e, "cannot read the AES key state");
+            KeyError::Unavailable
+        })?;
+        let readable = st.readable();
+        if let Ok(mut seen) = self.seen.lock() {
+            if *seen != readable {
+                if seen.iter().any(|g| !readable.contains(g)) {
+                    tracing::info!(keep = ?readable, "AES key generation retired; dropping cached copies");
+                    self.inner.forget_aes_except(&readable);
+                }
+                *seen = readable;
+            }
+        }
+        Ok(st)
+    }
+}
+
+impl SealKeys for KeyRing {
+    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.inner.seal_with(gen, aad, plaintext)
+    }
+    fn open_with(
+        &self,
+        gen: AesGen,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        self.inner.open_with(gen, aad, sealed)
+    }
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        Ok(self.state()?.active)
+    }
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        Ok(self.state()?.readable())
+    }
+}
+
+impl AesGenerations for KeyRing {
+    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
+        self.inner.create_aes(gen)
+    }
+    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
+        self.inner.aes_generations()
+    }
+    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
+        self.inner.destroy_aes(gen)
+    }
+    fn forget_aes_except(&self, keep: &[AesGen]) {
+        self.inner.forget_aes_except(keep)
+    }
+}
+
+impl KeyBackendBase for KeyRing {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn healthy(&self) -> bool {
+        self.inner.healthy()
+    }
+    fn aes_key_present(&self) -> bool {
+        self.inner.aes_key_present()
+    }
+    fn probe(&self) -> Result<(), KeyError> {
+        self.inner.probe()
+    }
+}
+
+impl RandomSource for KeyRing {
+    fn fill_random(&self, buf: &mut [u8]) -> Result<(), KeyError> {
+        self.inner.fill_random(buf)
+    }
+}
+
+impl MacKeys for KeyRing {
+    fn install_hmac(&self, secret: &SecretSlice<u8>) -> Result<HmacKeyId, KeyError> {
+        self.inner.install_hmac(secret)
+    }
+    fn activate_hmac(&self, id: &HmacKeyId) -> Result<(), KeyError> {
+        self.inner.activate_hmac(id)
+    }
+    fn destroy_hmac_except(&self, keep: Option<&HmacKeyId>) -> Result<usize, KeyError> {
+        self.inner.destroy_hmac_except(keep)
+    }
+    fn hmac_sha256(&self, data: &[u8]) -> Result<[u8; 32], KeyError> {
+        self.inner.hmac_sha256(data)
+    }
+}
+
+impl OtpKeys for KeyRing {
+    fn install_otp(&self, seed: &SecretSlice<u8>, alg: OtpAlg) -> Result<Option<String>, KeyError> {
+        self.inner.install_otp(seed, alg)
+    }
+    fn otp_hmac(&self, id: &str, alg: OtpAlg, counter: u64) -> Result<Vec<u8>, KeyError> {
+        self.inner.otp_hmac(id, alg, counter)
+    }
+    fn destroy_otp(&self, id: &str) -> Result<(), KeyError> {
+        self.inner.destroy_otp(id)
+    }
+    fn list_otp(&self) -> Result<Vec<String>, KeyError> {
+        self.inner.list_otp()
+    }
+}
