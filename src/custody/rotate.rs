@@ -267,3 +267,210 @@ fn why(e: &ApiError) -> String {
         _ => "its fields do not open under their recorded key generation".into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::soft::SoftBackend;
+    use serde_json::json;
+    use std::sync::Arc;
+
+    fn put(store: &Store, service: &str, doc: &TokenDocument) -> Result<(), StoreError> {
+        let (k, raw) = (service.to_string(), serde_json::to_vec(doc).unwrap());
+        store.write_blocking(move |txn, dbs| dbs.put_token(txn, &k, &raw))
+    }
+
+    fn value(store: &Store, backend: &Backend, service: &str) -> serde_json::Value {
+        let raw = store
+            .get_raw(crate::protocol::storage::Collection::Tokens, service)
+            .unwrap()
+            .unwrap();
+        let doc: TokenDocument = serde_json::from_slice(&raw).unwrap();
+        fields::open_fields(backend, service, &doc).unwrap()["accessToken"].clone()
+    }
+
+    #[test]
+    fn rotation_moves_everything_resumes_and_retires_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        let device: Backend = Arc::new(SoftBackend::new());
+        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        for i in 0..25 {
+            let s = format!("svc-{i:02}");
+            let p = fields::seal_token_data(
+                &ring,
+                &s,
+                &json!({"accessToken": format!("tok-{i}")}),
+                None,
+            )
+            .unwrap();
+            assert_eq!(p.doc.kid, Some(1));
+            put(&store, &s, &p.doc).unwrap();
+        }
+        // A document from before key ids (no `kid`: generation 1), and a
+        // plaintext one (sealed by the rotation too).
+        let mut legacy =
+            fields::seal_token_data(&ring, "legacy", &json!({"accessToken": "tok-legacy"}), None)
+                .unwrap()
+                .doc;
+        legacy.kid = None;
+        put(&store, "legacy", &legacy).unwrap();
+        let plain = TokenDocument {
+            v: 1,
+            alg: "none".into(),
+            enc: None,
+            kid: None,
+            fields: [("accessToken".to_string(), "tok-plain".to_string())].into(),
+            meta: Default::default(),
+            otp: None,
+        };
+        put(&store, "plain", &plain).unwrap();
+        let client = crate::broker::oauth::OAuthClient::new(
+            &ring,
+            "github",
+            "id",
+            &secrecy::SecretString::from("client-secret"),
+            "https://example.com/token",
+            crate::broker::oauth::ClientAuth::Post,
+            false,
+        )
+        .unwrap();
+        crate::broker::oauth::save(&store, &client).unwrap();
+        let (reg, code) = crate::binding::prepare(
+            &ring,
+            "https://tv.example",
+            "https://wh.example",
+            600,
+            crate::server::now(),
+        )
+        .unwrap();
+        store.put_bind_code_blocking(&reg.code, &code).unwrap();
+        let acme = dir.path().join("acme");
+        std::fs::create_dir(&acme).unwrap();
+        std::fs::write(
+            acme.join("account.sealed"),
+            ring.seal(b"tokenvault-webhook/acme/v1\0account", b"{}")
+                .unwrap(),
+        )
+        .unwrap();
+
+        // A crash right after step 1: generation 2 exists and is active,
+        // nothing moved yet. Reads work under either; new writes use 2.
+        device.create_aes(2).unwrap();
+        store
+            .update_aes_state(|s| {
+                s.previous = Some(1);
+                s.active = 2;
+            })
+            .unwrap();
+        let p =
+            fields::seal_token_data(&ring, "during", &json!({"accessToken": "tok-during"}), None)
+                .unwrap();
+        assert_eq!(p.doc.kid, Some(2));
+        put(&store, "during", &p.doc).unwrap();
+        assert_eq!(value(&store, &ring, "svc-03"), "tok-3");
+        // A write sealed under 1 still lands before the close...
+        let late =
+            fields::seal_token_data(&device, "late", &json!({"accessToken": "tok-late"}), None)
+                .unwrap();
+        assert_eq!(late.doc.kid, Some(1));
+        put(&store, "late", &late.doc).unwrap();
+
+        let opts = Options {
+            batch: 4,
+            pause: Duration::ZERO,
+            acme_dir: acme.clone(),
+        };
+        let mut events = Vec::new();
+        let report = rotate(&store, &ring, &opts, &mut |p| {
+            events.push(match p {
+                Progress::Started { .. } => "started".to_string(),
+                Progress::Resumed { from, to, closed } => format!("resumed {from}->{to} {closed}"),
+                Progress::Batch { pass, done, total } => format!("batch {pass} {done}/{total}"),
+                Progress::Closed { from } => format!("closed {from}"),
+                Progress::Retired { gen } => format!("retired {gen}"),
+            })
+        })
+        .unwrap();
+        assert!(report.resumed);
+        assert_eq!((report.from, report.to), (1, 2));
+        assert_eq!(report.documents, 28, "25 + legacy + plain + late");
+        assert_eq!(
+            (report.oauth_clients, report.bind_codes, report.acme_files),
+            (1, 1, 1)
+        );
+        assert_eq!(events[0], "resumed 1->2 false");
+        assert!(events.contains(&"batch 1 28/28".to_string()), "{events:?}");
+        assert!(events.contains(&"closed 1".to_string()));
+        assert_eq!(events.last().unwrap(), "retired 1");
+
+        // Everything under 2, every value intact, generation 1 gone.
+        assert_eq!(store.tokens_by_generation().unwrap(), [(2, 29)].into());
+        assert_eq!(device.aes_generations().unwrap(), vec![2]);
+        for (s, v) in [
+            ("svc-00", "tok-0"),
+            ("svc-24", "tok-24"),
+            ("legacy", "tok-legacy"),
+            ("plain", "tok-plain"),
+            ("during", "tok-during"),
+            ("late", "tok-late"),
+        ] {
+            assert_eq!(value(&store, &ring, s), v, "{s}");
+        }
+        let c = crate::broker::oauth::get(&store, "github").unwrap();
+        assert_eq!(c.secret(&ring).unwrap().as_str(), "client-secret");
+        let rec = store.bind_code(&reg.code).unwrap().unwrap();
+        assert!(crate::binding::rekey_code(&ring, &reg.code, &rec, 2)
+            .unwrap()
+            .is_none());
+        let st = store.aes_state().unwrap();
+        assert_eq!(
+            (st.active, st.previous, st.closed, st.retired.clone()),
+            (2, None, false, vec![1])
+        );
+
+        // A write sealed under the retired generation can no longer land.
+        let stale = TokenDocument {
+            kid: Some(1),
+            ..late.doc.clone()
+        };
+        assert_eq!(put(&store, "late", &stale), Err(StoreError::KeyRetired));
+        assert_eq!(value(&store, &ring, "late"), "tok-late");
+
+        // A second rotation goes to 3 and needs no resume.
+        let report = rotate(&store, &ring, &opts, &mut |_| {}).unwrap();
+        assert!(!report.resumed);
+        assert_eq!((report.from, report.to, report.documents), (2, 3, 29));
+        assert_eq!(device.aes_generations().unwrap(), vec![3]);
+        assert_eq!(value(&store, &ring, "svc-11"), "tok-11");
+    }
+
+    #[test]
+    fn a_document_that_does_not_open_stops_the_rotation_and_keeps_the_old_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        let device: Backend = Arc::new(SoftBackend::new());
+        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        let good =
+            fields::seal_token_data(&ring, "good", &json!({"accessToken": "g"}), None).unwrap();
+        put(&store, "good", &good.doc).unwrap();
+        // Moved from another service: its AAD does not match.
+        put(&store, "moved", &good.doc).unwrap();
+        let opts = Options {
+            batch: 64,
+            pause: Duration::ZERO,
+            acme_dir: dir.path().join("acme"),
+        };
+        let e = rotate(&store, &ring, &opts, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&e, RotateError::Document { service, .. } if service == "moved"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("\"g\""));
+        // Nothing lost: both generations still there, the good one readable.
+        assert_eq!(device.aes_generations().unwrap(), vec![1, 2]);
+        assert_eq!(value(&store, &ring, "good"), "g");
+        let st = store.aes_state().unwrap();
+        assert_eq!((st.active, st.previous), (2, Some(1)));
+    }
+}

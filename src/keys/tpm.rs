@@ -145,7 +145,13 @@ fn cmd(op: &'static str) -> impl Fn(tss_esapi::Error) -> TpmSetupError {
 struct Conn {
     ctx: Context,
     primary: Option<KeyHandle>,
+    /// One connection per process at a time: without a resource manager
+    /// (a simulator, or /dev/tpm0) connections share the TPM's handles, and
+    /// each one flushes what it finds at start. Dropped last.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static TPM_SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -221,11 +227,16 @@ impl Conn {
             tcti: tcti.into(),
             detail: e.to_string(),
         })?;
+        let serial = TPM_SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let ctx = Context::new(conf).map_err(|e| TpmSetupError::Connect {
             tcti: tcti.into(),
             detail: e.to_string(),
         })?;
-        let mut c = Conn { ctx, primary: None };
+        let mut c = Conn {
+            ctx,
+            primary: None,
+            _serial: serial,
+        };
         c.flush_leftovers();
         let primary = c
             .ctx
@@ -650,13 +661,18 @@ impl TpmBackend {
             return Err(KeyError::NoAesKey);
         }
         let mut conn = Conn::open(&self.settings.tcti).map_err(unavailable("connect"))?;
-        let key = self
-            .unseal_aes(&mut conn, &path)
-            .map_err(unavailable("unseal"))?;
+        // Another thread may have unsealed it while this one waited.
+        if !self.aes.read().is_ok_and(|g| g.contains_key(&gen)) {
+            let key = self
+                .unseal_aes(&mut conn, &path)
+                .map_err(unavailable("unseal"))?;
+            tracing::info!(generation = gen, "AES key generation unsealed on first use");
+            let mut g = self.aes.write().map_err(|_| KeyError::Unavailable)?;
+            g.entry(gen).or_insert(key);
+        }
         drop(conn);
-        let mut g = self.aes.write().map_err(|_| KeyError::Unavailable)?;
-        let k = g.entry(gen).or_insert(key);
-        f(k)
+        let g = self.aes.read().map_err(|_| KeyError::Unavailable)?;
+        f(g.get(&gen).ok_or(KeyError::NoAesKey)?)
     }
 }
 

@@ -71,9 +71,10 @@ impl AesState {
         v
     }
 
-    /// The generation no document may be written under any more.
-    pub fn closed_gen(&self) -> Option<AesGen> {
-        self.previous.filter(|_| self.closed)
+    /// Whether a document sealed under `gen` may be written: the active
+    /// generation, or the previous one until the rotation closes it.
+    pub fn writable(&self, gen: AesGen) -> bool {
+        gen == self.active || (self.previous == Some(gen) && !self.closed)
     }
 }
 

@@ -31,8 +31,9 @@ pub enum StoreError {
     Lmdb(String),
     #[error("store writer has stopped")]
     Closed,
-    /// A token document sealed under an AES generation that `rotate-key`
-    /// has closed for writes; nothing was written (the caller retries).
+    /// A token document sealed under an AES generation that is not (or no
+    /// longer) writable: `rotate-key` closed or retired it; nothing was
+    /// written (the caller retries).
     #[error("document sealed under a retiring AES key generation")]
     KeyRetired,
 }
@@ -75,13 +76,14 @@ impl Dbs {
     }
 
     /// Writes a token document and its listing item (one transaction).
-    /// A document sealed under a generation `rotate-key` has closed is
-    /// refused: after the close, no such document can land (see [`keyring`]).
+    /// A document sealed under a generation `rotate-key` has closed or
+    /// retired is refused: after the close, no such document can land (see
+    /// [`keyring`]).
     pub fn put_token(&self, txn: &mut RwTxn<'_>, key: &str, raw: &[u8]) -> Result<(), StoreError> {
         let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw)
             .map_err(|_| StoreError::Corrupt("token document"))?;
         if let Some(gen) = gen {
-            if self.aes_state(txn)?.closed_gen() == Some(gen) {
+            if !self.aes_state(txn)?.writable(gen) {
                 return Err(StoreError::KeyRetired);
             }
         }
