@@ -158,6 +158,12 @@ async fn rotate_key_under_traffic_resumes_after_a_kill_and_destroys_the_old_key(
     assert!(by_gen["1"].as_u64().unwrap() > 0, "{mid}");
     assert!(by_gen["2"].as_u64().unwrap() >= 12, "{mid}");
     check_totp(&a).await;
+    let doctor = cli(&["--config", &cfg_s, "doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        text.contains("a key rotation from generation 1 to 2 has not finished"),
+        "{text}"
+    );
 
     // Re-running resumes and finishes.
     let out = Command::new(env!("CARGO_BIN_EXE_tokenvault-webhook"))
@@ -212,6 +218,10 @@ async fn rotate_key_under_traffic_resumes_after_a_kill_and_destroys_the_old_key(
         assert_eq!(v["token"]["accessToken"], json!(value), "{svc}");
     }
     check_totp(&a).await;
+    let doctor = cli(&["--config", &cfg_s, "doctor"]);
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "{text}");
+    assert!(text.contains("AES key generation 2 active"), "{text}");
 
     // A restart with only generation 2 in the device serves everything.
     let mut a = Arc::try_unwrap(a).ok().unwrap();
@@ -245,6 +255,14 @@ async fn rotate_key_twice_and_one_rotation_at_a_time() {
     assert_eq!(s, 200);
     let cfg = a.config();
     let cfg_s = cfg.to_str().unwrap();
+    let old_backup = a.dir.join("before-rotation.lmdb");
+    cli_json(&[
+        "--config",
+        cfg_s,
+        "backup",
+        "--out",
+        old_backup.to_str().unwrap(),
+    ]);
     // A second rotate-key while one runs is refused, and changes nothing.
     let mut first = Command::new(env!("CARGO_BIN_EXE_tokenvault-webhook"))
         .args([
@@ -296,4 +314,31 @@ async fn rotate_key_twice_and_one_rotation_at_a_time() {
     let (s, v) = a.credential("github", "").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["token"]["accessToken"], "gho_rotated");
+
+    // A backup from before the rotation needs the destroyed key: refused,
+    // and the store is kept.
+    a.terminate();
+    let tpm = start_swtpm_for(&a.dir);
+    let o = cli(&[
+        "--config",
+        cfg_s,
+        "restore",
+        "--from",
+        old_backup.to_str().unwrap(),
+        "--force",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("key generation is not in the key backend"),
+        "{err}"
+    );
+    drop(tpm);
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&a.dir);
+    b.secret = secret;
+    assert_eq!(
+        b.credential("github", "").await.1["token"]["accessToken"],
+        "gho_rotated"
+    );
 }

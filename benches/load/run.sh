@@ -74,8 +74,8 @@ report() { # name (wrk output in $out, server CPU in $cpu)
   printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" \
     "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))" "$(( $(grep RssAnon /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
-# ONLY=word: run the floor and the rows whose name holds word.
-want() { [ -z "${ONLY:-}" ] || [[ "$1" == *"$ONLY"* ]]; }
+# ONLY=regex: run the floor and the rows whose name matches (e.g. 'store|rotate').
+want() { [ -z "${ONLY:-}" ] || [[ "$1" =~ $ONLY ]]; }
 signed() { # name, path, n, body
   want "$1" || return 0
   gen "$2" "$4" "$3" "$dir/reqs"
@@ -104,3 +104,14 @@ direct "GET /v1/credential (ticket + decrypt)" credential $((secs * 25000))
 python3 benches/load/gen_direct.py "$secret" totp-store 200 "$dir/totp-enrol" 200
 python3 benches/load/send.py "$base" "$dir/a/tls/cert.pem" "$dir/totp-enrol"
 direct "GET /v1/totp-code" totp $((secs * 20000))
+# rotate-key over every document the rows above stored, the service running
+# (idle): wall time and documents per second.
+if want "rotate-key"; then
+  cfg="$dir/a/config.toml"
+  n=$($bin --config "$cfg" rotate-key --status | python3 -c 'import json,sys;print(sum(json.load(sys.stdin)["documentsByGeneration"].values()))')
+  t0=$(date +%s%N)
+  $bin --config "$cfg" rotate-key >"$dir/rotate.json" 2>"$dir/rotate.log" || { cat "$dir/rotate.log"; exit 1; }
+  t1=$(date +%s%N)
+  moved=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["documents"])' "$dir/rotate.json")
+  awk -v n="$n" -v m="$moved" -v ns=$((t1 - t0)) 'BEGIN { printf "\nrotate-key: %d documents (%d re-sealed) in %.2f s: %.0f documents/s, service running\n", n, m, ns / 1e9, m / (ns / 1e9) }'
+fi

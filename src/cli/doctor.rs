@@ -207,8 +207,48 @@ fn check_pkcs11(cfg: &Config, r: &mut Report) {
                 } else {
                     r.fail("no AES key in the HSM", "run `init`");
                 }
+                check_generations(cfg, b.as_ref(), r);
             }
         }
+    }
+}
+
+/// The store's active AES generation is in the device; no rotation is
+/// left half-way.
+fn check_generations(cfg: &Config, device: &dyn crate::keys::KeyBackend, r: &mut Report) {
+    if !cfg
+        .store
+        .path
+        .join(crate::store::backup::DATA_FILE)
+        .exists()
+    {
+        return;
+    }
+    let st = match crate::store::Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)
+        .and_then(|s| s.aes_state())
+    {
+        Ok(st) => st,
+        Err(e) => return r.warn(&format!("store: {e}"), "check the state dir"),
+    };
+    let gens = device.aes_generations().unwrap_or_default();
+    if !gens.contains(&st.active) {
+        r.fail(
+            &format!(
+                "the store's AES key generation {} is not in the key device (it has {gens:?})",
+                st.active
+            ),
+            "use the device that holds this store's keys, or restore them with the device's tools",
+        );
+    } else if let Some(from) = st.previous {
+        r.warn(
+            &format!(
+                "a key rotation from generation {from} to {} has not finished",
+                st.active
+            ),
+            "run `tokenvault-webhook rotate-key` again: it resumes",
+        );
+    } else {
+        r.ok(&format!("AES key generation {} active", st.active));
     }
 }
 
@@ -231,6 +271,7 @@ fn check_tpm(cfg: &Config, r: &mut Report) {
             } else {
                 r.fail("no AES key sealed to the TPM", "run `init`");
             }
+            check_generations(cfg, b.as_ref(), r);
             let dir = super::tpm_blob_dir(cfg);
             match std::fs::metadata(&dir) {
                 Ok(m) if m.permissions().mode() & 0o077 == 0 => {
