@@ -143,6 +143,9 @@ pub struct Pkcs11Backend {
     copy_to_session: bool,
     active_hmac: RwLock<Option<(HmacKeyId, u64)>>,
     generation: AtomicU64,
+    /// AES generations this process may still hold copies of (`None`: all);
+    /// set by [`AesGenerations::forget_aes_except`].
+    aes_keep: RwLock<Option<Vec<AesGen>>>,
     healthy: AtomicBool,
     aes_present: AtomicBool,
     /// Whether the token offers CKM_SHA_1/SHA256/SHA512_HMAC (TOTP in the device).
@@ -212,6 +215,7 @@ impl Pkcs11Backend {
             copy_to_session,
             active_hmac: RwLock::new(None),
             generation: AtomicU64::new(0),
+            aes_keep: RwLock::new(None),
             healthy: AtomicBool::new(true),
             aes_present: AtomicBool::new(false),
             otp_mechs: [false; 3],
@@ -384,7 +388,14 @@ impl Pkcs11Backend {
         }
     }
 
-    fn give_back(&self, p: Pooled) {
+    fn give_back(&self, mut p: Pooled) {
+        // A session that was checked out when a generation was retired
+        // drops its copy of that key on the way back.
+        if let Ok(keep) = self.aes_keep.read() {
+            if let Some(keep) = keep.as_ref() {
+                self.drop_aes_copies(&mut p, keep);
+            }
+        }
         if let Ok(mut pool) = self.pool.lock() {
             if pool.len() < self.max_idle {
                 pool.push(p);
@@ -492,6 +503,16 @@ impl Pkcs11Backend {
 
     /// The handle of generation `gen` in this session; `None` if the token
     /// has no such key.
+    fn drop_aes_copies(&self, p: &mut Pooled, keep: &[AesGen]) {
+        p.aes.retain(|(g, h)| {
+            let kept = keep.contains(g);
+            if !kept && self.copy_to_session {
+                let _ = p.session.destroy_object(*h);
+            }
+            kept
+        });
+    }
+
     fn aes_handle(&self, p: &mut Pooled, gen: AesGen) -> Result<Option<ObjectHandle>, CkError> {
         if let Some((_, h)) = p.aes.iter().find(|(g, _)| *g == gen) {
             return Ok(Some(*h));
@@ -879,22 +900,28 @@ impl AesGenerations for Pkcs11Backend {
             }
             Ok(())
         })?;
-        self.forget_aes_except(&[]);
+        if let Ok(mut pool) = self.pool.lock() {
+            for p in pool.iter_mut() {
+                if let Some(i) = p.aes.iter().position(|(g, _)| *g == gen) {
+                    let (_, h) = p.aes.swap_remove(i);
+                    if self.copy_to_session {
+                        let _ = p.session.destroy_object(h);
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
     fn forget_aes_except(&self, keep: &[AesGen]) {
+        if let Ok(mut k) = self.aes_keep.write() {
+            *k = Some(keep.to_vec());
+        }
         let Ok(mut pool) = self.pool.lock() else {
             return;
         };
         for p in pool.iter_mut() {
-            p.aes.retain(|(g, h)| {
-                let kept = keep.contains(g);
-                if !kept && self.copy_to_session {
-                    let _ = p.session.destroy_object(*h);
-                }
-                kept
-            });
+            self.drop_aes_copies(p, keep);
         }
     }
 }

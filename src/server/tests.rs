@@ -1788,3 +1788,62 @@ fn raw_token_listing_items_are_the_value_path_bytes() {
     }
     assert!(crate::protocol::document::list_item(b"k", b"{not json").is_err());
 }
+
+#[tokio::test]
+async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    let (s, v) = store_tok(&t, "gh", json!({"accessToken":"v1"}), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // A rotation made generation 2 active and closed 1; this backend (a
+    // bare device, no key ring) still seals under 1, like a request that
+    // sealed just before the switch and commits after the close.
+    t.state.backend.create_aes(2).unwrap();
+    t.state
+        .store
+        .write(|txn, dbs| {
+            let mut st = dbs.aes_state(txn)?;
+            st.previous = Some(1);
+            st.active = 2;
+            st.closed = true;
+            dbs.put_aes_state(txn, &st)
+        })
+        .await
+        .unwrap();
+    let body = json!({"ticket": ticket(&t, "store", "gh", json!({})), "service": "gh", "tokenData": {"accessToken":"v2"}});
+    let (s, v, h) = send(
+        &t,
+        req(
+            Method::POST,
+            "/v1/store",
+            Some(REMOTE),
+            serde_json::to_vec(&body).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"], "key_rotating");
+    assert_eq!(h["retry-after"], "1");
+    assert!(!v.to_string().contains("v2"));
+    assert_eq!(
+        read_tok(&t, "gh", json!({})).await.1["token"]["accessToken"],
+        "v1",
+        "nothing written"
+    );
+    // Through the key ring (what `serve` installs) the retry seals under 2.
+    t.state.backend = crate::store::keyring::keyring(t.state.backend.clone(), &t.state.store);
+    let (s, v) = store_tok(&t, "gh", json!({"accessToken":"v2"}), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let raw = t
+        .state
+        .store
+        .get_raw(Collection::Tokens, "gh")
+        .unwrap()
+        .unwrap();
+    let doc: crate::protocol::document::TokenDocument = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(doc.kid, Some(2));
+    assert_eq!(
+        read_tok(&t, "gh", json!({})).await.1["token"]["accessToken"],
+        "v2"
+    );
+}

@@ -270,8 +270,8 @@ impl KeyRing {
             if *seen != readable {
                 if seen.iter().any(|g| !readable.contains(g)) {
                     tracing::info!(keep = ?readable, "AES key generation retired; dropping cached copies");
-                    self.inner.forget_aes_except(&readable);
                 }
+                self.inner.forget_aes_except(&readable);
                 *seen = readable;
             }
         }
