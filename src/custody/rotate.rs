@@ -101,17 +101,25 @@ pub fn rotate(
                 return Err(RotateError::ActiveMissing(st.active));
             }
             let from = st.active;
-            // Above everything the device or the store has ever used (a
-            // leftover from a crash before the state was written is reused:
-            // nothing was sealed under it yet).
-            let to = present
+            // A generation above the active one that the store never
+            // recorded is a leftover of a rotation that crashed before its
+            // first step was durable: nothing was sealed under it, reuse it.
+            // Otherwise one above everything the device or store has used.
+            let leftover = present
                 .iter()
-                .chain(st.retired.iter())
                 .copied()
-                .chain([from])
-                .max()
-                .unwrap_or(from)
-                + 1;
+                .filter(|g| *g > from && !st.retired.contains(g))
+                .max();
+            let to = leftover.unwrap_or_else(|| {
+                present
+                    .iter()
+                    .chain(st.retired.iter())
+                    .copied()
+                    .chain([from])
+                    .max()
+                    .unwrap_or(from)
+                    + 1
+            });
             backend.create_aes(to)?;
             let now = crate::server::now();
             st = store.update_aes_state(move |s| {
@@ -443,6 +451,31 @@ mod tests {
         assert_eq!((report.from, report.to, report.documents), (2, 3, 29));
         assert_eq!(device.aes_generations().unwrap(), vec![3]);
         assert_eq!(value(&store, &ring, "svc-11"), "tok-11");
+    }
+
+    #[test]
+    fn a_key_left_by_a_crash_before_the_first_step_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 16 << 20).unwrap();
+        let device: Backend = Arc::new(SoftBackend::new());
+        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        let p = fields::seal_token_data(&ring, "gh", &json!({"accessToken": "v"}), None).unwrap();
+        put(&store, "gh", &p.doc).unwrap();
+        // The crashed run created generation 2 and died before recording it.
+        device.create_aes(2).unwrap();
+        let opts = Options {
+            batch: 64,
+            pause: Duration::ZERO,
+            acme_dir: dir.path().join("acme"),
+        };
+        let r = rotate(&store, &ring, &opts, &mut |_| {}).unwrap();
+        assert_eq!((r.from, r.to, r.resumed), (1, 2, false));
+        assert_eq!(
+            device.aes_generations().unwrap(),
+            vec![2],
+            "no orphan key left"
+        );
+        assert_eq!(value(&store, &ring, "gh"), "v");
     }
 
     #[test]
