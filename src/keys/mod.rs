@@ -87,11 +87,15 @@ pub trait SealKeys {
     ) -> Result<Zeroizing<Vec<u8>>, KeyError>;
     /// The generation new seals use. A bare device answers
     /// [`FIRST_AES_GEN`]; the store's key ring answers what the store records
-    /// (every wrapper must forward this).
-    fn aes_active(&self) -> Result<AesGen, KeyError>;
+    /// (a wrapper around the key ring must forward this).
+    fn aes_active(&self) -> Result<AesGen, KeyError> {
+        Ok(FIRST_AES_GEN)
+    }
     /// Generations a blob without a recorded generation may be under, the
     /// active one first (more than one only while a rotation runs).
-    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError>;
+    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
+        Ok(vec![self.aes_active()?])
+    }
 
     /// Seals under the active generation.
     fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
@@ -189,6 +193,106 @@ impl<T: KeyBackendBase + RandomSource + MacKeys + SealKeys + AesGenerations + Ot
 }
 
 pub type Backend = Arc<dyn KeyBackend>;
+
+/// Implements the named capability traits for a wrapper by forwarding every
+/// method to its field `$inner` (a [`Backend`]); the wrapper writes the
+/// traits it changes itself. Capabilities: `base`, `random`, `mac`, `otp`,
+/// `gens`.
+macro_rules! forward_keys {
+    ($ty:ty, $inner:ident: $($cap:ident),+) => {
+        $($crate::keys::forward_keys!(@$cap $ty, $inner);)+
+    };
+    (@base $ty:ty, $inner:ident) => {
+        impl $crate::keys::KeyBackendBase for $ty {
+            fn kind(&self) -> &'static str {
+                self.$inner.kind()
+            }
+            fn healthy(&self) -> bool {
+                self.$inner.healthy()
+            }
+            fn aes_key_present(&self) -> bool {
+                self.$inner.aes_key_present()
+            }
+            fn probe(&self) -> Result<(), $crate::keys::KeyError> {
+                self.$inner.probe()
+            }
+        }
+    };
+    (@random $ty:ty, $inner:ident) => {
+        impl $crate::keys::RandomSource for $ty {
+            fn fill_random(&self, buf: &mut [u8]) -> Result<(), $crate::keys::KeyError> {
+                self.$inner.fill_random(buf)
+            }
+        }
+    };
+    (@mac $ty:ty, $inner:ident) => {
+        impl $crate::keys::MacKeys for $ty {
+            fn install_hmac(
+                &self,
+                secret: &secrecy::SecretSlice<u8>,
+            ) -> Result<$crate::keys::HmacKeyId, $crate::keys::KeyError> {
+                self.$inner.install_hmac(secret)
+            }
+            fn activate_hmac(
+                &self,
+                id: &$crate::keys::HmacKeyId,
+            ) -> Result<(), $crate::keys::KeyError> {
+                self.$inner.activate_hmac(id)
+            }
+            fn destroy_hmac_except(
+                &self,
+                keep: Option<&$crate::keys::HmacKeyId>,
+            ) -> Result<usize, $crate::keys::KeyError> {
+                self.$inner.destroy_hmac_except(keep)
+            }
+            fn hmac_sha256(&self, data: &[u8]) -> Result<[u8; 32], $crate::keys::KeyError> {
+                self.$inner.hmac_sha256(data)
+            }
+        }
+    };
+    (@otp $ty:ty, $inner:ident) => {
+        impl $crate::keys::OtpKeys for $ty {
+            fn install_otp(
+                &self,
+                seed: &secrecy::SecretSlice<u8>,
+                alg: $crate::keys::OtpAlg,
+            ) -> Result<Option<String>, $crate::keys::KeyError> {
+                self.$inner.install_otp(seed, alg)
+            }
+            fn otp_hmac(
+                &self,
+                id: &str,
+                alg: $crate::keys::OtpAlg,
+                counter: u64,
+            ) -> Result<Vec<u8>, $crate::keys::KeyError> {
+                self.$inner.otp_hmac(id, alg, counter)
+            }
+            fn destroy_otp(&self, id: &str) -> Result<(), $crate::keys::KeyError> {
+                self.$inner.destroy_otp(id)
+            }
+            fn list_otp(&self) -> Result<Vec<String>, $crate::keys::KeyError> {
+                self.$inner.list_otp()
+            }
+        }
+    };
+    (@gens $ty:ty, $inner:ident) => {
+        impl $crate::keys::AesGenerations for $ty {
+            fn create_aes(&self, gen: $crate::keys::AesGen) -> Result<bool, $crate::keys::KeyError> {
+                self.$inner.create_aes(gen)
+            }
+            fn aes_generations(&self) -> Result<Vec<$crate::keys::AesGen>, $crate::keys::KeyError> {
+                self.$inner.aes_generations()
+            }
+            fn destroy_aes(&self, gen: $crate::keys::AesGen) -> Result<(), $crate::keys::KeyError> {
+                self.$inner.destroy_aes(gen)
+            }
+            fn forget_aes_except(&self, keep: &[$crate::keys::AesGen]) {
+                self.$inner.forget_aes_except(keep)
+            }
+        }
+    };
+}
+pub(crate) use forward_keys;
 
 /// Checks the sealed layout before it reaches a device that would accept odd sizes.
 pub(crate) fn split_sealed(sealed: &[u8]) -> Result<(&[u8], &[u8]), KeyError> {

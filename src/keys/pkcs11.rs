@@ -847,14 +847,6 @@ impl SealKeys for Pkcs11Backend {
             .ok_or(KeyError::NoAesKey)?;
         Ok(Zeroizing::new(pt))
     }
-
-    fn aes_active(&self) -> Result<AesGen, KeyError> {
-        Ok(FIRST_AES_GEN)
-    }
-
-    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
-        Ok(vec![FIRST_AES_GEN])
-    }
 }
 
 impl AesGenerations for Pkcs11Backend {

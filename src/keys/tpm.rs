@@ -857,14 +857,6 @@ impl SealKeys for TpmBackend {
                 .map_err(|_| KeyError::DecryptFailed)
         })
     }
-
-    fn aes_active(&self) -> Result<AesGen, KeyError> {
-        Ok(FIRST_AES_GEN)
-    }
-
-    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
-        Ok(vec![FIRST_AES_GEN])
-    }
 }
 
 impl AesGenerations for TpmBackend {

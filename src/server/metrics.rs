@@ -4,8 +4,8 @@
 //! label ever carries a service name, ticket, token or any request value.
 
 use crate::keys::{
-    AesGen, AesGenerations, Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys,
-    RandomSource, SealKeys,
+    AesGen, Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys, RandomSource,
+    SealKeys,
 };
 use crate::store::Store;
 use secrecy::SecretSlice;
@@ -341,20 +341,7 @@ impl SealKeys for Metered {
     }
 }
 
-impl AesGenerations for Metered {
-    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
-        self.inner.create_aes(gen)
-    }
-    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
-        self.inner.aes_generations()
-    }
-    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
-        self.inner.destroy_aes(gen)
-    }
-    fn forget_aes_except(&self, keep: &[AesGen]) {
-        self.inner.forget_aes_except(keep)
-    }
-}
+crate::keys::forward_keys!(Metered, inner: gens);
 
 impl OtpKeys for Metered {
     fn install_otp(&self, seed: &SecretSlice<u8>, alg: OtpAlg) -> Result<Option<String>, KeyError> {

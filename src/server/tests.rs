@@ -1000,8 +1000,19 @@ fn ticket(t: &T, pur: &str, svc: &str, extra: Value) -> String {
 }
 
 async fn store_tok(t: &T, svc: &str, data: Value, extra: Value) -> (StatusCode, Value) {
+    let (s, v, _) = store_req(t, svc, data, extra).await;
+    (s, v)
+}
+
+/// `/v1/store` with a fresh ticket; the answer with its headers.
+async fn store_req(
+    t: &T,
+    svc: &str,
+    data: Value,
+    extra: Value,
+) -> (StatusCode, Value, axum::http::HeaderMap) {
     let body = json!({"ticket": ticket(t, "store", svc, extra), "service": svc, "tokenData": data});
-    let (s, v, _) = send(
+    send(
         t,
         req(
             Method::POST,
@@ -1010,8 +1021,7 @@ async fn store_tok(t: &T, svc: &str, data: Value, extra: Value) -> (StatusCode, 
             serde_json::to_vec(&body).unwrap(),
         ),
     )
-    .await;
-    (s, v)
+    .await
 }
 
 async fn read_tok(t: &T, svc: &str, extra: Value) -> (StatusCode, Value) {
@@ -1810,17 +1820,7 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
         })
         .await
         .unwrap();
-    let body = json!({"ticket": ticket(&t, "store", "gh", json!({})), "service": "gh", "tokenData": {"accessToken":"v2"}});
-    let (s, v, h) = send(
-        &t,
-        req(
-            Method::POST,
-            "/v1/store",
-            Some(REMOTE),
-            serde_json::to_vec(&body).unwrap(),
-        ),
-    )
-    .await;
+    let (s, v, h) = store_req(&t, "gh", json!({"accessToken":"v2"}), json!({})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"], "key_rotating");
     assert_eq!(h["retry-after"], "1");

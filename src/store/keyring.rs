@@ -19,12 +19,8 @@
 //! Any step can crash: re-running `rotate-key` continues from the state.
 
 use super::{Dbs, Store, StoreError};
-use crate::keys::{
-    AesGen, AesGenerations, Backend, HmacKeyId, KeyBackendBase, KeyError, MacKeys, OtpAlg, OtpKeys,
-    RandomSource, SealKeys, FIRST_AES_GEN,
-};
+use crate::keys::{AesGen, Backend, KeyError, SealKeys, FIRST_AES_GEN};
 use heed::{RoTxn, RwTxn};
-use secrecy::SecretSlice;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use zeroize::Zeroizing;
@@ -299,68 +295,4 @@ impl SealKeys for KeyRing {
     }
 }
 
-impl AesGenerations for KeyRing {
-    fn create_aes(&self, gen: AesGen) -> Result<bool, KeyError> {
-        self.inner.create_aes(gen)
-    }
-    fn aes_generations(&self) -> Result<Vec<AesGen>, KeyError> {
-        self.inner.aes_generations()
-    }
-    fn destroy_aes(&self, gen: AesGen) -> Result<(), KeyError> {
-        self.inner.destroy_aes(gen)
-    }
-    fn forget_aes_except(&self, keep: &[AesGen]) {
-        self.inner.forget_aes_except(keep)
-    }
-}
-
-impl KeyBackendBase for KeyRing {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-    fn healthy(&self) -> bool {
-        self.inner.healthy()
-    }
-    fn aes_key_present(&self) -> bool {
-        self.inner.aes_key_present()
-    }
-    fn probe(&self) -> Result<(), KeyError> {
-        self.inner.probe()
-    }
-}
-
-impl RandomSource for KeyRing {
-    fn fill_random(&self, buf: &mut [u8]) -> Result<(), KeyError> {
-        self.inner.fill_random(buf)
-    }
-}
-
-impl MacKeys for KeyRing {
-    fn install_hmac(&self, secret: &SecretSlice<u8>) -> Result<HmacKeyId, KeyError> {
-        self.inner.install_hmac(secret)
-    }
-    fn activate_hmac(&self, id: &HmacKeyId) -> Result<(), KeyError> {
-        self.inner.activate_hmac(id)
-    }
-    fn destroy_hmac_except(&self, keep: Option<&HmacKeyId>) -> Result<usize, KeyError> {
-        self.inner.destroy_hmac_except(keep)
-    }
-    fn hmac_sha256(&self, data: &[u8]) -> Result<[u8; 32], KeyError> {
-        self.inner.hmac_sha256(data)
-    }
-}
-
-impl OtpKeys for KeyRing {
-    fn install_otp(&self, seed: &SecretSlice<u8>, alg: OtpAlg) -> Result<Option<String>, KeyError> {
-        self.inner.install_otp(seed, alg)
-    }
-    fn otp_hmac(&self, id: &str, alg: OtpAlg, counter: u64) -> Result<Vec<u8>, KeyError> {
-        self.inner.otp_hmac(id, alg, counter)
-    }
-    fn destroy_otp(&self, id: &str) -> Result<(), KeyError> {
-        self.inner.destroy_otp(id)
-    }
-    fn list_otp(&self) -> Result<Vec<String>, KeyError> {
-        self.inner.list_otp()
-    }
-}
+crate::keys::forward_keys!(KeyRing, inner: base, random, mac, otp, gens);
