@@ -105,14 +105,21 @@ pub struct Exchanged {
     pub secret: Zeroizing<Vec<u8>>,
 }
 
+/// One exchange at a time in this process: each installs a key, commits it
+/// and destroys every other key, so two running together could each destroy
+/// the key the other had just committed.
+static EXCHANGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Validates the code, installs its secret as the new HMAC key (a re-bind
 /// rotates the key: the old one is destroyed), and returns the secret.
+/// Exchanges are serialised: of concurrent ones, each runs alone.
 pub async fn exchange(
     backend: &Backend,
     store: &Store,
     code: &str,
     now: i64,
 ) -> Result<Exchanged, BindError> {
+    let _one = EXCHANGE.lock().await;
     let rec = store.bind_code(code)?.ok_or(BindError::Expired)?;
     if rec.used {
         return Err(BindError::Used);

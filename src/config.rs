@@ -34,6 +34,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub helper: HelperConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -63,6 +67,9 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     #[serde(default = "d_max_conns")]
     pub max_connections: usize,
+    /// Concurrent HTTP/2 streams one connection may open.
+    #[serde(default = "d_h2_streams")]
+    pub max_h2_streams: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +210,11 @@ pub struct StoreConfig {
     pub path: PathBuf,
     #[serde(default = "d_map_size")]
     pub map_size_mib: usize,
+    /// Share of the map kept free for the writes that matter (documents,
+    /// request ids, nonces, TOTP steps, binding): the audit trail never
+    /// grows into it.
+    #[serde(default = "d_reserve")]
+    pub reserve_percent: u8,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,6 +341,122 @@ pub struct AuditConfig {
     /// How often the chain head is signed with the HMAC key (when bound).
     #[serde(default = "d_sign_every")]
     pub sign_every_secs: u64,
+    /// The trail's size bound, as a share of the store's map: past it the
+    /// oldest records are dropped (the anchor keeps the chain verifiable).
+    #[serde(default = "d_trail_share")]
+    pub max_share_percent: u8,
+}
+
+fn d_trail_share() -> u8 {
+    20
+}
+fn d_reserve() -> u8 {
+    10
+}
+fn d_h2_streams() -> u32 {
+    16
+}
+
+/// What one client address may spend (see SECURITY.md, "Hostile network").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections per client address (IPv6: per prefix); 0: no cap.
+    #[serde(default = "d_conns_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per prefix of this length.
+    #[serde(default = "d_v6_prefix")]
+    pub ipv6_prefix_len: u8,
+    /// From a request's arrival to the last byte of its body, seconds.
+    #[serde(default = "d_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// After `body_grace_secs`, a body slower than this on average is refused.
+    #[serde(default = "d_min_body_rate")]
+    pub min_body_bytes_per_sec: u64,
+    #[serde(default = "d_body_grace")]
+    pub body_grace_secs: u64,
+    /// Request bodies buffered at once over all connections, MiB.
+    #[serde(default = "d_body_budget")]
+    pub body_budget_mib: usize,
+    /// Failing unauthenticated requests per client address per minute
+    /// before it is answered 429 (0: no limit), and the burst above it.
+    #[serde(default = "d_failures")]
+    pub failures_per_minute: u32,
+    #[serde(default = "d_failure_burst")]
+    pub failure_burst: u32,
+    /// `/v1/exchange` attempts per client address per minute, and burst.
+    #[serde(default = "d_exchange_rate")]
+    pub exchange_per_minute: u32,
+    #[serde(default = "d_exchange_burst")]
+    pub exchange_burst: u32,
+    /// Access-log lines of failing unauthenticated requests per minute; the
+    /// rest are summarised once a minute (0: no limit).
+    #[serde(default = "d_failure_lines")]
+    pub failure_log_lines_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections_per_ip: d_conns_per_ip(),
+            ipv6_prefix_len: d_v6_prefix(),
+            request_timeout_secs: d_request_timeout(),
+            min_body_bytes_per_sec: d_min_body_rate(),
+            body_grace_secs: d_body_grace(),
+            body_budget_mib: d_body_budget(),
+            failures_per_minute: d_failures(),
+            failure_burst: d_failure_burst(),
+            exchange_per_minute: d_exchange_rate(),
+            exchange_burst: d_exchange_burst(),
+            failure_log_lines_per_minute: d_failure_lines(),
+        }
+    }
+}
+
+fn d_conns_per_ip() -> usize {
+    64
+}
+fn d_v6_prefix() -> u8 {
+    64
+}
+fn d_request_timeout() -> u64 {
+    30
+}
+fn d_min_body_rate() -> u64 {
+    1024
+}
+fn d_body_grace() -> u64 {
+    5
+}
+fn d_body_budget() -> usize {
+    64
+}
+fn d_failures() -> u32 {
+    120
+}
+fn d_failure_burst() -> u32 {
+    60
+}
+fn d_exchange_rate() -> u32 {
+    10
+}
+fn d_exchange_burst() -> u32 {
+    5
+}
+fn d_failure_lines() -> u32 {
+    60
+}
+
+/// The bind helpers (`/v1/register-url`, `/bind`), never on the public
+/// listener outside `dev`: an optional loopback listener and/or unix socket
+/// that a forwarder of the public port does not reach.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HelperConfig {
+    /// Plain-HTTP listener on a loopback address, e.g. "127.0.0.1:8444".
+    pub listen: Option<SocketAddr>,
+    /// A unix socket (mode 0600), e.g. "/run/tokenvault-webhook/helper.sock".
+    pub socket: Option<PathBuf>,
 }
 
 fn d_retention_days() -> u32 {
@@ -343,6 +471,7 @@ impl Default for AuditConfig {
         AuditConfig {
             retention_days: d_retention_days(),
             sign_every_secs: d_sign_every(),
+            max_share_percent: d_trail_share(),
         }
     }
 }
@@ -437,7 +566,9 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let mut c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.canonicalize_nets();
+        Ok(c)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -460,6 +591,9 @@ impl Config {
             if let Some(c) = a.ca_bundle.as_mut() {
                 fix(c);
             }
+        }
+        if let Some(p) = self.helper.socket.as_mut() {
+            fix(p);
         }
         if let Some(p) = self.keys.pkcs11.as_mut() {
             for f in [&mut p.module, &mut p.pin_file, &mut p.softhsm_conf]
@@ -585,10 +719,69 @@ impl Config {
                 ));
             }
         }
+        self.validate_limits()?;
         if !(60..=3600).contains(&self.binding.code_ttl_secs) {
             return Err("binding.code_ttl_secs must be 60-3600".into());
         }
         Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if !(1..=128).contains(&l.ipv6_prefix_len) {
+            return Err("limits.ipv6_prefix_len must be 1-128".into());
+        }
+        if !(1..=3600).contains(&l.request_timeout_secs) {
+            return Err("limits.request_timeout_secs must be 1-3600".into());
+        }
+        if l.body_grace_secs > l.request_timeout_secs {
+            return Err(
+                "limits.body_grace_secs must not exceed limits.request_timeout_secs".into(),
+            );
+        }
+        if l.body_budget_mib == 0 || l.body_budget_mib > 4096 {
+            return Err("limits.body_budget_mib must be 1-4096".into());
+        }
+        if (l.body_budget_mib << 20) < self.server.body_limit_bytes {
+            return Err(
+                "limits.body_budget_mib must hold at least one body of server.body_limit_bytes"
+                    .into(),
+            );
+        }
+        if !(1..=1000).contains(&self.server.max_h2_streams) {
+            return Err("server.max_h2_streams must be 1-1000".into());
+        }
+        if !(1..=90).contains(&self.audit.max_share_percent) {
+            return Err("audit.max_share_percent must be 1-90".into());
+        }
+        if self.store.reserve_percent > 50 {
+            return Err("store.reserve_percent must be 0-50".into());
+        }
+        if let Some(h) = self.helper.listen {
+            if !h.ip().is_loopback() {
+                return Err(format!(
+                    "helper.listen = \"{h}\" must be a loopback address (the bind helpers hand out bind codes)"
+                ));
+            }
+            if h.port() != 0 && h == self.server.listen {
+                return Err("helper.listen must differ from server.listen".into());
+            }
+        }
+        if let Some(p) = &self.helper.socket {
+            if p.is_relative() {
+                return Err("helper.socket must be an absolute path".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Address lists in canonical form (IPv4-mapped IPv6 written as IPv4).
+    fn canonicalize_nets(&mut self) {
+        use crate::netaddr::canonical_nets;
+        self.direct_access.deny_cidrs = canonical_nets(&self.direct_access.deny_cidrs);
+        self.direct_access.trusted_proxies = canonical_nets(&self.direct_access.trusted_proxies);
+        self.proxy.deny_cidrs = canonical_nets(&self.proxy.deny_cidrs);
+        self.proxy.allow_cidrs = canonical_nets(&self.proxy.allow_cidrs);
     }
 
     pub fn public_url(&self, bound: SocketAddr) -> String {

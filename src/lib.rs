@@ -8,6 +8,7 @@ pub mod config;
 pub mod custody;
 pub mod fsutil;
 pub mod keys;
+pub mod netaddr;
 pub mod protocol;
 pub mod sandbox;
 pub mod server;

@@ -55,10 +55,11 @@ fn is_special(ip: IpAddr) -> Option<&'static str> {
 impl EgressPolicy {
     /// Why `ip` may not be connected to, if it may not.
     pub fn refuse_ip(&self, ip: IpAddr) -> Option<&'static str> {
-        if self.deny_cidrs.iter().any(|n| n.contains(&ip)) {
+        let ip = crate::netaddr::canonical(ip);
+        if crate::netaddr::in_any(&self.deny_cidrs, ip) {
             return Some("denied by proxy.deny_cidrs");
         }
-        if self.allow_cidrs.iter().any(|n| n.contains(&ip)) {
+        if crate::netaddr::in_any(&self.allow_cidrs, ip) {
             return None;
         }
         match is_special(ip) {

@@ -24,9 +24,13 @@ use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use zeroize::Zeroizing;
 
+/// A refresh in flight: its id (only its starter removes it) and its future.
+type Flight = (u64, Shared<BoxFuture<'static, Outcome>>);
+
 pub struct Refresher {
     http: reqwest::Client,
-    inflight: Mutex<HashMap<String, Shared<BoxFuture<'static, Outcome>>>>,
+    inflight: Mutex<HashMap<String, Flight>>,
+    next_flight: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +62,7 @@ impl Refresher {
         Ok(Refresher {
             http,
             inflight: Mutex::new(HashMap::new()),
+            next_flight: std::sync::atomic::AtomicU64::new(1),
         })
     }
 }
@@ -174,6 +179,8 @@ pub async fn refresh_notify(
 }
 
 /// Single flight per service: concurrent notifications share one refresh.
+/// Only the notification that started a refresh removes its entry (a waiter
+/// that finishes first must not drop a newer refresh's entry).
 async fn notify(
     s: &AppState,
     service: String,
@@ -181,12 +188,12 @@ async fn notify(
     hinted_url: Option<String>,
 ) -> Outcome {
     let r = &s.settings.broker.refresher;
-    let fut = {
+    let (fut, owner) = {
         let Ok(mut map) = r.inflight.lock() else {
             return outcome("error");
         };
-        if let Some(f) = map.get(&service) {
-            f.clone()
+        if let Some((_, f)) = map.get(&service) {
+            (f.clone(), None)
         } else {
             let s2 = s.clone();
             let svc = service.clone();
@@ -195,15 +202,27 @@ async fn notify(
             }
             .boxed()
             .shared();
-            map.insert(service.clone(), f.clone());
-            f
+            let id = r
+                .next_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            map.insert(service.clone(), (id, f.clone()));
+            (f, Some(id))
         }
     };
     let o = fut.await;
-    if let Ok(mut map) = r.inflight.lock() {
-        map.remove(&service);
+    if let Some(id) = owner {
+        remove_flight(&r.inflight, &service, id);
     }
     o
+}
+
+/// Removes `service`'s single-flight entry if it is still flight `id`.
+fn remove_flight(inflight: &Mutex<HashMap<String, Flight>>, service: &str, id: u64) {
+    if let Ok(mut map) = inflight.lock() {
+        if map.get(service).is_some_and(|(cur, _)| *cur == id) {
+            map.remove(service);
+        }
+    }
 }
 
 async fn run_refresh(
@@ -212,6 +231,17 @@ async fn run_refresh(
     provider: Option<&str>,
     hinted_url: Option<&str>,
 ) -> Outcome {
+    // The protocol's answers for a missing token (or refresh token) hold
+    // whether or not a client is configured: `acknowledged` would promise
+    // a refresh that can never happen.
+    match refreshable(s, service) {
+        Ok(None) => {}
+        Ok(Some(o)) => return o,
+        Err(e) => {
+            tracing::error!(service, error = %e, "refresh-notify failed");
+            return outcome("error");
+        }
+    }
     let Some(client) = oauth::find(&s.store, provider, service) else {
         tracing::info!(
             service,
@@ -230,6 +260,21 @@ async fn run_refresh(
             outcome("error")
         }
     }
+}
+
+/// `no_token` / `no_refresh_token` when there is nothing to refresh, else
+/// `None` (the metadata says whether a refresh token is held; nothing is
+/// decrypted here).
+fn refreshable(s: &AppState, service: &str) -> Result<Option<Outcome>, ApiError> {
+    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+        return Ok(Some(outcome("no_token")));
+    };
+    let doc: TokenDocument =
+        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    if !doc.fields.contains_key("refreshToken") {
+        return Ok(Some(outcome("no_refresh_token")));
+    }
+    Ok(None)
 }
 
 async fn refresh_with(

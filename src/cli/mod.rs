@@ -754,6 +754,7 @@ pub fn run_server(
         let bound_addr = listener.local_addr()?;
         let dev = cfg.profile == Profile::Dev;
         let public_url = cfg.public_url(bound_addr);
+        let shield = Arc::new(crate::server::shield::Shield::new(shield_settings(&cfg)));
         let state = AppState::new(
             dyn_backend,
             store.clone(),
@@ -790,9 +791,37 @@ pub fn run_server(
                 code_ttl_secs: cfg.binding.code_ttl_secs,
                 body_limit: cfg.server.body_limit_bytes,
                 webhook_id: webhook_id.clone(),
+                shield: shield.clone(),
+                helpers_on_public: dev,
             },
             bound,
         );
+        if dev {
+            tracing::info!("dev: /v1/register-url and /bind are also served on this listener, to loopback peers without forwarding headers");
+        }
+        serve_helpers(&cfg, &state).await?;
+        {
+            // Failing unauthenticated requests beyond the log budget: one
+            // summary line a minute instead of a line each.
+            let shield = shield.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let minute = shield.take_minute();
+                    if minute.is_empty() {
+                        continue;
+                    }
+                    let total: u64 = minute.values().sum();
+                    let by: Vec<String> = minute
+                        .iter()
+                        .map(|((route, status), n)| format!("{route} {status}: {n}"))
+                        .collect();
+                    tracing::warn!(total, by = %by.join(", "), "failing unauthenticated requests in the last minute");
+                }
+            });
+        }
         if let Some(addr) = cfg.metrics.listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -851,6 +880,8 @@ pub fn run_server(
             header_timeout: Duration::from_secs(cfg.server.header_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.server.idle_timeout_secs),
             max_connections: cfg.server.max_connections,
+            max_h2_streams: cfg.server.max_h2_streams,
+            shield: shield.clone(),
             reload_on_hup: cfg.tls.mode == crate::config::TlsMode::Files,
         };
         tracing::info!(webhook_id = %webhook_id, bound, "tokenvault-webhook {} serving", crate::protocol::VERSION);
@@ -898,6 +929,61 @@ pub fn run_server(
         .await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// The hostile-network limits of `[limits]`.
+pub fn shield_settings(cfg: &Config) -> crate::server::shield::ShieldSettings {
+    let l = &cfg.limits;
+    crate::server::shield::ShieldSettings {
+        max_connections_per_ip: l.max_connections_per_ip,
+        ipv6_prefix_len: l.ipv6_prefix_len,
+        request_timeout: Duration::from_secs(l.request_timeout_secs),
+        min_body_rate: l.min_body_bytes_per_sec,
+        body_grace: Duration::from_secs(l.body_grace_secs),
+        body_budget: l.body_budget_mib << 20,
+        failures_per_minute: l.failures_per_minute,
+        failure_burst: l.failure_burst,
+        exchange_per_minute: l.exchange_per_minute,
+        exchange_burst: l.exchange_burst,
+        failure_log_lines_per_minute: l.failure_log_lines_per_minute,
+    }
+}
+
+/// The bind helpers' own listener and/or unix socket (`[helper]`).
+async fn serve_helpers(cfg: &Config, state: &AppState) -> Result<()> {
+    if let Some(addr) = cfg.helper.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (helper.listen)"))?;
+        let at = l.local_addr()?;
+        let router = crate::server::helper_app(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, router).await {
+                tracing::error!(error = %e, "helper listener stopped");
+            }
+        });
+        tracing::info!(%at, "bind helpers: http://{at}/bind and /v1/register-url (loopback only)");
+        eprintln!("HELPER http://{at}");
+    }
+    if let Some(path) = &cfg.helper.socket {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        }
+        let l = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot bind {} (helper.socket)", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let router = crate::server::helper_app(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, router).await {
+                tracing::error!(error = %e, "helper socket stopped");
+            }
+        });
+        tracing::info!(socket = %path.display(), "bind helpers on a unix socket");
+        eprintln!("HELPER unix:{}", path.display());
+    }
+    Ok(())
 }
 
 /// Creates a directory (and parents) with mode 0700 if it does not exist.

@@ -67,6 +67,7 @@ pub fn verify(
     if !mac_eq(&mac, &parts.mac) {
         return Err(ApiError::TicketInvalid("Ticket signature mismatch"));
     }
+    crate::store::trail::note(|n| n.authenticated = true);
     let c: TicketClaims = decode_claims(parts.payload_b64)
         .map_err(|_| ApiError::TicketInvalid("Ticket payload is not valid JSON"))?;
     let exp = match &c.exp {

@@ -57,6 +57,11 @@ pub enum ApiError {
     /// 503: the write was sealed under an AES key generation a running
     /// `rotate-key` has just closed; nothing was written, retry.
     KeyRotating,
+    /// 408: the request's body did not arrive within its deadline or at its
+    /// minimum rate.
+    RequestTimeout,
+    /// 503: the appliance's budget for buffered request bodies is spent.
+    Busy,
     /// 507: the LMDB map is full; nothing was written.
     InsufficientStorage,
     /// 500: anything else. Detail is logged, not returned.
@@ -101,6 +106,8 @@ impl ApiError {
             ApiError::KeysUnavailable => "hsm_unavailable",
             ApiError::KeyRotating => "key_rotating",
             ApiError::InsufficientStorage => "insufficient_storage",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::Busy => "busy",
             ApiError::Internal => "internal_error",
         }
     }
@@ -124,7 +131,10 @@ impl ApiError {
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::GcpMintFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::KeysUnavailable | ApiError::KeyRotating => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KeysUnavailable | ApiError::KeyRotating | ApiError::Busy => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -159,6 +169,10 @@ impl ApiError {
                 "The encryption key was rotated while this write was in flight; nothing was stored, retry".into()
             }
             ApiError::InsufficientStorage => "Store is full; nothing was written".into(),
+            ApiError::RequestTimeout => {
+                "The request body did not arrive in time; send it faster".into()
+            }
+            ApiError::Busy => "Too many request bodies in flight; retry shortly".into(),
             ApiError::Internal => "Internal error".into(),
         }
     }
@@ -174,9 +188,20 @@ impl IntoResponse for ApiError {
         let mut r = (self.status(), axum::Json(body)).into_response();
         let retry = match self {
             ApiError::RateLimited(secs) => Some(secs),
-            ApiError::KeyRotating => Some(1),
+            ApiError::KeyRotating | ApiError::Busy => Some(1),
             _ => None,
         };
+        // The client's request was not (fully) read: never reuse this
+        // connection after the answer.
+        if matches!(
+            self,
+            ApiError::RequestTimeout | ApiError::PayloadTooLarge | ApiError::Busy
+        ) {
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if let Some(secs) = retry {
             if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
                 r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);

@@ -9,8 +9,16 @@ pub const REQUEST_ID_HEADER: &str = "x-tokenvault-request-id";
 
 /// Allowed clock skew between Token Vault and the webhook, seconds.
 pub const MAX_SKEW_SECS: i64 = 300;
-/// How long a request id is remembered, seconds.
+/// How long a request id is remembered at least, seconds.
 pub const REQUEST_ID_TTL_SECS: i64 = 600;
+
+/// Until when a request id accepted at `now` with timestamp `ts` must be
+/// remembered: at least [`REQUEST_ID_TTL_SECS`], and always until its
+/// timestamp has left the window (a request stamped in the future would
+/// otherwise replay after the id was forgotten).
+pub fn request_id_expiry(ts: i64, now: i64) -> i64 {
+    (now + REQUEST_ID_TTL_SECS).max(ts + MAX_SKEW_SECS + 1)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignatureError {
@@ -118,6 +126,18 @@ mod tests {
             hex::encode(mac(&wrong, &payload)),
             "3c762b46eea2fe82f4b737f98ef3f32f59b0d6000eab29e231cce5e722a2f7b7"
         );
+    }
+
+    #[test]
+    fn request_ids_outlive_their_window() {
+        // Accepted at ts-300: the timestamp stays valid until ts+300, so the
+        // id must be remembered past that.
+        let ts = 1_700_000_000;
+        let at = ts - MAX_SKEW_SECS;
+        let exp = request_id_expiry(ts, at);
+        assert!(exp > ts + MAX_SKEW_SECS);
+        assert!(parse_timestamp(&ts.to_string(), exp).is_err());
+        assert_eq!(request_id_expiry(ts, ts), ts + REQUEST_ID_TTL_SECS);
     }
 
     #[test]

@@ -1,21 +1,51 @@
-//! Operator helpers, answered only to loopback peers (others get 404):
-//! `GET /v1/register-url` and the `/bind` page.
+//! Operator helpers: `GET /v1/register-url` and the `/bind` page. Outside
+//! `dev` they are served only on the helper listener or socket
+//! ([`super::helper_app`]), which a forwarder of the public port never
+//! reaches; in `dev` also on the public listener, to loopback peers (others
+//! get 404). Either way a request carrying forwarding headers (`Forwarded`,
+//! `X-Forwarded-*`, `X-Real-IP`) is refused: it came through a proxy.
 
 use super::{now, AppState, PeerAddr};
 use crate::binding::{self, Registration};
 use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::Json;
 use serde::Deserialize;
 
-fn loopback_only(peer: Option<Extension<PeerAddr>>) -> Result<(), ApiError> {
-    match peer {
-        Some(Extension(p)) if p.is_loopback() => Ok(()),
-        _ => Err(ApiError::NotFound),
+/// Marks a request that came in on the helper listener or socket.
+#[derive(Debug, Clone, Copy)]
+pub struct HelperChannel;
+
+/// Whether the headers show the request was forwarded by a proxy.
+pub fn forwarded(h: &HeaderMap) -> bool {
+    h.keys().any(|k| {
+        let k = k.as_str();
+        k == "forwarded" || k.starts_with("x-forwarded-") || k == "x-real-ip"
+    })
+}
+
+fn helper_only(s: &AppState, req: &Parts) -> Result<(), ApiError> {
+    let on_helper = req.extensions.get::<HelperChannel>().is_some();
+    let loopback = req
+        .extensions
+        .get::<PeerAddr>()
+        .is_some_and(PeerAddr::is_loopback);
+    let reachable = on_helper || (s.settings.helpers_on_public && loopback);
+    if !reachable {
+        return Err(ApiError::NotFound);
     }
+    if forwarded(&req.headers) {
+        s.settings
+            .shield
+            .count(super::shield::Event::HelperForwarded);
+        tracing::warn!("bind helper refused: the request carries forwarding headers");
+        return Err(ApiError::Forbidden);
+    }
+    Ok(())
 }
 
 pub async fn create(s: &AppState) -> Result<Registration, ApiError> {
@@ -31,11 +61,8 @@ pub async fn create(s: &AppState) -> Result<Registration, ApiError> {
     Ok(reg)
 }
 
-pub async fn register_url(
-    State(s): State<AppState>,
-    peer: Option<Extension<PeerAddr>>,
-) -> Result<Response, ApiError> {
-    loopback_only(peer)?;
+pub async fn register_url(State(s): State<AppState>, req: Parts) -> Result<Response, ApiError> {
+    helper_only(&s, &req)?;
     let reg = create(&s).await?;
     let mut r = Json(reg).into_response();
     r.headers_mut()
@@ -58,10 +85,10 @@ fn esc(s: &str) -> String {
 
 pub async fn bind_page(
     State(s): State<AppState>,
-    peer: Option<Extension<PeerAddr>>,
     Query(q): Query<BindQuery>,
+    req: Parts,
 ) -> Result<Response, ApiError> {
-    loopback_only(peer)?;
+    helper_only(&s, &req)?;
     let force = q.force.as_deref() == Some("1");
     let body = if s.is_bound() && !force {
         let tokens = s.store.count(Collection::Tokens).unwrap_or(0);
@@ -91,11 +118,8 @@ pub async fn bind_page(
 }
 
 /// Creates a code and sends the browser to Token Vault's bind page.
-pub async fn bind_start(
-    State(s): State<AppState>,
-    peer: Option<Extension<PeerAddr>>,
-) -> Result<Response, ApiError> {
-    loopback_only(peer)?;
+pub async fn bind_start(State(s): State<AppState>, req: Parts) -> Result<Response, ApiError> {
+    helper_only(&s, &req)?;
     let reg = create(&s).await?;
     let loc = HeaderValue::from_str(&reg.registration_url).map_err(|_| ApiError::Internal)?;
     let mut r = StatusCode::SEE_OTHER.into_response();

@@ -88,7 +88,7 @@ struct StoreBody {
 
 pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let raw = read_body(body, &parts.headers, s.settings.body_limit).await?;
+    let raw = read_body(&s, &parts, body, s.settings.body_limit).await?;
     let b: StoreBody = serde_json::from_slice(&raw)
         .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?;
     drop(raw);
@@ -172,7 +172,7 @@ async fn prelude(
 ) -> Result<Prelude, ApiError> {
     let p = if req.method() == Method::POST {
         let (parts, body) = req.into_parts();
-        let raw = read_body(body, &parts.headers, s.settings.body_limit).await?;
+        let raw = read_body(s, &parts, body, super::shield::TICKET_BODY_LIMIT).await?;
         serde_json::from_slice::<DirectParams>(&raw)
             .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?
     } else {
@@ -353,7 +353,18 @@ pub async fn totp_verify(
             matched = Some(*st);
         }
     }
-    let valid = s.store.totp_record(service.clone(), matched, step).await?;
+    let valid = match s
+        .store
+        .totp_record(service.clone(), matched, step, VERIFY_FAILURES_PER_STEP)
+        .await?
+    {
+        crate::store::TotpVerdict::Accepted => true,
+        crate::store::TotpVerdict::Rejected => false,
+        crate::store::TotpVerdict::Limited => {
+            crate::store::trail::note(|n| n.result = Some("limited".into()));
+            return Err(ApiError::RateLimited(totp::remaining(&p, t as u64)));
+        }
+    };
     tracing::info!(service = %service, valid, "totp-verify");
     s.metrics().totp_verify(valid);
     crate::store::trail::note(|n| {

@@ -3,6 +3,7 @@
 //! rate limit, and CORS with an exact origin allowlist.
 
 use super::{AppState, PeerAddr};
+use crate::netaddr::{canonical, in_any};
 use crate::protocol::ApiError;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -49,8 +50,17 @@ impl RateLimiter {
         }
     }
 
-    /// Ok, or the seconds to wait.
+    /// Ok, or the seconds to wait; spends a token when Ok.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        self.bucket(ip, true)
+    }
+
+    /// Like [`RateLimiter::check`] without spending: whether a token is there.
+    pub fn peek(&self, ip: IpAddr) -> Result<(), u64> {
+        self.bucket(ip, false)
+    }
+
+    fn bucket(&self, ip: IpAddr, spend: bool) -> Result<(), u64> {
         if self.per_sec <= 0.0 {
             return Ok(());
         }
@@ -58,18 +68,32 @@ impl RateLimiter {
         let Ok(mut map) = self.buckets.lock() else {
             return Ok(());
         };
-        if map.len() > 100_000 {
+        if map.len() > MAX_TRACKED {
             let (rate, burst) = (self.per_sec, self.burst);
             map.retain(|_, (tokens, t)| {
                 *tokens + now.duration_since(*t).as_secs_f64() * rate < burst
             });
+            if map.len() > MAX_TRACKED {
+                // More distinct clients limited at once than are tracked:
+                // start over rather than grow without bound.
+                tracing::warn!(
+                    tracked = map.len(),
+                    "rate limiter: too many clients tracked; reset"
+                );
+                map.clear();
+            }
+        }
+        if !spend && !map.contains_key(&ip) {
+            return Ok(());
         }
         let (tokens, last) = map.entry(ip).or_insert((self.burst, now));
         *tokens =
             (*tokens + now.duration_since(*last).as_secs_f64() * self.per_sec).min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
-            *tokens -= 1.0;
+            if spend {
+                *tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(((1.0 - *tokens) / self.per_sec).ceil().max(1.0) as u64)
@@ -77,11 +101,14 @@ impl RateLimiter {
     }
 }
 
+/// Clients a limiter tracks before it drops the ones whose buckets are full.
+const MAX_TRACKED: usize = 100_000;
+
 /// The client: the TCP peer, or (only behind a configured trusted proxy) the
 /// right-most X-Forwarded-For address that is not itself a trusted proxy.
 pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
-    let peer = peer?;
-    if !trusted.iter().any(|n| n.contains(&peer)) {
+    let peer = canonical(peer?);
+    if !in_any(trusted, peer) {
         return Some(peer);
     }
     let mut client = peer;
@@ -90,8 +117,8 @@ pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -
         for part in v.rsplit(',') {
             match part.trim().parse::<IpAddr>() {
                 Ok(ip) => {
-                    client = ip;
-                    if !trusted.iter().any(|n| n.contains(&ip)) {
+                    client = canonical(ip);
+                    if !in_any(trusted, client) {
                         return Some(client);
                     }
                 }
@@ -139,7 +166,7 @@ pub async fn access(State(s): State<AppState>, req: Request, next: Next) -> Resp
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let verdict = match client_ip(peer, req.headers(), &s.direct().trusted_proxies) {
         None => Err(ApiError::Forbidden),
-        Some(ip) if s.direct().deny.iter().any(|n| n.contains(&ip)) => {
+        Some(ip) if in_any(&s.direct().deny, ip) => {
             tracing::warn!(client = %ip, "direct access refused: address in deny_cidrs");
             Err(ApiError::Forbidden)
         }

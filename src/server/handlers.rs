@@ -72,8 +72,13 @@ fn body_request_id(signed: &Signed) -> Option<String> {
 // ---- exchange -----------------------------------------------------------
 
 pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let client = super::shield::client_of(&s, &req);
+    s.settings
+        .shield
+        .exchange_allowed(client)
+        .map_err(ApiError::RateLimited)?;
     let (parts, body) = req.into_parts();
-    let body = read_body(body, &parts.headers, s.settings.body_limit).await?;
+    let body = read_body(&s, &parts, body, super::shield::EXCHANGE_BODY_LIMIT).await?;
     let v: Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?;
     let code = v
@@ -85,6 +90,7 @@ pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Respons
         return Err(ApiError::CodeExpired);
     }
     let ex = binding::exchange(&s.backend, &s.store, code, now()).await?;
+    crate::store::trail::note(|n| n.authenticated = true);
     s.set_bound();
     tracing::info!(webhook_id = %s.settings.webhook_id, "bound: HMAC key installed from exchange");
     let secret_b64 = zeroize::Zeroizing::new(

@@ -8,7 +8,6 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use std::collections::HashMap;
@@ -197,16 +196,64 @@ pub fn load_tls(cert: &Path, key: &TlsKeySource) -> Result<Arc<TlsState>, TlsErr
     TlsState::new(load_certified(cert, key)?, false)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServeOptions {
     pub cert: PathBuf,
     pub key: Option<TlsKeySource>,
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/2 PINGs and other control frames do not count as requests).
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_h2_streams: u32,
+    /// Per-address connection cap (and the counters of what it refused).
+    pub shield: Arc<super::shield::Shield>,
     /// Re-read `cert`/`key` on SIGHUP (files mode; ACME swaps certificates itself).
     pub reload_on_hup: bool,
+}
+
+/// Requests in flight on one connection and when the last one ended.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since the connection's start.
+    last_ms: std::sync::atomic::AtomicU64,
+    start: std::time::Instant,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// When the connection becomes idle if nothing else happens (None:
+    /// a request is in flight).
+    fn idle_at(&self, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Some(Instant::from_std(self.start + last + idle))
+    }
+}
+
+/// Counts a request in flight until dropped (the service future ends).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn new(a: &Arc<Activity>) -> Self {
+        a.in_flight.fetch_add(1, Ordering::AcqRel);
+        a.touch();
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains connections (at most 10 s).
@@ -221,7 +268,9 @@ pub async fn serve(
         spawn_reloader(tls.clone(), opts.cert.clone(), key);
     }
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Connection tasks hold a sender each: when all are gone, all are done.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -233,7 +282,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(opts.max_h2_streams)
+        .max_pending_accept_reset_streams(Some(16))
+        .max_local_error_reset_streams(Some(64));
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -251,15 +302,25 @@ pub async fn serve(
                 }
             },
         };
+        let peer = crate::netaddr::canonical_socket(peer);
+        // One address may not hold every slot: over its cap, the
+        // connection is closed before the handshake.
+        let Some(slot) = opts.shield.connection(peer.ip()) else {
+            tracing::debug!(peer = %peer, "connection refused: per-address cap");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let Some(cfg) = tls.config() else { continue };
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let app = app.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
         let opts2 = opts.clone();
+        let done = done_tx.clone();
+        let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _slot = slot;
+            let _done = done;
             let tls =
                 match tokio::time::timeout(opts2.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
@@ -277,21 +338,67 @@ pub async fn serve(
                 tracing::info!(peer = %peer, "answered a TLS-ALPN-01 validation handshake");
                 return;
             }
+            let activity = Arc::new(Activity {
+                in_flight: std::sync::atomic::AtomicUsize::new(0),
+                last_ms: std::sync::atomic::AtomicU64::new(0),
+                start: std::time::Instant::now(),
+            });
+            let act = activity.clone();
+            // Below hyper, a connection with no bytes in either direction
+            // for the idle time fails (a client that stops reading).
             let io = TokioIo::new(IdleTimeout::new(tls, opts2.idle_timeout));
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let guard = InFlight::new(&act);
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(PeerAddr(peer));
-                app.clone().oneshot(req)
+                req.extensions_mut()
+                    .insert(super::auth::Arrived(std::time::Instant::now()));
+                let fut = app.clone().oneshot(req);
+                async move {
+                    let r = fut.await;
+                    drop(guard);
+                    r
+                }
             });
             let conn = builder.serve_connection(io, svc).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
+                // Idle means no request in flight, whatever control frames
+                // (HTTP/2 PINGs, SETTINGS, WINDOW_UPDATE) keep arriving.
+                let idle_at = activity
+                    .idle_at(opts2.idle_timeout)
+                    .unwrap_or_else(|| Instant::now() + opts2.idle_timeout);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(peer = %peer, error = %e, "connection ended with error");
+                        }
+                        break;
+                    }
+                    _ = stop.changed(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = tokio::time::sleep_until(idle_at), if !closing => {
+                        if activity
+                            .idle_at(opts2.idle_timeout)
+                            .is_some_and(|t| t <= Instant::now())
+                        {
+                            opts2.shield.count(super::shield::Event::IdleClosed);
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
             }
         });
     }
     drop(listener);
+    drop(done_tx);
     tracing::info!("shutting down: draining connections");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(Duration::from_secs(10), done_rx.recv())
         .await
         .is_err()
     {

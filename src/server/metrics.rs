@@ -103,6 +103,11 @@ fn gauge(o: &mut String, name: &str, help: &str, value: impl std::fmt::Display) 
     let _ = writeln!(o, "{name} {value}");
 }
 
+/// The route's fixed label (`other` for anything unknown).
+pub fn route_label(path: &str) -> &'static str {
+    route_name(route_index(path))
+}
+
 fn route_index(path: &str) -> usize {
     ROUTES.iter().position(|r| *r == path).unwrap_or(OTHER)
 }
@@ -366,9 +371,10 @@ pub fn router(state: super::AppState) -> axum::Router {
     use axum::extract::State;
     use axum::response::IntoResponse;
     async fn metrics(State(s): State<super::AppState>) -> axum::response::Response {
-        let body = s
+        let mut body = s
             .metrics()
             .render(&s.store, s.backend.kind(), s.backend.healthy());
+        s.settings.shield.render(&mut body);
         (
             [(
                 axum::http::header::CONTENT_TYPE,

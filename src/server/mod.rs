@@ -8,6 +8,7 @@ pub mod errors;
 pub mod handlers;
 pub mod listener;
 pub mod metrics;
+pub mod shield;
 
 use crate::keys::Backend;
 use crate::store::Store;
@@ -21,18 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Peer address of the TCP connection, set by the accept loop.
+/// Peer address of the TCP connection, set by the accept loop in canonical
+/// form (see [`crate::netaddr`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
 impl PeerAddr {
     pub fn is_loopback(&self) -> bool {
-        match self.0.ip() {
-            std::net::IpAddr::V4(v4) => v4.is_loopback(),
-            std::net::IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-            }
-        }
+        crate::netaddr::is_loopback(self.0.ip())
     }
 }
 
@@ -45,6 +42,12 @@ pub struct Settings {
     pub code_ttl_secs: i64,
     pub body_limit: usize,
     pub webhook_id: String,
+    /// Hostile-network limits (connections, bodies, failures, log lines).
+    pub shield: Arc<shield::Shield>,
+    /// `dev` only: the bind helpers are also served on the public listener
+    /// (to loopback peers without forwarding headers). Outside `dev` they
+    /// exist only on the helper listener/socket ([`helper_app`]).
+    pub helpers_on_public: bool,
 }
 
 #[derive(Clone)]
@@ -139,7 +142,7 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             direct::access,
         ));
-    Router::new()
+    let mut router = Router::new()
         .merge(direct_routes)
         .route(
             "/v1/health",
@@ -152,9 +155,35 @@ pub fn app(state: AppState) -> Router {
             post(crate::broker::refresh::refresh_notify),
         )
         .route("/v1/refresh", post(crate::broker::refresh::tv_refresh))
-        .route("/v1/exchange", post(handlers::exchange))
+        .route("/v1/exchange", post(handlers::exchange));
+    if state.settings.helpers_on_public {
+        router = router.merge(helper_routes());
+    }
+    router
+        .fallback(errors::not_found)
+        .method_not_allowed_fallback(errors::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access_log,
+        ))
+        .with_state(state)
+}
+
+fn helper_routes() -> Router<AppState> {
+    Router::new()
         .route("/v1/register-url", get(bind::register_url))
         .route("/bind", get(bind::bind_page).post(bind::bind_start))
+}
+
+/// The bind helpers alone, for the loopback helper listener or unix socket
+/// (`[helper]`): no other route, refused with forwarding headers.
+pub fn helper_app(state: AppState) -> Router {
+    async fn mark(mut req: Request, next: Next) -> Response {
+        req.extensions_mut().insert(bind::HelperChannel);
+        next.run(req).await
+    }
+    helper_routes()
+        .layer(axum::middleware::from_fn(mark))
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -181,6 +210,12 @@ fn trail_event(path: &str) -> Option<&'static str> {
 
 /// One line per request: method, path (no query), status, latency, request
 /// id, peer. Never a body, ticket or secret header.
+///
+/// Also where the failure budget is applied: an address that has spent it
+/// is answered 429 here, before any body is read or key operation run; a
+/// failing request that proved nothing is counted (route and status) and
+/// spends from its address's budget, and its log line is rate-limited; only
+/// requests that proved something reach the audit trail.
 async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
@@ -192,27 +227,50 @@ async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Resp
         .filter(|v| crate::protocol::signature::validate_request_id(v).is_ok())
         .map(str::to_string);
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+    let client = shield::client_of(&s, &req);
+    let shield = &s.settings.shield;
+    let route = metrics::route_label(&path);
+    if let Some(wait) = client.and_then(|c| shield.failure_blocked(c)) {
+        shield.count(shield::Event::FailureLimited);
+        let resp = axum::response::IntoResponse::into_response(
+            crate::protocol::ApiError::RateLimited(wait),
+        );
+        s.metrics
+            .request(&path, resp.status().as_u16(), start.elapsed());
+        if shield.log_line() {
+            tracing::info!(target: "access", method = %method, path = %path, status = 429, client = %client.map(|c| c.to_string()).unwrap_or_default(), "failure budget spent");
+        }
+        return resp;
+    }
     let (resp, note) = crate::store::trail::with_note(next.run(req)).await;
-    s.metrics
-        .request(&path, resp.status().as_u16(), start.elapsed());
-    if let Some(event) = trail_event(&path) {
+    let status = resp.status().as_u16();
+    s.metrics.request(&path, status, start.elapsed());
+    let unproven = !note.authenticated && resp.status().is_client_error();
+    let log = if unproven {
+        shield.rejected(client, route, status)
+    } else {
+        true
+    };
+    if let (Some(event), true) = (trail_event(&path), note.authenticated) {
         s.store.trail_append(crate::store::trail::TrailEvent {
             ts: now(),
             event,
-            status: resp.status().as_u16(),
+            status,
             note,
             peer: peer.map(|p| p.ip().to_string()),
         });
     }
-    tracing::info!(
-        target: "access",
-        method = %method,
-        path = %path,
-        status = resp.status().as_u16(),
-        latency_us = start.elapsed().as_micros() as u64,
-        request_id = rid.as_deref().unwrap_or("-"),
-        peer = %peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-    );
+    if log {
+        tracing::info!(
+            target: "access",
+            method = %method,
+            path = %path,
+            status,
+            latency_us = start.elapsed().as_micros() as u64,
+            request_id = rid.as_deref().unwrap_or("-"),
+            peer = %peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        );
+    }
     resp
 }
 

@@ -50,6 +50,8 @@ fn state_with(map_mib: usize, body_limit: usize) -> T {
             code_ttl_secs: 300,
             body_limit,
             webhook_id: "wh_test".into(),
+            shield: Arc::new(shield::Shield::unlimited()),
+            helpers_on_public: true,
         },
         false,
     );
@@ -1301,6 +1303,8 @@ async fn deny_list_and_rate_limit() {
         code_ttl_secs: 300,
         body_limit: 1 << 20,
         webhook_id: "wh_test".into(),
+        shield: Arc::new(shield::Shield::unlimited()),
+        helpers_on_public: true,
     };
     let mut st = t.state.clone();
     st.settings = Arc::new(settings);

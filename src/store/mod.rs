@@ -577,15 +577,19 @@ impl Store {
         }
     }
 
-    /// Records a verification attempt atomically. `matched` is the time step
-    /// the code matched, if any; it is accepted only if later than the last
-    /// accepted step. Failures are counted per `current_step`.
+    /// Judges and records a verification attempt in one write transaction.
+    /// `matched` is the time step the code matched, if any; it is accepted
+    /// only if later than the last accepted step. Failures are counted per
+    /// `current_step`; once `max_failures` are recorded for the step, later
+    /// attempts in it are not judged at all ([`TotpVerdict::Limited`]), so
+    /// parallel guesses cannot all pass a check made before the write.
     pub async fn totp_record(
         &self,
         service: String,
         matched: Option<u64>,
         current_step: u64,
-    ) -> Result<bool, StoreError> {
+        max_failures: u32,
+    ) -> Result<TotpVerdict, StoreError> {
         self.write(move |txn, dbs| {
             let mut st: TotpState = match dbs.totp_state.get(txn, service.as_bytes())? {
                 Some(v) => {
@@ -593,6 +597,9 @@ impl Store {
                 }
                 None => TotpState::default(),
             };
+            if st.fail_step == current_step && st.fail_count >= max_failures {
+                return Ok(TotpVerdict::Limited);
+            }
             let accepted = matches!(matched, Some(s) if s > st.last_step);
             if let (true, Some(s)) = (accepted, matched) {
                 st.last_step = s;
@@ -605,7 +612,11 @@ impl Store {
             }
             let raw = serde_json::to_vec(&st).map_err(|_| StoreError::Corrupt("totp state"))?;
             dbs.totp_state.put(txn, service.as_bytes(), &raw)?;
-            Ok(accepted)
+            Ok(if accepted {
+                TotpVerdict::Accepted
+            } else {
+                TotpVerdict::Rejected
+            })
         })
         .await
     }
@@ -847,6 +858,15 @@ pub struct Usage {
     pub map_size: u64,
     pub used: u64,
     pub file: u64,
+}
+
+/// Result of [`Store::totp_record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TotpVerdict {
+    Accepted,
+    Rejected,
+    /// The step's failure limit was already reached: not judged, not recorded.
+    Limited,
 }
 
 /// Result of [`Store::put_token`].

@@ -28,6 +28,10 @@ pub struct TrailNote {
     pub aid: Option<String>,
     pub purpose: Option<String>,
     pub result: Option<String>,
+    /// The request proved something (a valid signature, ticket or bind
+    /// code). Only such requests are recorded; failures that proved nothing
+    /// are counted in memory instead, so they cost no durable bytes.
+    pub authenticated: bool,
 }
 
 tokio::task_local! {
