@@ -354,7 +354,7 @@ fn d_reserve() -> u8 {
     10
 }
 fn d_h2_streams() -> u32 {
-    16
+    32
 }
 
 /// What one client address may spend (see SECURITY.md, "Hostile network").

@@ -19,6 +19,10 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
     assert_eq!(s, 200);
     let (s, _) = a.credential("github", "").await;
     assert_eq!(s, 200);
+    // A read that proved its ticket but failed is recorded; one whose
+    // ticket proves nothing is only counted (it costs no durable bytes).
+    let (s, _) = a.credential("absent", "").await;
+    assert_eq!(s, 404);
     let (s, _) = a.credential("github", "&ticket=bad").await;
     assert!(s >= 400);
     // The head is signed within a couple of seconds.
@@ -30,7 +34,11 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
 
     let v = cli_json(&["--config", cfg, "audit", "verify"]);
     assert_eq!(v["ok"], true, "{v}");
-    assert!(v["records"].as_u64().unwrap() >= 4, "{v}");
+    assert_eq!(
+        v["records"].as_u64().unwrap(),
+        4,
+        "bind, store, two reads: {v}"
+    );
     assert!(
         v["signature"]
             .as_str()
@@ -64,9 +72,17 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
     assert_eq!(read["sub"], "user-1");
     assert_eq!(read["purpose"], "agent_credential");
     assert_eq!(read["peer"], "127.0.0.1");
-    assert!(events
+    let failed: Vec<&Value> = events
         .iter()
-        .any(|e| e["event"] == "credential_read" && e["status"].as_u64().unwrap() >= 400));
+        .filter(|e| e["event"] == "credential_read" && e["status"].as_u64().unwrap() >= 400)
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "only the read with a valid ticket: {failed:?}"
+    );
+    assert_eq!(failed[0]["service"], "absent");
+    assert_eq!(failed[0]["status"], 404);
     for w in events.windows(2) {
         assert_eq!(w[1]["prev"], w[0]["hash"], "chain link");
         assert_eq!(

@@ -274,3 +274,102 @@ async fn no_canary_in_memory_files_or_log() {
     }
     assert!(!a.log_text().contains("tvwcanary"));
 }
+
+/// The mixed traffic: a PlainText token read by GET, POST,
+/// `user_reveal` and by curl (HTTP/1.1 and HTTP/2, as an agent following
+/// Token Vault's 307 does), and a GCP service account minted and read.
+/// The server closes every connection that carried a secret, and then the
+/// idle server holds neither the PlainText token nor the minted token
+/// outside its locked cache pages.
+#[tokio::test]
+async fn idle_memory_holds_no_credential_after_mixed_reads() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test reads /proc/PID/mem of a non-dumpable process: run it as root (CI does)"
+    );
+    let pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/gcp-test-sa-key.pem"
+    ))
+    .unwrap();
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let kp = ring::signature::RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
+    let public = ring::signature::KeyPair::public_key(&kp).as_ref().to_vec();
+    let (token_uri, _srv, _hits) = fake_google(public).await;
+    let (_tmp, mut a) = Appliance::start_configured("[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    a.bind().await;
+    let plain = format!("tvwplaintext{}", "p".repeat(24));
+    let (s, _) = a
+        .store(
+            "plain",
+            json!({"accessToken": plain, "tokenType": "PlainText"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // GET, POST, and a user_reveal ticket.
+    let (s, v) = a.credential("plain", "").await;
+    assert_eq!(
+        (s, v["token"]["accessToken"].as_str()),
+        (200, Some(plain.as_str()))
+    );
+    let tk = a.ticket("agent_credential", "plain", json!({}));
+    let v = json_of(
+        a.client
+            .post(a.url("/v1/credential"))
+            .json(&json!({"ticket": tk, "service": "plain"})),
+    )
+    .await;
+    assert_eq!(v["token"]["accessToken"], plain.as_str());
+    let tk = a.ticket("user_reveal", "plain", json!({}));
+    let v = json_of(a.client.get(format!(
+        "{}?ticket={tk}&service=plain",
+        a.url("/v1/credential")
+    )))
+    .await;
+    assert_eq!(v["token"]["accessToken"], plain.as_str());
+    // curl, as an agent following the 307 would, over both protocols.
+    for proto in ["--http1.1", "--http2"] {
+        let tk = a.ticket("agent_credential", "plain", json!({}));
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "-L", proto, "--cacert"])
+            .arg(a.dir.join("tls/cert.pem"))
+            .arg(format!(
+                "{}?ticket={tk}&service=plain",
+                a.url("/v1/credential")
+            ))
+            .output()
+            .expect("curl (apt-get install curl)");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&plain),
+            "curl {proto}"
+        );
+    }
+    // A GCP service account, minted and read.
+    let sa = json!({"type":"service_account","project_id":"proj","private_key_id":"key-1","private_key":pem,"client_email":"svc@proj.iam.gserviceaccount.com","token_uri":token_uri}).to_string();
+    let (s, _) = a.store("gcp", json!({"accessToken": sa})).await;
+    assert_eq!(s, 200);
+    let (s, v) = a.credential("gcp", "&scopes=tvwmintedscope").await;
+    assert_eq!(s, 200, "{v}");
+    let minted = "ya29.minted.tvwmintedscope";
+    assert_eq!(v["token"]["accessToken"], minted);
+    // The client keeps its pool: the server itself ends each connection
+    // that carried a secret, so none is left holding one in its buffers.
+    a.wait_connections(0).await;
+    let pid = a.pid();
+    let found = mappings_holding(pid, plain.as_bytes());
+    assert!(found.is_empty(), "the PlainText token is in: {found:?}");
+    let found = mappings_holding(pid, minted.as_bytes());
+    let unlocked: Vec<_> = found.iter().filter(|(_, locked)| !locked).collect();
+    assert!(
+        unlocked.is_empty(),
+        "the minted token outside locked pages: {unlocked:?}"
+    );
+    // The scan sees what is there: the cache holds the minted token, locked.
+    assert!(
+        found.iter().any(|(_, locked)| *locked),
+        "the minted token is cached in locked memory"
+    );
+}

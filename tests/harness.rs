@@ -455,3 +455,94 @@ pub fn make_ticket(secret: &[u8], pur: &str, svc: &str, extra: Value) -> String 
     m.update(p.as_bytes());
     format!("{p}.{}", hex::encode(m.finalize().into_bytes()))
 }
+
+/// The readable mappings of `pid` that hold `needle`, as (mapping line,
+/// locked): locked mappings (`lo` in smaps' VmFlags) are the appliance's
+/// mlocked key and cache pages.
+pub fn mappings_holding(pid: u32, needle: &[u8]) -> Vec<(String, bool)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut mem =
+        std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem (needs root)");
+    let mut out = Vec::new();
+    let mut cur: Option<(String, u64, u64, bool)> = None;
+    let mut regions = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            if let Some(r) = cur.take() {
+                regions.push(r);
+            }
+            let (lo, hi) = first.split_once('-').unwrap();
+            let readable = line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|p| p.starts_with('r'));
+            if readable && !line.contains("[vvar") && !line.contains("[vsyscall]") {
+                cur = Some((
+                    line.to_string(),
+                    u64::from_str_radix(lo, 16).unwrap(),
+                    u64::from_str_radix(hi, 16).unwrap(),
+                    false,
+                ));
+            }
+        } else if let (Some(flags), Some(r)) = (line.strip_prefix("VmFlags:"), cur.as_mut()) {
+            r.3 = flags.split_whitespace().any(|f| f == "lo");
+        }
+    }
+    regions.extend(cur);
+    for (line, lo, hi, locked) in regions {
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        if mem.seek(SeekFrom::Start(lo)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if memchr::memmem::find(&buf, needle).is_some() {
+            out.push((line, locked));
+        }
+    }
+    out
+}
+
+/// The series' value in a Prometheus text page (panics if absent).
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+impl Appliance {
+    /// The metrics listener's URL (the appliance was configured with
+    /// `[metrics] listen = "127.0.0.1:0"`).
+    pub fn metrics_url(&self) -> String {
+        self.log_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("METRICS ").map(str::to_string))
+            .expect("the METRICS line: configure [metrics] listen")
+    }
+
+    /// The metrics page as text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.metrics_url())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the server reports `n` open connections (bounded: 30 s).
+    pub async fn wait_connections(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = self.metrics().await;
+            if metric(&m, "tvw_connections_open") == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "open connections never reached {n}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -57,6 +57,9 @@ impl Refresher {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            // No idle connections: their buffers would keep the last
+            // provider answer (new tokens) in memory.
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Refresher {

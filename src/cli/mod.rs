@@ -704,6 +704,7 @@ pub fn run_server(
         .ok_or_else(|| {
             anyhow!("store not initialised: run `tokenvault-webhook --config FILE init` first")
         })?;
+    store.set_trail_bound(cfg.audit.max_share_percent, cfg.store.reserve_percent);
     // Seals follow the store's AES generation (see `rotate-key`).
     let dyn_backend = crate::store::keyring::keyring(backend, &store);
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;

@@ -80,15 +80,19 @@ pub struct Minted {
     pub expires_at: i64,
 }
 
+/// A minted token kept for reuse: in a locked, zeroizing page (never in
+/// the heap), removed (and so wiped) once it may no longer be served.
 struct Cached {
-    token: Zeroizing<String>,
+    token: crate::keys::locked::LockedKey,
     expires_at: i64,
 }
+
+type CacheKey = (String, String, String);
 
 pub struct Minter {
     http: reqwest::Client,
     allow_http: bool,
-    cache: Mutex<HashMap<(String, String, String), Cached>>,
+    cache: std::sync::Arc<Mutex<HashMap<CacheKey, Cached>>>,
 }
 
 fn b64url(data: &[u8]) -> String {
@@ -101,12 +105,15 @@ impl Minter {
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
             .https_only(!allow_http)
+            // No idle connections: their buffers would keep the last
+            // token endpoint answer (an access token) in memory.
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Minter {
             http,
             allow_http,
-            cache: Mutex::new(HashMap::new()),
+            cache: std::sync::Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -163,10 +170,12 @@ impl Minter {
         if let Ok(cache) = self.cache.lock() {
             if let Some(c) = cache.get(&key) {
                 if now < c.expires_at - REFRESH_MARGIN_SECS {
-                    return Ok(Minted {
-                        access_token: c.token.clone(),
-                        expires_at: c.expires_at,
-                    });
+                    if let Ok(t) = std::str::from_utf8(c.token.as_slice()) {
+                        return Ok(Minted {
+                            access_token: Zeroizing::new(t.to_string()),
+                            expires_at: c.expires_at,
+                        });
+                    }
                 }
             }
         }
@@ -229,17 +238,39 @@ impl Minter {
             access_token: Zeroizing::new(token.to_string()),
             expires_at: now + expires_in,
         };
-        if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|_, c| c.expires_at > now);
-            cache.insert(
-                key,
-                Cached {
-                    token: minted.access_token.clone(),
-                    expires_at: minted.expires_at,
-                },
-            );
-        }
+        self.remember(key, &minted, now);
         Ok(minted)
+    }
+
+    /// Caches a minted token in a locked page until it stops being served
+    /// (`expires_at - REFRESH_MARGIN_SECS`), when a timer removes it.
+    fn remember(&self, key: CacheKey, minted: &Minted, now: i64) {
+        let serve_until = minted.expires_at - REFRESH_MARGIN_SECS;
+        if serve_until <= now {
+            return;
+        }
+        let Ok(token) = crate::keys::locked::LockedKey::new(minted.access_token.as_bytes()) else {
+            // Too long for a page, or no locked memory: not cached.
+            return;
+        };
+        let expires_at = minted.expires_at;
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|_, c| c.expires_at - REFRESH_MARGIN_SECS > now);
+            cache.insert(key.clone(), Cached { token, expires_at });
+        }
+        let cache = std::sync::Arc::downgrade(&self.cache);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs((serve_until - now) as u64)).await;
+                if let Some(cache) = cache.upgrade() {
+                    if let Ok(mut c) = cache.lock() {
+                        if c.get(&key).is_some_and(|c| c.expires_at == expires_at) {
+                            c.remove(&key);
+                        }
+                    }
+                }
+            });
+        }
     }
 }
 

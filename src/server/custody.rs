@@ -31,7 +31,15 @@ pub fn secret_json(v: &Value) -> Result<Response, ApiError> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    closing(&mut resp);
     Ok(resp)
+}
+
+/// Ends the connection after this response (see [`super::CloseConnection`]).
+pub fn closing(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp.extensions_mut().insert(super::CloseConnection);
 }
 
 fn destroy_otp_quietly(s: &AppState, id: &str) {
@@ -132,13 +140,16 @@ pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, 
     )
     .await?
     {
-        PutOutcome::Stored { meta, .. } => Ok(axum::response::IntoResponse::into_response(
-            axum::Json(json!({
+        PutOutcome::Stored { meta, .. } => {
+            // The request carried the credential.
+            let mut r = axum::response::IntoResponse::into_response(axum::Json(json!({
                 "status": "stored",
                 "service": service,
                 "meta": public_meta(meta),
-            })),
-        )),
+            })));
+            closing(&mut r);
+            Ok(r)
+        }
         PutOutcome::Exists => Err(ApiError::AlreadyExists(service)),
         PutOutcome::NonceUsed => Err(ApiError::TicketInvalid("Ticket already used")),
     }

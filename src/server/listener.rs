@@ -220,6 +220,11 @@ struct Activity {
     /// Milliseconds since the connection's start.
     last_ms: std::sync::atomic::AtomicU64,
     start: std::time::Instant,
+    /// A response carried a secret: the connection ends as soon as no
+    /// request is in flight (HTTP/1.1 ends at once: `Connection: close`).
+    secret: std::sync::atomic::AtomicBool,
+    /// Woken when the last request in flight ends after a secret.
+    drained: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -252,7 +257,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let left = self.0.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && self.0.secret.load(Ordering::Acquire) {
+            self.0.drained.notify_one();
+        }
     }
 }
 
@@ -282,9 +290,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10))
-        .max_concurrent_streams(opts.max_h2_streams)
-        .max_pending_accept_reset_streams(Some(16))
-        .max_local_error_reset_streams(Some(64));
+        .max_concurrent_streams(opts.max_h2_streams);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -342,6 +348,8 @@ pub async fn serve(
                 in_flight: std::sync::atomic::AtomicUsize::new(0),
                 last_ms: std::sync::atomic::AtomicU64::new(0),
                 start: std::time::Instant::now(),
+                secret: std::sync::atomic::AtomicBool::new(false),
+                drained: tokio::sync::Notify::new(),
             });
             let act = activity.clone();
             // Below hyper, a connection with no bytes in either direction
@@ -356,6 +364,11 @@ pub async fn serve(
                 let fut = app.clone().oneshot(req);
                 async move {
                     let r = fut.await;
+                    if let Ok(resp) = &r {
+                        if resp.extensions().get::<super::CloseConnection>().is_some() {
+                            guard.0.secret.store(true, Ordering::Release);
+                        }
+                    }
                     drop(guard);
                     r
                 }
@@ -379,6 +392,15 @@ pub async fn serve(
                     _ = stop.changed(), if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
+                    }
+                    _ = activity.drained.notified(), if !closing => {
+                        // HTTP/2: no stream left after a secret (streams
+                        // already sent keep their answers; hyper's shutdown
+                        // is two-phase GOAWAY).
+                        if activity.in_flight.load(Ordering::Acquire) == 0 {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
                     }
                     _ = tokio::time::sleep_until(idle_at), if !closing => {
                         if activity

@@ -263,6 +263,13 @@ impl Metrics {
             u.map_size,
         );
         gauge(&mut o, "tvw_store_used_bytes", "LMDB pages in use.", u.used);
+        header(
+            &mut o,
+            "tvw_audit_trail_pruned_total",
+            "counter",
+            "Audit-trail records dropped to keep the trail within audit.max_share_percent.",
+        );
+        let _ = writeln!(o, "tvw_audit_trail_pruned_total {}", store.trail_pruned());
         gauge(
             &mut o,
             "tvw_store_file_bytes",

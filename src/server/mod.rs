@@ -33,6 +33,13 @@ impl PeerAddr {
     }
 }
 
+/// Set on a response that carries a secret (or answers a request that did):
+/// the connection closes after it, so no connection buffer (hyper's, the
+/// TLS layer's) keeps the secret while the connection idles; freed
+/// buffers are wiped by the zeroizing allocator.
+#[derive(Debug, Clone, Copy)]
+pub struct CloseConnection;
+
 pub struct Settings {
     pub direct: direct::DirectSettings,
     pub broker: crate::broker::Broker,

@@ -87,8 +87,6 @@ pub enum Event {
     IdleClosed,
     /// Access-log lines of failing requests not written (summarised).
     LogSuppressed,
-    /// Audit-trail records dropped to keep the trail within its share.
-    TrailPruned,
     /// A helper request refused for carrying forwarding headers.
     HelperForwarded,
 }
@@ -102,7 +100,6 @@ const EVENTS: &[&str] = &[
     "body_too_large",
     "idle_closed",
     "log_suppressed",
-    "trail_pruned",
     "helper_forwarded",
 ];
 
@@ -118,6 +115,8 @@ pub struct Shield {
     /// The same, since the last summary line.
     minute: Mutex<BTreeMap<(&'static str, u16), u64>>,
     events: Vec<AtomicU64>,
+    /// TLS connections open now.
+    open: AtomicU64,
 }
 
 /// Budget unit: a permit is 1 KiB of buffered body.
@@ -143,6 +142,7 @@ impl Shield {
             rejected: Mutex::new(BTreeMap::new()),
             minute: Mutex::new(BTreeMap::new()),
             events: EVENTS.iter().map(|_| AtomicU64::new(0)).collect(),
+            open: AtomicU64::new(0),
             cfg,
         }
     }
@@ -180,20 +180,21 @@ impl Shield {
     /// A slot for one more connection from `ip`, or `None` over the cap.
     pub fn connection(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
         let cap = self.cfg.max_connections_per_ip;
-        if cap == 0 {
-            return Some(ConnSlot { owner: None });
-        }
         let key = self.key(ip);
-        let mut m = self.conns.lock().ok()?;
-        let n = m.entry(key).or_insert(0);
-        if *n >= cap {
-            drop(m);
-            self.count(Event::ConnectionPerIp);
-            return None;
+        if cap > 0 {
+            let mut m = self.conns.lock().ok()?;
+            let n = m.entry(key).or_insert(0);
+            if *n >= cap {
+                drop(m);
+                self.count(Event::ConnectionPerIp);
+                return None;
+            }
+            *n += 1;
         }
-        *n += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
         Some(ConnSlot {
-            owner: Some((self.clone(), key)),
+            owner: self.clone(),
+            key: (cap > 0).then_some(key),
         })
     }
 
@@ -292,6 +293,11 @@ impl Shield {
             "# HELP tvw_body_budget_free_bytes Request-body budget not in use.\n# TYPE tvw_body_budget_free_bytes gauge\ntvw_body_budget_free_bytes {}",
             self.budget.available_permits() * UNIT
         );
+        let _ = writeln!(
+            o,
+            "# HELP tvw_connections_open TLS connections open now.\n# TYPE tvw_connections_open gauge\ntvw_connections_open {}",
+            self.open.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -304,12 +310,16 @@ pub fn client_of<B>(s: &super::AppState, req: &axum::http::Request<B>) -> Option
 
 /// One open connection, counted against its address until dropped.
 pub struct ConnSlot {
-    owner: Option<(Arc<Shield>, IpAddr)>,
+    owner: Arc<Shield>,
+    /// The counted key (None: no per-address cap).
+    key: Option<IpAddr>,
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        if let Some((s, key)) = self.owner.take() {
+        let s = &self.owner;
+        s.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(key) = self.key.take() {
             if let Ok(mut m) = s.conns.lock() {
                 if let Some(n) = m.get_mut(&key) {
                     *n = n.saturating_sub(1);

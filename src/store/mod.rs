@@ -75,6 +75,23 @@ impl Dbs {
         }
     }
 
+    /// Every database but the audit trail (the trail's size bound weighs
+    /// the rest of the store).
+    pub fn all_but_trail(&self) -> [Db; 10] {
+        [
+            self.tokens,
+            self.proxy_configs,
+            self.audit,
+            self.vault_config,
+            self.replay,
+            self.bind_codes,
+            self.meta,
+            self.totp_state,
+            self.oauth_clients,
+            self.token_items,
+        ]
+    }
+
     /// Writes a token document and its listing item (one transaction).
     /// A document sealed under a generation `rotate-key` has closed or
     /// retired is refused: after the close, no such document can land (see

@@ -390,3 +390,67 @@ async fn trail_chain_verifies_and_any_change_breaks_it() {
     let e = s.trail_verify().unwrap_err();
     assert!(e.contains("head says 5"), "{e}");
 }
+
+#[tokio::test]
+async fn trail_stays_within_its_share_and_still_verifies() {
+    use super::trail::{TrailEvent, TrailNote};
+    use sha2::Digest;
+    // A 16 MiB map, the trail bounded to 5 % of it (about 800 KiB).
+    let (_d, s) = open();
+    s.set_trail_bound(5, 10);
+    let budget = (16u64 << 20) / 100 * 5;
+    let trail_bytes = |s: &Store| {
+        let r = s.read().unwrap();
+        s.dbs().trail.stat(&r).unwrap().non_free_page_size() as u64
+    };
+    let mac = |m: &[u8]| Some(<[u8; 32]>::try_from(&sha2::Sha256::digest(m)[..]).unwrap());
+    let mut seen_over = 0;
+    for round in 0..40u32 {
+        for i in 0..250u32 {
+            s.trail_append(TrailEvent {
+                ts: 1_000,
+                event: "credential_read",
+                status: 200,
+                note: TrailNote {
+                    service: Some(format!("service-{round}-{i}")),
+                    sub: Some("user-with-a-longer-subject-1".into()),
+                    authenticated: true,
+                    ..Default::default()
+                },
+                peer: Some("127.0.0.1".into()),
+            });
+        }
+        s.write(|_, _| Ok(())).await.unwrap();
+        if trail_bytes(&s) > budget {
+            seen_over += 1;
+        }
+        if round == 5 {
+            // A signed head that the bound later drops.
+            s.trail_sign_head(1_001, mac).await.unwrap();
+        }
+    }
+    assert_eq!(seen_over, 0, "the trail never ended a batch over its bound");
+    assert!(s.trail_pruned() > 0, "10,000 records do not fit in 800 KiB");
+    let r = s.trail_verify().unwrap();
+    assert_eq!(r.head.seq, 10_000);
+    assert_eq!(r.anchor.seq + r.records, r.head.seq);
+    assert!(r.anchor.seq > 0);
+    assert!(r.signed.is_none(), "the dropped signed head was removed");
+    // Signing again covers the retained chain.
+    s.trail_sign_head(1_002, mac).await.unwrap();
+    assert_eq!(s.trail_verify().unwrap().signed.unwrap().seq, 10_000);
+}
+
+#[test]
+fn trail_budget_never_takes_the_reserve() {
+    let b = super::trail::TrailBound {
+        map_size: 1000 << 20,
+        share_percent: 20,
+        reserve_percent: 10,
+    };
+    assert_eq!(b.budget(0), 200 << 20);
+    // The rest of the store uses 800 MiB: only 100 MiB are left before the
+    // reserve (the last 100 MiB).
+    assert_eq!(b.budget(800 << 20), 100 << 20);
+    assert_eq!(b.budget(950 << 20), 0);
+}

@@ -143,6 +143,83 @@ pub struct TrailEvent {
 pub struct TrailQueue {
     pending: std::sync::Mutex<Vec<TrailEvent>>,
     scheduled: std::sync::atomic::AtomicBool,
+    bound: std::sync::Mutex<Option<TrailBound>>,
+    /// Records dropped to keep the trail within its bound, since start.
+    pruned: std::sync::atomic::AtomicU64,
+}
+
+/// The trail's size bound: at most `share_percent` of the map, and never
+/// into the `reserve_percent` of the map kept for the writes that matter.
+#[derive(Debug, Clone, Copy)]
+pub struct TrailBound {
+    pub map_size: u64,
+    pub share_percent: u8,
+    pub reserve_percent: u8,
+}
+
+impl TrailBound {
+    /// Bytes the trail may use while the rest of the store uses `others`.
+    pub fn budget(&self, others: u64) -> u64 {
+        let share = self.map_size / 100 * u64::from(self.share_percent);
+        let open = (self.map_size / 100 * u64::from(100 - self.reserve_percent.min(100)))
+            .saturating_sub(others);
+        share.min(open)
+    }
+}
+
+/// Drops the oldest records while the trail is over its bound; the last
+/// dropped becomes the anchor (so the chain still verifies). A signed head
+/// among the dropped records is removed too: the next signing covers the
+/// new head. Returns how many records were dropped.
+fn enforce_bound(
+    txn: &mut heed::RwTxn<'_>,
+    dbs: &super::Dbs,
+    bound: TrailBound,
+) -> Result<u64, StoreError> {
+    let st = dbs.trail.stat(txn)?;
+    let used = st.non_free_page_size() as u64;
+    let mut others = 0u64;
+    for db in dbs.all_but_trail() {
+        others += db.stat(txn)?.non_free_page_size() as u64;
+    }
+    let budget = bound.budget(others);
+    if used <= budget || st.entries == 0 {
+        return Ok(0);
+    }
+    // Down to 90 % of the budget, so this runs once per many appends.
+    let per = (used / st.entries as u64).max(1);
+    let excess = used - budget / 10 * 9;
+    let n = (excess / per).clamp(1, st.entries as u64);
+    let signed = match dbs.meta.get(txn, META_SIGNED)? {
+        Some(v) => serde_json::from_slice::<SignedHead>(v).ok().map(|s| s.seq),
+        None => None,
+    };
+    let mut keys = Vec::with_capacity(n as usize);
+    let mut anchor = None;
+    for row in dbs.trail.iter(txn)? {
+        let (k, v) = row?;
+        let rec: TrailRecord =
+            serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?;
+        keys.push(k.to_vec());
+        anchor = Some(Link {
+            seq: rec.seq,
+            hash: rec.hash,
+        });
+        if keys.len() as u64 >= n {
+            break;
+        }
+    }
+    for k in &keys {
+        dbs.trail.delete(txn, k)?;
+    }
+    if let Some(a) = anchor {
+        if signed.is_some_and(|s| s <= a.seq) {
+            dbs.meta.delete(txn, META_SIGNED)?;
+        }
+        let raw = serde_json::to_vec(&a).map_err(|_| StoreError::Corrupt("trail link"))?;
+        dbs.meta.put(txn, META_ANCHOR, &raw)?;
+    }
+    Ok(keys.len() as u64)
 }
 
 fn append_one(
@@ -178,6 +255,25 @@ fn append_one(
 }
 
 impl Store {
+    /// Bounds the trail's size (see [`TrailBound`]); without a bound it is
+    /// limited by retention alone.
+    pub fn set_trail_bound(&self, share_percent: u8, reserve_percent: u8) {
+        if let Ok(mut b) = self.trail_queue.bound.lock() {
+            *b = Some(TrailBound {
+                map_size: self.usage().map_size,
+                share_percent,
+                reserve_percent,
+            });
+        }
+    }
+
+    /// Records dropped by the size bound since start.
+    pub fn trail_pruned(&self) -> u64 {
+        self.trail_queue
+            .pruned
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Queues an event for the next group commit (not awaited). All events
     /// queued by then are appended by one job, in queue order.
     pub fn trail_append(&self, ev: TrailEvent) {
@@ -204,6 +300,17 @@ impl Store {
                 if let Err(e) = append_one(txn, dbs, ev.clone()) {
                     tracing::warn!(error = %e, events = events.len(), "audit trail: events not recorded");
                     return Err(e);
+                }
+            }
+            let bound = q.bound.lock().ok().and_then(|b| *b);
+            if let Some(b) = bound {
+                let n = enforce_bound(txn, dbs, b)?;
+                if n > 0 {
+                    q.pruned.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        dropped = n,
+                        "audit trail: oldest records dropped to stay within audit.max_share_percent"
+                    );
                 }
             }
             Ok(())
