@@ -546,3 +546,27 @@ impl Appliance {
         }
     }
 }
+
+impl Appliance {
+    /// Like [`Appliance::start_configured`], with `edit` applied to the
+    /// provisioned config first (for keys in sections `dev` already wrote).
+    pub fn start_edited(
+        edit: impl Fn(String) -> String,
+        extra: &str,
+    ) -> (tempfile::TempDir, Appliance) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("appliance");
+        let mut a = Appliance::start_dev(&dir);
+        a.terminate();
+        let mut cfg = edit(std::fs::read_to_string(dir.join("config.toml")).unwrap());
+        cfg.push('\n');
+        cfg.push_str(extra);
+        std::fs::write(dir.join("config.toml"), cfg).unwrap();
+        (tmp, Appliance::start_serve(&dir))
+    }
+
+    /// The listener's port.
+    pub fn port(&self) -> u16 {
+        self.base.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}

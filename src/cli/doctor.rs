@@ -163,6 +163,7 @@ pub fn run(config: &Path) -> Result<()> {
         ),
         a => r.ok(&format!("Landlock ABI {a}")),
     }
+    check_limits(&cfg, &mut r);
     // Keys.
     match cfg.keys.backend {
         KeyBackendKind::Pkcs11 => check_pkcs11(&cfg, &mut r),
@@ -173,6 +174,63 @@ pub fn run(config: &Path) -> Result<()> {
     }
     println!("doctor: no problems ({} warning(s))", r.warnings);
     Ok(())
+}
+
+/// The hostile-network limits, the trail's bound and where the bind helpers are.
+fn check_limits(cfg: &Config, r: &mut Report) {
+    let l = &cfg.limits;
+    r.ok(&format!(
+        "limits: {} connections per client (IPv6 per /{}), bodies within {} s at >= {} B/s after {} s, {} MiB body budget, {} failures/min (burst {}) per client, {} exchanges/min, {} failure log lines/min",
+        l.max_connections_per_ip,
+        l.ipv6_prefix_len,
+        l.request_timeout_secs,
+        l.min_body_bytes_per_sec,
+        l.body_grace_secs,
+        l.body_budget_mib,
+        l.failures_per_minute,
+        l.failure_burst,
+        l.exchange_per_minute,
+        l.failure_log_lines_per_minute,
+    ));
+    if l.max_connections_per_ip == 0 {
+        r.warn(
+            "limits.max_connections_per_ip = 0: one address can hold every connection",
+            "set a cap (64 by default); behind a TCP load balancer size it for the balancer",
+        );
+    }
+    if l.failures_per_minute == 0 {
+        r.warn(
+            "limits.failures_per_minute = 0: unauthenticated failures are not limited per address",
+            "set a budget (120 by default)",
+        );
+    }
+    r.ok(&format!(
+        "audit trail bounded to {} % of the {} MiB map, {} % of the map reserved for documents and once-only records",
+        cfg.audit.max_share_percent, cfg.store.map_size_mib, cfg.store.reserve_percent
+    ));
+    let mut helpers = Vec::new();
+    if let Some(h) = cfg.helper.listen {
+        helpers.push(format!("http://{h}"));
+    }
+    if let Some(p) = &cfg.helper.socket {
+        helpers.push(format!("unix:{}", p.display()));
+        if p.parent().is_some_and(|d| !d.is_dir()) {
+            r.fail(
+                &format!(
+                    "helper.socket {}: its directory does not exist",
+                    p.display()
+                ),
+                "create it (systemd: RuntimeDirectory=) or change helper.socket",
+            );
+        }
+    }
+    match (cfg.profile, helpers.is_empty()) {
+        (crate::config::Profile::Dev, _) => r.ok(
+            "dev: bind helpers also on the public listener, to loopback peers without forwarding headers",
+        ),
+        (_, true) => r.ok("bind helpers: only `register-url` (none served)"),
+        (_, false) => r.ok(&format!("bind helpers on {}", helpers.join(" and "))),
+    }
 }
 
 fn check_pkcs11(cfg: &Config, r: &mut Report) {

@@ -414,6 +414,15 @@ pub fn run(cli: Cli) -> Result<()> {
                     eprintln!("{}: warning: {what} {} does not exist yet (create it before starting the service)", cli.config.display(), p.display());
                 }
             }
+            if let Some(dir) = cfg.helper.socket.as_ref().and_then(|p| p.parent()) {
+                if !dir.is_dir() {
+                    eprintln!(
+                        "{}: warning: helper.socket's directory {} does not exist yet",
+                        cli.config.display(),
+                        dir.display()
+                    );
+                }
+            }
             println!(
                 "{}: configuration OK (run `doctor` for keys, TLS and files)",
                 cli.config.display()
@@ -1083,6 +1092,10 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
     }
     ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
     rw.extend(cfg.sandbox.extra_read_write.iter().cloned());
+    // The helper socket is created (and replaced) in its directory.
+    if let Some(dir) = cfg.helper.socket.as_ref().and_then(|p| p.parent()) {
+        rw.push(dir.to_path_buf());
+    }
     ro.extend(
         SYSTEM_READ_ONLY
             .iter()
@@ -1116,6 +1129,9 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
             }
             if let Some(m) = cfg.metrics.listen.filter(|m| m.port() != 0) {
                 v.push(m.port());
+            }
+            if let Some(h) = cfg.helper.listen.filter(|h| h.port() != 0) {
+                v.push(h.port());
             }
             v
         }),

@@ -1851,3 +1851,47 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
         "v2"
     );
 }
+
+#[tokio::test]
+async fn outside_dev_the_public_listener_has_no_bind_helpers() {
+    let mut t = state_with(16, 1 << 20);
+    let mut settings = Settings {
+        broker: test_broker(),
+        direct: direct::DirectSettings::permissive_for_tests(),
+        minter: crate::custody::gcp::Minter::new(true).unwrap(),
+        public_url: "https://hook.example.com".into(),
+        frontend_url: "https://tokenvault.uk".into(),
+        code_ttl_secs: 300,
+        body_limit: 1 << 20,
+        webhook_id: "wh_test".into(),
+        shield: Arc::new(shield::Shield::unlimited()),
+        helpers_on_public: false,
+    };
+    settings.helpers_on_public = false;
+    t.state.settings = Arc::new(settings);
+    for (m, p) in [
+        (Method::GET, "/v1/register-url"),
+        (Method::GET, "/bind"),
+        (Method::POST, "/bind"),
+    ] {
+        let (s, v, _) = send(&t, req(m.clone(), p, Some(LOOPBACK), vec![])).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found")),
+            "{m} {p} from loopback"
+        );
+    }
+    // The helper router serves them, and refuses forwarded requests.
+    let helper = helper_app(t.state.clone());
+    let r = helper
+        .clone()
+        .oneshot(req(Method::GET, "/v1/register-url", None, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut fwd = req(Method::GET, "/v1/register-url", None, vec![]);
+    fwd.headers_mut()
+        .insert("forwarded", "for=198.51.100.1".parse().unwrap());
+    let r = helper.oneshot(fwd).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+}
