@@ -910,10 +910,17 @@ pub fn run_server(
             });
         }
         if !bound {
+            let page = if dev {
+                format!("https://{bound_addr}/bind")
+            } else {
+                cfg.helper
+                    .listen
+                    .map(|h| format!("http://{h}/bind"))
+                    .unwrap_or_else(|| "the [helper] listener's /bind (not configured)".into())
+            };
             eprintln!(
-                "Not bound yet. From this machine run:\n  tokenvault-webhook --config {} register-url\nor open https://{}/bind in a browser here, then open the registrationUrl it gives.",
+                "Not bound yet. From this machine run:\n  tokenvault-webhook --config {} register-url\nor open {page} in a browser here, then open the registrationUrl it gives.",
                 cfg.source.display(),
-                bound_addr
             );
         }
         state.watch_tls(tls.clone());
