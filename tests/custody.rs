@@ -164,16 +164,7 @@ async fn fake_google(
 
 #[tokio::test]
 async fn gcp_service_accounts_are_minted_never_revealed() {
-    let pem = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/gcp-test-sa-key.pem"
-    ))
-    .unwrap();
-    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
-        .unwrap()
-        .unwrap();
-    let kp = ring::signature::RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
-    let public = ring::signature::KeyPair::public_key(&kp).as_ref().to_vec();
+    let (pem, public) = gcp_test_key();
     let (token_uri, _srv, hits) = fake_google(public).await;
     let (_tmp, mut a) = Appliance::start_new();
     a.bind().await;
@@ -212,6 +203,21 @@ async fn gcp_service_accounts_are_minted_never_revealed() {
     let (s, v) = a.credential("gcp-bad", "").await;
     assert_eq!((s, v["error"].as_str()), (502, Some("gcp_mint_failed")));
     assert!(!v.to_string().contains("PRIVATE"));
+}
+
+/// The test service account's PEM key and its public key (DER).
+fn gcp_test_key() -> (String, Vec<u8>) {
+    let pem = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/gcp-test-sa-key.pem"
+    ))
+    .unwrap();
+    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let kp = ring::signature::RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
+    let public = ring::signature::KeyPair::public_key(&kp).as_ref().to_vec();
+    (pem, public)
 }
 
 fn find_all(hay: &[u8], needle: &[u8]) -> usize {
@@ -287,16 +293,7 @@ async fn idle_memory_holds_no_credential_after_mixed_reads() {
         0,
         "this test reads /proc/PID/mem of a non-dumpable process: run it as root (CI does)"
     );
-    let pem = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/gcp-test-sa-key.pem"
-    ))
-    .unwrap();
-    let der = rustls_pemfile::private_key(&mut pem.as_bytes())
-        .unwrap()
-        .unwrap();
-    let kp = ring::signature::RsaKeyPair::from_pkcs8(der.secret_der()).unwrap();
-    let public = ring::signature::KeyPair::public_key(&kp).as_ref().to_vec();
+    let (pem, public) = gcp_test_key();
     let (token_uri, _srv, _hits) = fake_google(public).await;
     let (_tmp, mut a) = Appliance::start_configured("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     a.bind().await;

@@ -28,6 +28,21 @@ fn test_broker() -> crate::broker::Broker {
     }
 }
 
+fn test_settings(body_limit: usize) -> Settings {
+    Settings {
+        broker: test_broker(),
+        direct: direct::DirectSettings::permissive_for_tests(),
+        minter: crate::custody::gcp::Minter::new(true).unwrap(),
+        public_url: "https://hook.example.com".into(),
+        frontend_url: "https://tokenvault.uk".into(),
+        code_ttl_secs: 300,
+        body_limit,
+        webhook_id: "wh_test".into(),
+        shield: Arc::new(shield::Shield::unlimited()),
+        helpers_on_public: true,
+    }
+}
+
 struct T {
     _dir: tempfile::TempDir,
     state: AppState,
@@ -38,23 +53,7 @@ fn state_with(map_mib: usize, body_limit: usize) -> T {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), map_mib << 20).unwrap();
     let backend: Backend = Arc::new(SoftBackend::new());
-    let state = AppState::new(
-        backend,
-        store,
-        Settings {
-            broker: test_broker(),
-            direct: direct::DirectSettings::permissive_for_tests(),
-            minter: crate::custody::gcp::Minter::new(true).unwrap(),
-            public_url: "https://hook.example.com".into(),
-            frontend_url: "https://tokenvault.uk".into(),
-            code_ttl_secs: 300,
-            body_limit,
-            webhook_id: "wh_test".into(),
-            shield: Arc::new(shield::Shield::unlimited()),
-            helpers_on_public: true,
-        },
-        false,
-    );
+    let state = AppState::new(backend, store, test_settings(body_limit), false);
     T {
         _dir: dir,
         state,
@@ -1855,18 +1854,7 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
 #[tokio::test]
 async fn outside_dev_the_public_listener_has_no_bind_helpers() {
     let mut t = state_with(16, 1 << 20);
-    let mut settings = Settings {
-        broker: test_broker(),
-        direct: direct::DirectSettings::permissive_for_tests(),
-        minter: crate::custody::gcp::Minter::new(true).unwrap(),
-        public_url: "https://hook.example.com".into(),
-        frontend_url: "https://tokenvault.uk".into(),
-        code_ttl_secs: 300,
-        body_limit: 1 << 20,
-        webhook_id: "wh_test".into(),
-        shield: Arc::new(shield::Shield::unlimited()),
-        helpers_on_public: false,
-    };
+    let mut settings = test_settings(1 << 20);
     settings.helpers_on_public = false;
     t.state.settings = Arc::new(settings);
     for (m, p) in [
