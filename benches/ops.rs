@@ -278,7 +278,7 @@ fn allocator(c: &mut Criterion) {
             x.iter(|| alloc_cycle(&System, *l))
         });
         g.bench_with_input(BenchmarkId::new("zeroizing", size), &layout, |x, l| {
-            x.iter(|| alloc_cycle(&ZeroizingAlloc, *l))
+            x.iter(|| alloc_cycle(&ZeroizingAlloc::system(), *l))
         });
     }
     g.finish();

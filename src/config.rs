@@ -809,11 +809,18 @@ mod tests {
         let bad = REFERENCE_CONFIG.replace("[server]", "[server]\nlisten_typo = 1");
         assert!(Config::parse(&bad).unwrap_err().contains("listen_typo"));
         let v2 = REFERENCE_CONFIG.replace("version = 1", "version = 2");
-        assert!(Config::parse(&v2).unwrap().validate().is_err());
+        assert!(Config::parse(&v2)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .contains("unsupported config version 2"));
         let http = REFERENCE_CONFIG.replace(
             "# public_url = \"https://webhook.example.com\"",
             "public_url = \"http://webhook.example.com\"",
         );
-        assert!(Config::parse(&http).unwrap().validate().is_err());
+        assert_eq!(
+            Config::parse(&http).unwrap().validate().unwrap_err(),
+            "server.public_url must be https"
+        );
     }
 }

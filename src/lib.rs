@@ -4,6 +4,7 @@ pub mod acme;
 pub mod binding;
 pub mod broker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod custody;
 pub mod fsutil;
@@ -13,3 +14,5 @@ pub mod protocol;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+pub mod testvectors;

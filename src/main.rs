@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 #[global_allocator]
 static ALLOC: tokenvault_webhook::sandbox::zalloc::ZeroizingAlloc =
-    tokenvault_webhook::sandbox::zalloc::ZeroizingAlloc;
+    tokenvault_webhook::sandbox::zalloc::ZeroizingAlloc::system();
 
 fn main() -> ExitCode {
     // Before anything else: no core dumps, not dumpable, umask 027.

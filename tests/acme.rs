@@ -184,6 +184,13 @@ async fn wait_issued(c: &reqwest::Client, port: u16, secs: u64) -> Value {
 
 /// Serial of the leaf the server presents now (a fresh connection).
 async fn served_serial(root: &reqwest::Certificate, port: u16) -> String {
+    let der = served_der(root, port).await;
+    let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+    c.tbs_certificate.raw_serial_as_string()
+}
+
+/// The DER of the leaf the server presents now (a fresh connection).
+async fn served_der(root: &reqwest::Certificate, port: u16) -> Vec<u8> {
     let c = reqwest::Client::builder()
         .add_root_certificate(root.clone())
         .tls_built_in_root_certs(false)
@@ -197,9 +204,7 @@ async fn served_serial(root: &reqwest::Certificate, port: u16) -> String {
         .await
         .unwrap();
     let info = r.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
-    let der = info.peer_certificate().unwrap().to_vec();
-    let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
-    c.tbs_certificate.raw_serial_as_string()
+    info.peer_certificate().unwrap().to_vec()
 }
 
 #[tokio::test]
@@ -217,12 +222,26 @@ async fn acme_issues_serves_and_stores_sealed() {
     assert!(std::fs::read_to_string(acme.join("cert.pem"))
         .unwrap()
         .contains("BEGIN CERTIFICATE"));
+    // The served key's public half: inside any plaintext encoding of the
+    // private key (PKCS#8 and SEC1 both carry it), absent from a sealed one.
+    let der = served_der(&pebble.root().await, port).await;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let public = leaf.public_key().subject_public_key.data.to_vec();
+    assert!(public.len() >= 32, "{}", public.len());
     for f in ["account.sealed", "key.sealed"] {
         let data = std::fs::read(acme.join(f)).unwrap();
+        // AES-GCM output: a 12-byte IV and a 16-byte tag around at least
+        // an account document or a key, and not text (the account is JSON,
+        // valid UTF-8 in the clear; 100+ random bytes essentially never are).
+        assert!(data.len() > 12 + 16 + 64, "{f}: {} bytes", data.len());
+        assert!(
+            std::str::from_utf8(&data).is_err(),
+            "{f} is valid UTF-8: not sealed"
+        );
         assert!(!data.windows(11).any(|w| w == b"PRIVATE KEY"), "{f}");
         assert!(
-            !data.windows(1).all(|w| w[0].is_ascii()),
-            "{f} looks like text"
+            !data.windows(public.len()).any(|w| w == public.as_slice()),
+            "{f} holds the served key's public point: a plaintext key"
         );
     }
     assert!(a.log_text().contains("ACME certificate installed"));

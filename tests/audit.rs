@@ -7,11 +7,12 @@ mod harness;
 
 use harness::*;
 use serde_json::{json, Value};
-use std::time::Duration;
 
 #[tokio::test]
 async fn every_credential_event_is_chained_signed_and_verifiable() {
-    let (_tmp, mut a) = Appliance::start_configured("[audit]\nsign_every_secs = 1\n");
+    let (_tmp, mut a) = Appliance::start_configured(
+        "[audit]\nsign_every_secs = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
     a.bind().await;
     let (s, _) = a
         .store("github", json!({"accessToken": "gho_audit_canary"}))
@@ -25,8 +26,11 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
     assert_eq!(s, 404);
     let (s, _) = a.credential("github", "&ticket=bad").await;
     assert!(s >= 400);
-    // The head is signed within a couple of seconds.
-    std::thread::sleep(Duration::from_millis(2_500));
+    // The event: all four records written and the head signed over them.
+    a.wait_metrics("the trail's head signed at record 4", |m| {
+        metric(m, "tvw_audit_trail_head_seq") == 4 && metric(m, "tvw_audit_trail_signed_seq") == 4
+    })
+    .await;
     a.terminate();
     let _tpm = start_swtpm_for(&a.dir);
     let cfg = a.config();

@@ -197,5 +197,11 @@ async fn restore_refuses_a_backup_sealed_under_other_keys_and_keeps_the_store() 
     let (s, v) = b.credential("github", "").await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["token"]["accessToken"], "gho_mine");
-    let _: Value = b.health().await;
+    // And the appliance is whole: healthy, holding exactly its one token.
+    let h = b.health().await;
+    assert_eq!(
+        (h["status"].as_str(), h["tokenCount"].as_u64()),
+        (Some("healthy"), Some(1)),
+        "{h}"
+    );
 }

@@ -236,7 +236,7 @@ async fn no_canary_in_memory_files_or_log() {
         0,
         "this test reads /proc/PID/mem of a non-dumpable process: run it as root (CI does)"
     );
-    let (_tmp, mut a) = Appliance::start_new();
+    let (_tmp, mut a) = Appliance::start_configured("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     a.bind().await;
     let canary = |i: usize| format!("tvwcanary{i:03}{}", "x".repeat(24));
     // 200 canaries, a few per token type and field.
@@ -255,10 +255,10 @@ async fn no_canary_in_memory_files_or_log() {
         assert_eq!(s, 200);
         assert!(v.to_string().contains(&canary(i)), "canary {i} read back");
     }
-    // Close every connection, then give the server time to drop them.
+    // Close every connection; the event: the server has dropped them all.
     let pid = a.pid();
     a.client = client_trusting(&a.dir.join("tls/cert.pem"));
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    a.wait_connections(0).await;
     let (hits, bytes) = scan_process(pid, b"tvwcanary");
     assert!(bytes > 1 << 20, "scanned {bytes} bytes");
     assert_eq!(

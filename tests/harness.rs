@@ -14,6 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The spec's vectors, read the way the unit tests read them (one copy).
+#[path = "../src/testvectors.rs"]
+pub mod testvectors;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault-webhook");
 
 /// The key backend the suite runs against: `TVW_TEST_BACKEND` (`pkcs11`,
@@ -109,9 +113,15 @@ impl Appliance {
 
     /// `serve --config DIR/config.toml` on an existing dev dir.
     pub fn start_serve(dir: &Path) -> Appliance {
+        Self::start_serve_with(dir, &[])
+    }
+
+    /// Like [`Appliance::start_serve`], with global options (`--landlock off`) first.
+    pub fn start_serve_with(dir: &Path, global: &[&str]) -> Appliance {
         let swtpm = start_swtpm_for(dir);
         let mut cmd = Command::new(BIN);
-        cmd.arg("--config")
+        cmd.args(global)
+            .arg("--config")
             .arg(dir.join("config.toml"))
             .arg("serve");
         Self::spawn(cmd, dir, swtpm)
@@ -530,17 +540,50 @@ impl Appliance {
             .unwrap()
     }
 
-    /// Waits until the server reports `n` open connections (bounded: 30 s).
+    /// Waits until the server reports `n` open connections.
     pub async fn wait_connections(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_metrics(&format!("{n} open connections"), |m| {
+            metric(m, "tvw_connections_open") == n
+        })
+        .await;
+    }
+
+    /// Polls the metrics page until `ready` holds for it: the event a test
+    /// waits for. Bounded (60 s) only so that a broken server fails the
+    /// test instead of hanging it; the bound is never what is tested.
+    pub async fn wait_metrics(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let m = self.metrics().await;
-            if metric(&m, "tvw_connections_open") == n {
-                return;
+            if ready(&m) {
+                return m;
             }
+            assert!(Instant::now() < deadline, "never saw {what}:\n{m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls the log until it holds `needle` (bounded like [`Appliance::wait_metrics`]).
+    pub async fn wait_log(&self, needle: &str) {
+        self.wait_log_count(needle, 1).await;
+    }
+
+    /// Polls the log until `n` lines hold `needle`.
+    pub async fn wait_log_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let count = || {
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .count()
+        };
+        while count() < n {
             assert!(
                 Instant::now() < deadline,
-                "open connections never reached {n}:\n{m}"
+                "never logged {needle:?} {n} times:\n{}",
+                self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

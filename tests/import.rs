@@ -18,7 +18,7 @@ fn reference_seal(key: &[u8; 32], plaintext: &str, iv: u8) -> String {
     let c = Aes256Gcm::new_from_slice(key).unwrap();
     let nonce = [iv; 12];
     let ct = c
-        .encrypt(Nonce::from_slice(&nonce), plaintext.as_bytes())
+        .encrypt(&Nonce::from(nonce), plaintext.as_bytes())
         .unwrap();
     let mut raw = nonce.to_vec();
     raw.extend(ct);
@@ -203,4 +203,108 @@ async fn an_import_with_the_wrong_key_changes_nothing() {
         let (s, v) = b.credential(svc, "").await;
         assert_eq!(s, 404, "{svc}: {v}");
     }
+}
+
+/// Each malformed input is refused with a message naming what is wrong,
+/// never a panic, and nothing of it (not even its valid entries) lands;
+/// then the spec's reference-layout vector (vectors.json
+/// `tokenDocumentField`) imports and serves its plaintext.
+#[tokio::test]
+async fn malformed_import_files_are_refused_and_change_nothing() {
+    let (tmp, mut a) = Appliance::start_new();
+    a.bind().await;
+    a.terminate();
+    let good_store = json!({"encryption_key": B64.encode([4u8; 32])});
+    let plain = |n: usize| json!({"v":1,"alg":"none","fields":{"accessToken":format!("fine-{n}")},"meta":{}});
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![
+        ("store not JSON", b"{not json".to_vec(), b"{}".to_vec(), "is not JSON"),
+        (
+            "key not base64",
+            json!({"encryption_key": "!!!not base64!!!"}).to_string().into_bytes(),
+            json!({"tokens": {"aaa-0": plain(0)}}).to_string().into_bytes(),
+            "is not base64",
+        ),
+        (
+            "short key",
+            json!({"encryption_key": B64.encode([4u8; 16])}).to_string().into_bytes(),
+            json!({"tokens": {"aaa-1": plain(1)}}).to_string().into_bytes(),
+            "is not 32 bytes",
+        ),
+        (
+            "kv not JSON",
+            good_store.to_string().into_bytes(),
+            b"[1, 2".to_vec(),
+            "is not JSON",
+        ),
+        (
+            "unknown alg",
+            good_store.to_string().into_bytes(),
+            json!({"tokens": {"aaa-2": plain(2), "zzz": {"v":1,"alg":"ROT13","fields":{"accessToken":"x"},"meta":{}}}}).to_string().into_bytes(),
+            "unknown alg",
+        ),
+        (
+            "token not an object",
+            good_store.to_string().into_bytes(),
+            json!({"tokens": {"aaa-3": plain(3), "zzz": 5}}).to_string().into_bytes(),
+            "not an object",
+        ),
+        (
+            "collection neither object nor list",
+            good_store.to_string().into_bytes(),
+            json!({"tokens": {"aaa-4": plain(4)}, "proxy_configs": "nope"}).to_string().into_bytes(),
+            "neither an object nor a list",
+        ),
+        (
+            "list entry without a key",
+            good_store.to_string().into_bytes(),
+            json!({"tokens": [{"key": "aaa-5", "data": plain(5)}, {"data": plain(6)}]}).to_string().into_bytes(),
+            "has no key",
+        ),
+    ];
+    let _tpm = start_swtpm_for(&a.dir);
+    for (i, (what, store, kv, needle)) in cases.iter().enumerate() {
+        let s = tmp.path().join(format!("s{i}.json"));
+        let k = tmp.path().join(format!("kv{i}.json"));
+        std::fs::write(&s, store).unwrap();
+        std::fs::write(&k, kv).unwrap();
+        let out = import(&a, &s, &k);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(
+            !err.contains("!!!not base64!!!"),
+            "{what} echoed the key: {err}"
+        );
+    }
+    // The spec's vector: its key, its sealed field, its plaintext.
+    let f = testvectors::get("tokenDocumentField");
+    let s = tmp.path().join("vector-store.json");
+    let k = tmp.path().join("vector-kv.json");
+    let key = hex::decode(testvectors::s(f, "keyHex")).unwrap();
+    std::fs::write(&s, json!({"encryption_key": B64.encode(&key)}).to_string()).unwrap();
+    std::fs::write(
+        &k,
+        json!({"tokens": {"conformance": {"v":1,"alg":"AES-256-GCM","fields":{"accessToken": testvectors::s(f, "base64IvCiphertextTag")},"meta":{"tokenType":"PlainText"}}}}).to_string(),
+    )
+    .unwrap();
+    let out = import(&a, &s, &k);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(_tpm);
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&a.dir);
+    b.secret = secret;
+    for n in 0..=6 {
+        let svc = format!("aaa-{n}");
+        let (st, v) = b.credential(&svc, "").await;
+        assert_eq!(st, 404, "{svc}: {v}");
+    }
+    let (st, v) = b.credential("conformance", "").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["token"]["accessToken"], testvectors::s(f, "plaintext"));
+    b.terminate();
 }

@@ -58,28 +58,66 @@ async fn unlisted_path_and_port_are_denied_inside_the_service() {
     a.terminate();
 }
 
-#[test]
-fn landlock_off_is_loud() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("a");
-    let mut a = Appliance::start_dev(&dir);
+/// Both ways of running without the sandbox say so at start, name which,
+/// and the service then serves (so the absence of "landlock enforced" is
+/// checked on a server that got past the sandbox step).
+#[tokio::test]
+async fn landlock_off_by_flag_or_config_is_loud_and_names_why() {
+    let (_tmp, mut a) = Appliance::start_configured("");
     a.terminate();
+    let dir = a.dir.clone();
+    let mut b = Appliance::start_serve_with(&dir, &["--landlock", "off"]);
+    assert_eq!(b.health().await["status"], "healthy");
+    let log = b.log_text();
+    assert!(log.contains("LANDLOCK DISABLED (--landlock=off)"), "{log}");
+    assert!(!log.contains("landlock enforced"), "{log}");
+    b.terminate();
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("{cfg}\n[sandbox]\nlandlock = false\n"),
+    )
+    .unwrap();
+    let mut c = Appliance::start_serve(&dir);
+    assert_eq!(c.health().await["status"], "healthy");
+    let log = c.log_text();
+    assert!(
+        log.contains("LANDLOCK DISABLED (sandbox.landlock = false)"),
+        "{log}"
+    );
+    assert!(!log.contains("landlock enforced"), "{log}");
+    c.terminate();
+}
+
+/// An allowed path that does not exist stops the start with its name,
+/// before anything is served.
+#[test]
+fn a_missing_allowed_path_refuses_to_start_and_names_it() {
+    assert!(
+        kernel_has_landlock(),
+        "this test needs a kernel with Landlock; it does not skip"
+    );
+    let (_tmp, mut a) = Appliance::start_configured("");
+    a.terminate();
+    let dir = a.dir.clone();
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        format!("{cfg}\n[sandbox]\nextra_read_only = [\"/nonexistent/tvw-missing\"]\n"),
+    )
+    .unwrap();
     let _tpm = start_swtpm_for(&dir);
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args([
-        "--landlock",
-        "off",
+    let out = cli(&[
         "--config",
         dir.join("config.toml").to_str().unwrap(),
         "serve",
-    ])
-    .stderr(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::null());
-    let child = cmd.spawn().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("LANDLOCK DISABLED (--landlock=off)"), "{err}");
-    assert!(!err.contains("landlock enforced"));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("allowed path /nonexistent/tvw-missing does not exist"),
+        "{err}"
+    );
+    assert!(!err.contains("READY"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }

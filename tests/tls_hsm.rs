@@ -157,15 +157,57 @@ async fn pkcs11_imported_tls_key_serves_its_certificate() {
     );
     let a = Appliance::start_serve(&dir);
     health_ok(&a).await;
-    drop(a);
 
-    // A certificate for another key is refused at start, by name.
+    // SIGHUP with the key in the HSM: a re-issued certificate for the same
+    // key is installed; one for another key is refused, by name, and the
+    // installed one keeps serving.
+    let reissued = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let trust = tmp.path().join("reissued.pem");
+    std::fs::write(&trust, reissued.pem()).unwrap();
+    std::fs::write(dir.join("tls/cert.pem"), reissued.pem()).unwrap();
+    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
+    a.wait_log("TLS certificate reloaded").await;
+    let fresh = client_trusting(&trust);
+    assert_eq!(
+        fresh
+            .get(a.url("/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let stranger = rcgen::KeyPair::generate().unwrap();
     let wrong = rcgen::CertificateParams::new(vec!["localhost".into()])
         .unwrap()
         .self_signed(&stranger)
         .unwrap();
     std::fs::write(dir.join("tls/cert.pem"), wrong.pem()).unwrap();
+    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
+    a.wait_log("TLS reload failed; keeping the current certificate")
+        .await;
+    assert!(
+        a.log_text().contains("not the HSM's TLS key"),
+        "{}",
+        a.log_text()
+    );
+    let fresh = client_trusting(&trust);
+    assert_eq!(
+        fresh
+            .get(a.url("/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(a);
+
+    // A certificate for another key is refused at start, by name (the
+    // stranger's certificate is still the file).
     let out = cli(&["--config", config.to_str().unwrap(), "serve"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

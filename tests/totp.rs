@@ -96,20 +96,22 @@ async fn seeds_live_in_the_hsm_and_codes_come_out() {
     assert!(codes_around(&seed, p, t0, now()).contains(&v["code"].as_str().unwrap().to_string()));
 
     // Overwrite and delete destroy the old key objects.
-    a.store("gh", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
+    for (svc, seed) in [
+        ("gh", "JBSWY3DPEHPK3PXP"),
+        ("other", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"),
+        ("gone", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"),
+    ] {
+        let (s, v) = a.store(svc, json!({ "totpSecret": seed })).await;
+        assert_eq!(s, 200, "{svc}: {v}");
+    }
+    let (s, v) = a
+        .signed(
+            "/v1/storage",
+            json!({"operation":"delete","collection":"tokens","key":"gone"}),
+        )
         .await;
-    a.store(
-        "other",
-        json!({"totpSecret":"GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"}),
-    )
-    .await;
-    a.store(
-        "gone",
-        json!({"totpSecret":"GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"}),
-    )
-    .await;
-    a.storage(json!({"operation":"delete","collection":"tokens","key":"gone"}))
-        .await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")), "{v}");
+    assert_eq!(a.credential("gone", "").await.0, 404);
     a.terminate();
     if harness::tpm() {
         // Under the TPM backend seeds are sealed fields: no device objects.
@@ -171,7 +173,7 @@ async fn no_seed_in_memory_files_or_log_after_100_codes() {
         0,
         "reads /proc/PID/mem of a non-dumpable process: run as root (CI does)"
     );
-    let (_tmp, mut a) = Appliance::start_new();
+    let (_tmp, mut a) = Appliance::start_configured("[metrics]\nlisten = \"127.0.0.1:0\"\n");
     a.bind().await;
     // A fresh random 160-bit seed: its raw bytes and its base32 are the canaries.
     let mut seed = [0u8; 20];
@@ -194,7 +196,7 @@ async fn no_seed_in_memory_files_or_log_after_100_codes() {
     }
     let pid = a.pid();
     a.client = client_trusting(&a.dir.join("tls/cert.pem"));
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    a.wait_connections(0).await;
     let mem = read_process_memory(pid);
     assert!(mem.len() > 1 << 20);
     for (what, needle) in [

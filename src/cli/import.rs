@@ -41,10 +41,11 @@ pub fn open_reference_field(key: &[u8; 32], b64: &str) -> Option<Zeroizing<Strin
         return None;
     }
     let (iv, ct) = raw.split_at(12);
+    let iv: [u8; 12] = iv.try_into().ok()?;
     let cipher = Aes256Gcm::new_from_slice(key).ok()?;
     let pt = Zeroizing::new(
         cipher
-            .decrypt(Nonce::from_slice(iv), Payload { msg: ct, aad: b"" })
+            .decrypt(&Nonce::from(iv), Payload { msg: ct, aad: b"" })
             .ok()?,
     );
     String::from_utf8(pt.to_vec()).ok().map(Zeroizing::new)
@@ -161,7 +162,7 @@ async fn import_tokens(
     }
     let mut sealed = Vec::with_capacity(opened.len());
     for (service, td, meta) in opened {
-        match seal_token_data(backend, &service, &td, None) {
+        match seal_token_data(backend, &service, &td, None, now) {
             Ok(mut prepared) => {
                 merge_meta(&mut prepared.doc, &meta, &service);
                 if let Some(c) = meta.get("createdAt") {
@@ -254,30 +255,19 @@ pub fn import(config: &Path, from: &Path, kv: &Path) -> Result<()> {
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
     let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
     let now = crate::server::now();
+    // Every collection's shape is checked before anything is written: a
+    // malformed later collection must not leave the earlier ones imported.
+    let token_docs = entries(kv_doc.get("tokens"))?;
+    let proxy_docs = entries(kv_doc.get("proxy_configs"))?;
+    let vault_docs = entries(kv_doc.get("vault_config"))?;
+    let audit_docs = entries(kv_doc.get("audit"))?;
     let rt = tokio::runtime::Builder::new_current_thread().build()?;
     let report = rt.block_on(async {
-        let tokens = import_tokens(
-            &store,
-            &backend,
-            entries(kv_doc.get("tokens"))?,
-            key.as_deref(),
-            now,
-        )
-        .await?;
-        let proxy = import_plain(
-            &store,
-            Collection::ProxyConfigs,
-            entries(kv_doc.get("proxy_configs"))?,
-        )
-        .await?;
-        let vault = import_plain(
-            &store,
-            Collection::VaultConfig,
-            entries(kv_doc.get("vault_config"))?,
-        )
-        .await?;
+        let tokens = import_tokens(&store, &backend, token_docs, key.as_deref(), now).await?;
+        let proxy = import_plain(&store, Collection::ProxyConfigs, proxy_docs).await?;
+        let vault = import_plain(&store, Collection::VaultConfig, vault_docs).await?;
         let mut audit = 0u64;
-        for (k, data) in entries(kv_doc.get("audit"))? {
+        for (k, data) in audit_docs {
             store.audit_append(k, data).await?;
             audit += 1;
         }
@@ -305,20 +295,20 @@ mod tests {
     /// vectors.json `tokenDocumentField`: the reference layout.
     #[test]
     fn reference_field_vector_decrypts() {
-        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
-        let v = open_reference_field(
-            &key,
-            "AAECAwQFBgcICQoLIGqmRKaKrH3iM/rq34odMve57FGeZJOyj0NIj4s72WL6+qtwYw==",
-        )
-        .unwrap();
-        assert_eq!(v.as_str(), "ghp_conformance_token");
+        use crate::testvectors as tv;
+        let f = tv::get("tokenDocumentField");
+        assert!(f["aad"].is_null(), "the reference layout has no AAD");
+        let key: [u8; 32] = tv::hex_bytes(f, "keyHex").try_into().unwrap();
+        let sealed = tv::s(f, "base64IvCiphertextTag");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .unwrap();
+        assert_eq!(raw[..12], tv::hex_bytes(f, "ivHex")[..], "IV first");
+        let v = open_reference_field(&key, sealed).unwrap();
+        assert_eq!(v.as_str(), tv::s(f, "plaintext"));
         let mut wrong = key;
         wrong[0] ^= 1;
-        assert!(open_reference_field(
-            &wrong,
-            "AAECAwQFBgcICQoLIGqmRKaKrH3iM/rq34odMve57FGeZJOyj0NIj4s72WL6+qtwYw=="
-        )
-        .is_none());
+        assert!(open_reference_field(&wrong, sealed).is_none());
         assert!(open_reference_field(&key, "AAAA").is_none());
     }
 

@@ -1253,6 +1253,10 @@ mod tests {
             .unwrap_err()
             .contains("PCR 24"));
         let text = REFERENCE_CONFIG.replace("tcti = \"device:/dev/tpmrm0\"", "tcti = \"bogus\"");
-        assert!(Config::parse(&text).unwrap().validate().is_err());
+        assert!(Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .contains("keys.tpm.tcti \"bogus\""));
     }
 }

@@ -45,11 +45,7 @@ fn aad(service: &str, field: &str) -> Vec<u8> {
 }
 
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
+    crate::clock::rfc3339(crate::clock::system_now())
 }
 
 fn present(v: &Value) -> bool {
@@ -94,13 +90,15 @@ pub fn merge_meta(doc: &mut TokenDocument, meta: &Map<String, Value>, key: &str)
         .or_insert_with(|| Value::String(key.to_string()));
 }
 
-/// Validates `tokenData` and seals it. `existing_created_at` keeps
-/// `createdAt` on overwrite. Messages name fields, never values.
+/// Validates `tokenData` and seals it; `at` (Unix seconds) is its
+/// `createdAt` and `updatedAt` (an overwrite keeps the old `createdAt`).
+/// Messages name fields, never values.
 pub fn seal_token_data(
     backend: &Backend,
     service: &str,
     token_data: &Value,
     creation_id: Option<&str>,
+    at: i64,
 ) -> Result<Prepared, ApiError> {
     let obj = token_data
         .as_object()
@@ -169,7 +167,7 @@ pub fn seal_token_data(
     };
     meta.insert("serviceName".into(), Value::String(service.into()));
     meta.insert("tokenType".into(), Value::String(token_type));
-    let now = now_rfc3339();
+    let now = crate::clock::rfc3339(at);
     meta.insert("createdAt".into(), Value::String(now.clone()));
     meta.insert("updatedAt".into(), Value::String(now));
     for key in ["expiresAt", "expiryTime"] {
@@ -417,7 +415,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_sealed_meta_is_not() {
         let b = b();
-        let p = seal_token_data(&b, "github", &json!({"accessToken":"ghp_a","refreshToken":"r","customSecret":"s3cr3t-custom-value","tokenType":"JWT","expiresAt":"2026-02-17T15:30:00Z","scope":"repo","n":5,"flag":true}), Some("cid-1")).unwrap();
+        let p = seal_token_data(&b, "github", &json!({"accessToken":"ghp_a","refreshToken":"r","customSecret":"s3cr3t-custom-value","tokenType":"JWT","expiresAt":"2026-02-17T15:30:00Z","scope":"repo","n":5,"flag":true}), Some("cid-1"), 1_700_000_000).unwrap();
         let d = &p.doc;
         assert_eq!(
             d.fields.keys().collect::<Vec<_>>(),
@@ -448,6 +446,7 @@ mod tests {
             "github",
             &json!({"accessToken":"ghp_a","refreshToken":"r"}),
             None,
+            1_700_000_000,
         )
         .unwrap()
         .doc;
@@ -479,7 +478,9 @@ mod tests {
                 "tokenData.expiresAt",
             ),
         ] {
-            let e = seal_token_data(&b, "s", &td, None).err().unwrap();
+            let e = seal_token_data(&b, "s", &td, None, 1_700_000_000)
+                .err()
+                .unwrap();
             let m = e.message();
             assert!(m.contains(needle), "{m}");
             assert!(!m.contains("sekrit"));
@@ -501,9 +502,28 @@ mod tests {
             (json!({"accessToken":"{}","tokenType":"Raw"}), "Raw"),
         ] {
             assert_eq!(
-                seal_token_data(&b, "s", &td, None).unwrap().doc.meta["tokenType"],
+                seal_token_data(&b, "s", &td, None, 1_700_000_000)
+                    .unwrap()
+                    .doc
+                    .meta["tokenType"],
                 t
             );
+        }
+    }
+
+    /// vectors.json `otpauthAccept` through the store path: the sealed
+    /// document's metadata holds every field the vector names, tokenType
+    /// included.
+    #[test]
+    fn otpauth_accept_vectors_give_the_vectors_metadata() {
+        let b = b();
+        for v in crate::testvectors::list("otpauthAccept") {
+            let uri = crate::testvectors::s(v, "uri");
+            let p = seal_token_data(&b, "s", &json!({ "totpUri": uri }), None, 1_700_000_000)
+                .unwrap_or_else(|e| panic!("{uri}: {}", e.message()));
+            for (k, want) in v["meta"].as_object().unwrap() {
+                assert_eq!(p.doc.meta.get(k), Some(want), "{uri}: {k}");
+            }
         }
     }
 

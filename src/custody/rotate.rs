@@ -310,6 +310,7 @@ mod tests {
                 &s,
                 &json!({"accessToken": format!("tok-{i}")}),
                 None,
+                1_700_000_000,
             )
             .unwrap();
             assert_eq!(p.doc.kid, Some(1));
@@ -317,10 +318,15 @@ mod tests {
         }
         // A document from before key ids (no `kid`: generation 1), and a
         // plaintext one (sealed by the rotation too).
-        let mut legacy =
-            fields::seal_token_data(&ring, "legacy", &json!({"accessToken": "tok-legacy"}), None)
-                .unwrap()
-                .doc;
+        let mut legacy = fields::seal_token_data(
+            &ring,
+            "legacy",
+            &json!({"accessToken": "tok-legacy"}),
+            None,
+            1_700_000_000,
+        )
+        .unwrap()
+        .doc;
         legacy.kid = None;
         put(&store, "legacy", &legacy).unwrap();
         let plain = TokenDocument {
@@ -371,16 +377,26 @@ mod tests {
                 s.active = 2;
             })
             .unwrap();
-        let p =
-            fields::seal_token_data(&ring, "during", &json!({"accessToken": "tok-during"}), None)
-                .unwrap();
+        let p = fields::seal_token_data(
+            &ring,
+            "during",
+            &json!({"accessToken": "tok-during"}),
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
         assert_eq!(p.doc.kid, Some(2));
         put(&store, "during", &p.doc).unwrap();
         assert_eq!(value(&store, &ring, "svc-03"), "tok-3");
         // A write sealed under 1 still lands before the close...
-        let late =
-            fields::seal_token_data(&device, "late", &json!({"accessToken": "tok-late"}), None)
-                .unwrap();
+        let late = fields::seal_token_data(
+            &device,
+            "late",
+            &json!({"accessToken": "tok-late"}),
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
         assert_eq!(late.doc.kid, Some(1));
         put(&store, "late", &late.doc).unwrap();
 
@@ -459,7 +475,14 @@ mod tests {
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
         let ring = crate::store::keyring::keyring(device.clone(), &store);
-        let p = fields::seal_token_data(&ring, "gh", &json!({"accessToken": "v"}), None).unwrap();
+        let p = fields::seal_token_data(
+            &ring,
+            "gh",
+            &json!({"accessToken": "v"}),
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
         put(&store, "gh", &p.doc).unwrap();
         // The crashed run created generation 2 and died before recording it.
         device.create_aes(2).unwrap();
@@ -484,8 +507,14 @@ mod tests {
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
         let ring = crate::store::keyring::keyring(device.clone(), &store);
-        let good =
-            fields::seal_token_data(&ring, "good", &json!({"accessToken": "g"}), None).unwrap();
+        let good = fields::seal_token_data(
+            &ring,
+            "good",
+            &json!({"accessToken": "g"}),
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
         put(&store, "good", &good.doc).unwrap();
         // Moved from another service: its AAD does not match.
         put(&store, "moved", &good.doc).unwrap();

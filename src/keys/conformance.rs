@@ -20,15 +20,39 @@ pub fn random_is_random(b: &dyn KeyBackend) {
     assert_ne!(a, [0u8; 32]);
 }
 
+/// The spec's request-signature and ticket vectors through the backend's
+/// HMAC and the protocol's own payload, header and ticket parsing.
 pub fn hmac_matches_spec_vector(b: &dyn KeyBackend) {
-    let secret: Vec<u8> = (0u8..32).collect();
+    use crate::protocol::signature::{mac_eq, parse_signature_header, signing_payload};
+    use crate::testvectors as tv;
+    let v = tv::get("requestSignature");
+    let payload = signing_payload(tv::s(v, "timestamp"), tv::s(v, "rawBody").as_bytes());
+    for (secret, sig) in [
+        (tv::hex_bytes(v, "secretHex"), v),
+        (
+            tv::hex_bytes(&v["signatureUnderWrongSecret"], "secretHex"),
+            &v["signatureUnderWrongSecret"],
+        ),
+    ] {
+        let id = b.install_hmac(&SecretSlice::from(secret)).unwrap();
+        b.activate_hmac(&id).unwrap();
+        let presented =
+            parse_signature_header(&format!("sha256={}", tv::s(sig, "signatureHex"))).unwrap();
+        assert!(mac_eq(&b.hmac_sha256(&payload).unwrap(), &presented));
+    }
+    // Under the wrong secret (active now), the right signature is refused.
+    let right = parse_signature_header(&format!("sha256={}", tv::s(v, "signatureHex"))).unwrap();
+    assert!(!mac_eq(&b.hmac_sha256(&payload).unwrap(), &right));
+    // The ticket vector: its MAC over the payload string, by the backend.
+    let t = tv::get("ticket");
+    let secret = tv::hex_bytes(t, "secretHex");
     let id = b.install_hmac(&SecretSlice::from(secret.clone())).unwrap();
     b.activate_hmac(&id).unwrap();
-    let body = r#"1700000000.{"operation":"get","collection":"tokens","key":"github","requestId":"req_testfixture01"}"#;
-    assert_eq!(
-        hex::encode(b.hmac_sha256(body.as_bytes()).unwrap()),
-        "c196ad249f0d81158ebfec10a47f7f67122de187c094332e9ae9290bc45fcdeb"
-    );
+    let split = crate::protocol::ticket::split(tv::s(t, "value")).unwrap();
+    assert!(mac_eq(
+        &b.hmac_sha256(split.payload_b64.as_bytes()).unwrap(),
+        &split.mac
+    ));
     // Long and empty inputs agree with a software HMAC.
     let long = vec![0x5au8; 70_000];
     assert_eq!(b.hmac_sha256(&long).unwrap(), soft_hmac(&secret, &long));
@@ -156,15 +180,9 @@ pub fn run_all(b: &(dyn KeyBackend + Sync)) {
 /// the software path. Returns whether the device path was exercised.
 pub fn otp_matches_rfc6238(b: &dyn KeyBackend) -> bool {
     use crate::custody::totp::{base32_decode, code_software, truncate, Params};
-    let vectors: &[(&str, OtpAlg, u32, u64, u64, &str)] = &[
-        ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 59, "94287082"),
-        ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 1111111109, "68084774"),
-        ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 20000000000, "47863826"),
-        ("JBSWY3DPEHPK3PXP", OtpAlg::Sha1, 6, 30, 1700000000, "324550"),
-        ("JBSWY3DPEHPK3PXP", OtpAlg::Sha256, 8, 45, 1700000000, "64158300"),
-    ];
+    let vectors = spec_totp_vectors();
     let mut exercised = false;
-    for (b32, alg, digits, period, t, code) in vectors {
+    for (b32, alg, digits, period, t, code) in &vectors {
         let seed = base32_decode(b32).unwrap();
         let Some(id) = b
             .install_otp(&SecretSlice::from(seed.to_vec()), *alg)
@@ -208,4 +226,28 @@ pub fn otp_matches_rfc6238(b: &dyn KeyBackend) -> bool {
         b.destroy_otp(&id).unwrap();
     }
     exercised
+}
+
+/// vectors.json's TOTP vectors (RFC 6238 Appendix B and the spec's extras),
+/// each `(base32 seed, algorithm, digits, period, time, code)`.
+pub fn spec_totp_vectors() -> Vec<(String, OtpAlg, u32, u64, u64, String)> {
+    use crate::testvectors as tv;
+    tv::totp()
+        .into_iter()
+        .map(|v| {
+            let name = tv::s(v, "algorithm");
+            let alg = [OtpAlg::Sha1, OtpAlg::Sha256, OtpAlg::Sha512]
+                .into_iter()
+                .find(|a| a.name() == name)
+                .unwrap_or_else(|| panic!("vector algorithm {name}"));
+            (
+                tv::s(v, "secretBase32").to_string(),
+                alg,
+                tv::u(v, "digits") as u32,
+                tv::u(v, "period"),
+                tv::u(v, "time"),
+                tv::s(v, "code").to_string(),
+            )
+        })
+        .collect()
 }

@@ -134,7 +134,7 @@ impl SealKeys for SoftBackend {
         let ct = self
             .cipher(gen)?
             .encrypt(
-                Nonce::from_slice(&iv),
+                &Nonce::from(iv),
                 Payload {
                     msg: plaintext,
                     aad,
@@ -152,8 +152,9 @@ impl SealKeys for SoftBackend {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let (iv, ct) = split_sealed(sealed)?;
+        let iv: [u8; IV_LEN] = iv.try_into().map_err(|_| KeyError::DecryptFailed)?;
         self.cipher(gen)?
-            .decrypt(Nonce::from_slice(iv), Payload { msg: ct, aad })
+            .decrypt(&Nonce::from(iv), Payload { msg: ct, aad })
             .map(Zeroizing::new)
             .map_err(|_| KeyError::DecryptFailed)
     }

@@ -31,12 +31,14 @@ pub fn registration_hmac_hash(secret: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::testvectors as tv;
+
     #[test]
     fn spec_vector_hmac_hash() {
-        let secret: Vec<u8> = (0u8..32).collect();
+        let v = tv::get("hmacHash");
         assert_eq!(
-            super::registration_hmac_hash(&secret),
-            "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
+            super::registration_hmac_hash(&tv::hex_bytes(v, "secretHex")),
+            tv::s(v, "sha256Hex")
         );
     }
 }

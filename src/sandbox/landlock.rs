@@ -67,6 +67,15 @@ pub enum SandboxError {
     NotEnforced(i32, RulesetStatus),
 }
 
+/// Anything short of full enforcement on a kernel that has Landlock is an
+/// error: the service does not run half-sandboxed.
+fn fully_enforced(kabi: i32, status: RulesetStatus) -> Result<(), SandboxError> {
+    match status {
+        RulesetStatus::FullyEnforced => Ok(()),
+        other => Err(SandboxError::NotEnforced(kabi, other)),
+    }
+}
+
 pub fn apply(plan: &Plan) -> Result<Option<Applied>, SandboxError> {
     let kabi = kernel_abi();
     if kabi <= 0 {
@@ -145,9 +154,7 @@ pub fn apply(plan: &Plan) -> Result<Option<Applied>, SandboxError> {
         }
     }
     let status = created.restrict_self().map_err(err)?;
-    if status.ruleset != RulesetStatus::FullyEnforced {
-        return Err(SandboxError::NotEnforced(kabi, status.ruleset));
-    }
+    fully_enforced(kabi, status.ruleset)?;
     Ok(Some(Applied { abi: kabi, rules }))
 }
 
@@ -193,4 +200,56 @@ pub fn self_test(plan: &Plan) -> Vec<String> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_or_no_enforcement_is_refused_with_the_kernel_abi() {
+        assert!(fully_enforced(6, RulesetStatus::FullyEnforced).is_ok());
+        // (RulesetStatus is neither Copy nor Clone: each twice.)
+        for (st, want) in [
+            (
+                RulesetStatus::PartiallyEnforced,
+                RulesetStatus::PartiallyEnforced,
+            ),
+            (RulesetStatus::NotEnforced, RulesetStatus::NotEnforced),
+        ] {
+            let e = fully_enforced(4, st).unwrap_err();
+            assert!(
+                matches!(&e, SandboxError::NotEnforced(4, s) if *s == want),
+                "{e}"
+            );
+            assert!(
+                e.to_string()
+                    .contains("not fully enforced on a kernel with ABI 4"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_path_is_refused_before_any_rule() {
+        if kernel_abi() <= 0 {
+            // Without Landlock, apply() reports None before looking at paths.
+            let plan = Plan {
+                read_only: vec![PathBuf::from("/nonexistent/tvw")],
+                ..Plan::default()
+            };
+            assert!(apply(&plan).unwrap().is_none());
+            return;
+        }
+        // Safe in the test process: the path check comes before any
+        // ruleset is created, let alone applied.
+        let plan = Plan {
+            read_only: vec![PathBuf::from("/etc"), PathBuf::from("/nonexistent/tvw")],
+            ..Plan::default()
+        };
+        match apply(&plan) {
+            Err(SandboxError::MissingPath(p)) => assert_eq!(p, PathBuf::from("/nonexistent/tvw")),
+            other => panic!("{other:?}"),
+        }
+    }
 }

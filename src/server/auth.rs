@@ -7,7 +7,7 @@
 //! recorded after the signature verifies, so an attacker cannot burn ids.
 
 use super::shield::{Budgeted, Event};
-use super::{now, AppState};
+use super::AppState;
 use crate::protocol::signature::{self as sig, SignatureError};
 use crate::protocol::ApiError;
 use crate::store::ReplayNs;
@@ -153,7 +153,7 @@ impl FromRequest<AppState> for Signed {
         let ts_str = header(h, sig::TIMESTAMP_HEADER)?.to_string();
         let rid = header(h, sig::REQUEST_ID_HEADER)?.to_string();
         sig::validate_request_id(&rid).map_err(sig_err)?;
-        let t = now();
+        let t = state.now();
         let ts = sig::parse_timestamp(&ts_str, t).map_err(sig_err)?;
         if state.store.replay_seen(ReplayNs::RequestId, &rid, t)? {
             return Err(ApiError::AuthFailed("Request id already used"));

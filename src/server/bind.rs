@@ -5,7 +5,7 @@
 //! get 404). Either way a request carrying forwarding headers (`Forwarded`,
 //! `X-Forwarded-*`, `X-Real-IP`) is refused: it came through a proxy.
 
-use super::{now, AppState, PeerAddr};
+use super::{AppState, PeerAddr};
 use crate::binding::{self, Registration};
 use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
@@ -49,7 +49,7 @@ fn helper_only(s: &AppState, req: &Parts) -> Result<(), ApiError> {
 }
 
 pub async fn create(s: &AppState) -> Result<Registration, ApiError> {
-    let t = now();
+    let t = s.now();
     let (reg, rec) = binding::prepare(
         &s.backend,
         &s.settings.frontend_url,

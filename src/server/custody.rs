@@ -1,7 +1,7 @@
 //! `/v1/store` and `/v1/credential`: the zero-knowledge paths.
 
 use super::auth::read_body;
-use super::{now, AppState};
+use super::AppState;
 use crate::custody::fields::{self, open_fields, reseal, seal_token_data};
 use crate::custody::{gcp, ticket, totp};
 use crate::protocol::document::{public_meta, TokenDocument};
@@ -111,7 +111,7 @@ pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, 
         .ticket
         .filter(|x| !x.is_empty())
         .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
-    let t = now();
+    let t = s.now();
     let tk = ticket::verify(
         &s.backend,
         &s.store,
@@ -128,7 +128,7 @@ pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, 
     let token_data = b
         .token_data
         .ok_or_else(|| ApiError::invalid("Missing required field: tokenData"))?;
-    let prepared = seal_token_data(&s.backend, &service, &token_data, tk.cid.as_deref())?;
+    let prepared = seal_token_data(&s.backend, &service, &token_data, tk.cid.as_deref(), t)?;
     drop(token_data);
     match put_prepared(
         &s,
@@ -202,7 +202,7 @@ async fn prelude(
         .clone()
         .filter(|x| !x.is_empty())
         .ok_or(ApiError::TicketInvalid("Missing ticket"))?;
-    let at = now();
+    let at = s.now();
     let tk = ticket::verify(&s.backend, &s.store, &raw_ticket, purposes, &service, at)?;
     let (raw, doc) = ticket::load_document(&s.store, &tk)?;
     Ok(Prelude {

@@ -160,9 +160,6 @@ fn add_cors(resp: &mut Response, origin: Option<&str>) {
 
 /// Deny list and rate limit, for every direct-access route.
 pub async fn access(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if req.method() == Method::OPTIONS {
-        return next.run(req).await;
-    }
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let verdict = match client_ip(peer, req.headers(), &s.direct().trusted_proxies) {
         None => Err(ApiError::Forbidden),
@@ -178,9 +175,17 @@ pub async fn access(State(s): State<AppState>, req: Request, next: Next) -> Resp
     }
 }
 
-/// CORS for the browser-facing routes only (`/v1/store`, `/v1/credential`,
-/// `/v1/totp-code`): exact origins, `Vary: Origin`, preflight 204.
+/// The routes a browser calls: the only ones that answer with CORS headers.
+pub const BROWSER_PATHS: &[&str] = &["/v1/store", "/v1/credential", "/v1/totp-code"];
+
+/// CORS for the browser-facing routes only ([`BROWSER_PATHS`]): exact
+/// origins, `Vary: Origin`, preflight 204 (answered here, before any
+/// limit: a preflight carries no credential and costs nothing). Every other
+/// path passes through untouched.
 pub async fn cors(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if !BROWSER_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let origin = allowed_origin(&s, req.headers()).map(str::to_string);
     let mut r = if req.method() == Method::OPTIONS {
         StatusCode::NO_CONTENT.into_response()

@@ -26,6 +26,9 @@ impl From<StoreError> for ApiError {
                 ApiError::InsufficientStorage
             }
             StoreError::KeyRetired => ApiError::KeyRotating,
+            StoreError::BadCursor => {
+                ApiError::invalid("options.after is not a cursor this listing returned")
+            }
             StoreError::Corrupt(_) | StoreError::Lmdb(_) | StoreError::Closed => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal

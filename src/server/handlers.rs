@@ -1,7 +1,7 @@
 //! Health, storage and exchange.
 
 use super::auth::{read_body, Signed};
-use super::{now, AppState};
+use super::AppState;
 use crate::binding;
 use crate::custody::fields::{self, merge_meta, seal_token_data};
 use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS};
@@ -89,7 +89,7 @@ pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Respons
     if code.len() > 64 {
         return Err(ApiError::CodeExpired);
     }
-    let ex = binding::exchange(&s.backend, &s.store, code, now()).await?;
+    let ex = binding::exchange(&s.backend, &s.store, code, s.now()).await?;
     crate::store::trail::note(|n| n.authenticated = true);
     s.set_bound();
     tracing::info!(webhook_id = %s.settings.webhook_id, "bound: HMAC key installed from exchange");
@@ -390,9 +390,10 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                 Collection::Audit => s.store.audit_append(key, data).await?,
                 Collection::Tokens => match token_write(&data)? {
                     TokenWrite::Credential { token_data, meta } => {
-                        let mut prepared = seal_token_data(&s.backend, &key, &token_data, None)?;
+                        let t = s.now();
+                        let mut prepared = seal_token_data(&s.backend, &key, &token_data, None, t)?;
                         merge_meta(&mut prepared.doc, &meta, &key);
-                        match super::custody::put_prepared(&s, key, prepared, None, false, now())
+                        match super::custody::put_prepared(&s, key, prepared, None, false, t)
                             .await?
                         {
                             PutOutcome::Stored { .. } => {}

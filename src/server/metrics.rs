@@ -270,6 +270,20 @@ impl Metrics {
             "Audit-trail records dropped to keep the trail within audit.max_share_percent.",
         );
         let _ = writeln!(o, "tvw_audit_trail_pruned_total {}", store.trail_pruned());
+        if let Ok((head, signed)) = store.trail_seqs() {
+            gauge(
+                &mut o,
+                "tvw_audit_trail_head_seq",
+                "Sequence number of the audit trail's newest record.",
+                head,
+            );
+            gauge(
+                &mut o,
+                "tvw_audit_trail_signed_seq",
+                "Sequence number of the newest record covered by a signed head.",
+                signed,
+            );
+        }
         gauge(
             &mut o,
             "tvw_store_file_bytes",

@@ -68,6 +68,8 @@ pub struct AppState {
     /// The serving certificate (expiry in health), once the listener has one.
     tls: Arc<std::sync::OnceLock<Arc<listener::TlsState>>>,
     metrics: Arc<metrics::Metrics>,
+    /// What signed requests, tickets and document times are judged by.
+    pub clock: crate::clock::Clock,
 }
 
 impl AppState {
@@ -85,7 +87,13 @@ impl AppState {
             started: Instant::now(),
             bound: Arc::new(AtomicBool::new(bound)),
             tls: Arc::new(std::sync::OnceLock::new()),
+            clock: crate::clock::Clock::system(),
         }
+    }
+
+    /// Unix seconds by this state's clock.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {
@@ -114,36 +122,20 @@ impl AppState {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    crate::clock::system_now()
 }
 
 pub fn app(state: AppState) -> Router {
-    // Preflights are answered by the CORS layer; the handlers only exist
-    // so the method is routed to it.
-    let preflight = || async { axum::http::StatusCode::NO_CONTENT };
-    let browser_routes = Router::new()
-        .route("/v1/store", post(custody::store).options(preflight))
+    let direct_routes = Router::new()
+        .route("/v1/store", post(custody::store))
         .route(
             "/v1/credential",
-            get(custody::credential)
-                .post(custody::credential)
-                .options(preflight),
+            get(custody::credential).post(custody::credential),
         )
         .route(
             "/v1/totp-code",
-            get(custody::totp_code)
-                .post(custody::totp_code)
-                .options(preflight),
+            get(custody::totp_code).post(custody::totp_code),
         )
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            direct::cors,
-        ));
-    let direct_routes = Router::new()
-        .merge(browser_routes)
         .route("/v1/totp-verify", post(custody::totp_verify))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -166,12 +158,19 @@ pub fn app(state: AppState) -> Router {
     if state.settings.helpers_on_public {
         router = router.merge(helper_routes());
     }
+    // CORS outermost: every answer of a browser route carries it, the deny
+    // list's 403 and both 429s (rate limit, failure budget) included, so a
+    // browser can read the error and its Retry-After.
     router
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access_log,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            direct::cors,
         ))
         .with_state(state)
 }
@@ -260,7 +259,7 @@ async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Resp
     };
     if let (Some(event), true) = (trail_event(&path), note.authenticated) {
         s.store.trail_append(crate::store::trail::TrailEvent {
-            ts: now(),
+            ts: s.now(),
             event,
             status,
             note,

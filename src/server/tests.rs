@@ -816,6 +816,129 @@ async fn audit_via_storage_keeps_duplicates_newest_first() {
     assert_eq!(v["data"]["n"], 2);
 }
 
+#[tokio::test]
+async fn a_malformed_audit_cursor_is_400_not_a_restart_from_the_newest() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    for i in 0..3 {
+        let (s, _) = call(&t, "/v1/storage", json!({"operation":"set","collection":"audit","key":format!("2026-02-15T10:3{i}:00Z"),"data":{"n":i}})).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let list = |after: &str| json!({"operation":"list","collection":"audit","options":{"limit":1,"after":after}});
+    // A cursor this listing returned walks on.
+    let (s, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list","collection":"audit","options":{"limit":1}}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["items"][0]["data"]["n"].as_i64()),
+        (StatusCode::OK, Some(2))
+    );
+    let next = v["pagination"]["nextCursor"].as_str().unwrap().to_string();
+    let (s, v) = call(&t, "/v1/storage", list(&next)).await;
+    assert_eq!(
+        (s, v["items"][0]["data"]["n"].as_i64()),
+        (StatusCode::OK, Some(1))
+    );
+    for bad in ["tvc1:zz", "tvc1:", "tvc1:0102", &format!("{next}ff")] {
+        let (s, v) = call(&t, "/v1/storage", list(bad)).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "{bad}: {v}"
+        );
+    }
+    // list_batch refuses it the same way.
+    let (s, v) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"list_batch","collections":["audit"],"options":{"after":"tvc1:zz"}}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn pagination_edges_last_page_deleted_cursor_filters_and_bad_limits() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    for (k, kind) in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "y")] {
+        let (s, _) = call(
+            &t,
+            "/v1/storage",
+            json!({"operation":"set","collection":"proxy_configs","key":k,"data":{"kind":kind}}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let list =
+        |opts: Value| json!({"operation":"list","collection":"proxy_configs","options":opts});
+    let keys = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A page that ends exactly on the last item: no more, no cursor.
+    let (_, v) = call(&t, "/v1/storage", list(json!({"limit":2,"after":"b"}))).await;
+    assert_eq!(keys(&v), ["c", "d"]);
+    assert_eq!(v["pagination"], json!({"hasMore":false,"totalCount":4}));
+    let (_, v) = call(&t, "/v1/storage", list(json!({"limit":4}))).await;
+    assert_eq!(keys(&v), ["a", "b", "c", "d"]);
+    assert_eq!(v["pagination"], json!({"hasMore":false,"totalCount":4}));
+    // A cursor naming a key deleted since: the walk goes on after it.
+    let (_, v) = call(&t, "/v1/storage", list(json!({"limit":2}))).await;
+    assert_eq!(v["pagination"]["nextCursor"], "b");
+    let (s, _) = call(
+        &t,
+        "/v1/storage",
+        json!({"operation":"delete","collection":"proxy_configs","key":"b"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = call(&t, "/v1/storage", list(json!({"limit":2,"after":"b"}))).await;
+    assert_eq!(keys(&v), ["c", "d"]);
+    assert_eq!(v["pagination"]["totalCount"], 3);
+    // Filters with `after`: matching items after the cursor; the total
+    // counts every match wherever the cursor is.
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        list(json!({"after":"a","filters":{"kind":"x"}})),
+    )
+    .await;
+    assert_eq!(keys(&v), ["c"]);
+    assert_eq!(v["pagination"], json!({"hasMore":false,"totalCount":2}));
+    let (_, v) = call(
+        &t,
+        "/v1/storage",
+        list(json!({"limit":1,"filters":{"kind":"x"}})),
+    )
+    .await;
+    assert_eq!(keys(&v), ["a"]);
+    assert_eq!(
+        v["pagination"],
+        json!({"hasMore":true,"nextCursor":"a","totalCount":2})
+    );
+    // A limit that is not a positive integer is refused, never clamped.
+    for bad in [json!(1.5), json!("2"), json!(0), json!(-1), json!(true)] {
+        let (s, v) = call(&t, "/v1/storage", list(json!({"limit":bad}))).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_request")),
+            "limit {bad}: {v}"
+        );
+    }
+}
+
 /// Delegates to the software backend; while `down`, every device call fails.
 struct Flaky {
     inner: SoftBackend,
@@ -1166,6 +1289,7 @@ async fn tickets_are_single_use_and_purpose_bound() {
 #[tokio::test]
 async fn store_modes_and_creation_ids() {
     let mut t = state_with(16, 1 << 20);
+    t.state.clock = crate::clock::Clock::fixed(now());
     bind(&mut t).await;
     assert_eq!(
         store_tok(
@@ -1187,6 +1311,7 @@ async fn store_modes_and_creation_ids() {
     )
     .unwrap()["meta"]["createdAt"]
         .clone();
+    assert_eq!(created, crate::clock::rfc3339(t.state.now()));
     let (s, v) = store_tok(
         &t,
         "s",
@@ -1221,8 +1346,9 @@ async fn store_modes_and_creation_ids() {
         read_tok(&t, "s", json!({"cid":"c1"})).await.0,
         StatusCode::OK
     );
-    // Overwrite keeps createdAt and records the new creation id.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // Overwrite keeps createdAt and records the new creation id; a later
+    // write (the clock moved on by 5 s) has a later updatedAt.
+    t.state.clock.advance(5);
     let (s, v) = store_tok(
         &t,
         "s",
@@ -1233,6 +1359,7 @@ async fn store_modes_and_creation_ids() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["meta"]["createdAt"], created);
     assert_eq!(v["meta"]["creationId"], "c3");
+    assert_eq!(v["meta"]["updatedAt"], crate::clock::rfc3339(t.state.now()));
     assert_ne!(v["meta"]["updatedAt"], created);
     assert_eq!(
         read_tok(&t, "s", json!({"cid":"c1"})).await.0,
@@ -1283,71 +1410,153 @@ async fn cors_is_exact_and_never_reflected() {
     assert!(h.get("access-control-allow-origin").is_none());
 }
 
-#[tokio::test]
-async fn deny_list_and_rate_limit() {
-    let mut t = state_with(16, 1 << 20);
-    bind(&mut t).await;
-    store_tok(&t, "s", json!({"accessToken":"v1"}), json!({})).await;
-    let settings = Settings {
-        broker: test_broker(),
-        direct: direct::DirectSettings {
-            allowed_origins: vec![],
-            deny: vec!["203.0.113.0/24".parse().unwrap()],
-            trusted_proxies: vec![],
-            limiter: direct::RateLimiter::new(60, 2),
-        },
-        minter: crate::custody::gcp::Minter::new(true).unwrap(),
-        public_url: t.state.settings.public_url.clone(),
-        frontend_url: t.state.settings.frontend_url.clone(),
-        code_ttl_secs: 300,
-        body_limit: 1 << 20,
-        webhook_id: "wh_test".into(),
-        shield: Arc::new(shield::Shield::unlimited()),
-        helpers_on_public: true,
-    };
+/// `t`'s store and keys behind other direct-access and shield settings.
+fn with_limits(t: &T, direct: direct::DirectSettings, shield: shield::Shield) -> T {
+    let mut settings = test_settings(1 << 20);
+    settings.direct = direct;
+    settings.shield = Arc::new(shield);
     let mut st = t.state.clone();
     st.settings = Arc::new(settings);
-    let t2 = T {
+    T {
         _dir: tempfile::tempdir().unwrap(),
         state: st,
         secret: t.secret.clone(),
-    };
-    // REMOTE (203.0.113.9) is denied, before any ticket work.
-    let (s, v) = read_tok(&t2, "s", json!({})).await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (StatusCode::FORBIDDEN, Some("forbidden"))
+    }
+}
+
+const ORIGIN: &str = "https://tokenvault.uk";
+
+fn with_origin(mut r: Request<Body>) -> Request<Body> {
+    r.headers_mut().insert("origin", ORIGIN.parse().unwrap());
+    r
+}
+
+fn credential_get(t: &T, peer: &str) -> Request<Body> {
+    let tk = ticket(t, "agent_credential", "s", json!({}));
+    with_origin(req(
+        Method::GET,
+        &format!("/v1/credential?ticket={tk}&service=s"),
+        Some(peer),
+        vec![],
+    ))
+}
+
+fn store_post(t: &T, peer: &str) -> Request<Body> {
+    let body = json!({"ticket": ticket(t, "store", "s", json!({})), "service": "s", "tokenData": {"accessToken": "v2"}});
+    let mut r = req(
+        Method::POST,
+        "/v1/store",
+        Some(peer),
+        serde_json::to_vec(&body).unwrap(),
     );
-    // Another address gets a burst of 2, then 429 with Retry-After.
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    with_origin(r)
+}
+
+#[tokio::test]
+async fn deny_list_and_rate_limit_answers_carry_cors_for_the_browser() {
+    let mut t = state_with(16, 1 << 20);
+    bind(&mut t).await;
+    store_tok(&t, "s", json!({"accessToken":"v1"}), json!({})).await;
+    let t2 = with_limits(
+        &t,
+        direct::DirectSettings {
+            allowed_origins: vec![ORIGIN.into()],
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            trusted_proxies: vec![],
+            limiter: direct::RateLimiter::new(1, 2),
+        },
+        shield::Shield::unlimited(),
+    );
+    // REMOTE (203.0.113.9) is denied, before any ticket work, on both
+    // browser routes; the browser can read the refusal.
+    for r in [credential_get(&t2, REMOTE), store_post(&t2, REMOTE)] {
+        let path = r.uri().path().to_string();
+        let (s, v, h) = send(&t2, r).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (StatusCode::FORBIDDEN, Some("forbidden")),
+            "{path}"
+        );
+        assert_eq!(h["access-control-allow-origin"], ORIGIN, "{path}");
+        assert_eq!(h["vary"], "Origin", "{path}");
+    }
+    // Another address gets a burst of 2 (one refill a minute), then 429
+    // with Retry-After, readable by the browser on both routes.
     let other = "198.51.100.20:4000";
     let mut codes = Vec::new();
-    let mut retry = None;
-    for _ in 0..3 {
-        let tk = ticket(&t2, "agent_credential", "s", json!({}));
-        let (s, _, h) = send(
-            &t2,
-            req(
-                Method::GET,
-                &format!("/v1/credential?ticket={tk}&service=s"),
-                Some(other),
-                vec![],
-            ),
-        )
-        .await;
-        codes.push(s);
+    for r in [
+        credential_get(&t2, other),
+        credential_get(&t2, other),
+        credential_get(&t2, other),
+        store_post(&t2, other),
+    ] {
+        let (s, v, h) = send(&t2, r).await;
         if s == StatusCode::TOO_MANY_REQUESTS {
-            retry = h.get("retry-after").cloned();
+            assert_eq!(v["error"], "rate_limited", "{v}");
+            let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!(wait >= 1, "{wait}");
+            assert_eq!(h["access-control-allow-origin"], ORIGIN);
         }
+        codes.push(s);
     }
     assert_eq!(
         codes,
         [
             StatusCode::OK,
             StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS,
             StatusCode::TOO_MANY_REQUESTS
         ]
     );
-    assert_eq!(retry.unwrap(), "1");
+    // The failure budget's 429 (applied before routing) carries CORS too,
+    // and a preflight is still answered while the budget is spent.
+    let t3 = with_limits(
+        &t,
+        direct::DirectSettings {
+            allowed_origins: vec![ORIGIN.into()],
+            ..direct::DirectSettings::permissive_for_tests()
+        },
+        shield::Shield::new(shield::ShieldSettings {
+            failures_per_minute: 1,
+            failure_burst: 1,
+            ..shield::ShieldSettings::defaults()
+        }),
+    );
+    let bad = || {
+        with_origin(req(
+            Method::GET,
+            "/v1/credential?ticket=bad&service=s",
+            Some(other),
+            vec![],
+        ))
+    };
+    let (s, _, h) = send(&t3, bad()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["access-control-allow-origin"], ORIGIN);
+    let (s, v, h) = send(&t3, bad()).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited"))
+    );
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(h["access-control-allow-origin"], ORIGIN);
+    let (s, _, h) = send(
+        &t3,
+        with_origin(req(Method::OPTIONS, "/v1/store", Some(other), vec![])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h["access-control-allow-origin"], ORIGIN);
+    // Never on the other routes, whatever the answer.
+    let (s, _, h) = send(
+        &t3,
+        with_origin(req(Method::GET, "/v1/health", Some(other), vec![])),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h.get("access-control-allow-origin").is_none());
 }
 
 #[tokio::test]

@@ -41,10 +41,20 @@ pub fn cursor_for(full: &[u8]) -> String {
     format!("{CURSOR_PREFIX}{}", hex::encode(full))
 }
 
-/// The exclusive upper bound for "items older than `after`".
+/// The exclusive upper bound for "items older than `after`", or `None`
+/// when `after` carries the cursor prefix but is not a key this index
+/// makes (bad hex, wrong length or class): the caller refuses it rather
+/// than restart the listing from the newest item.
 pub fn upper_bound(after: &str) -> Option<Vec<u8>> {
     if let Some(h) = after.strip_prefix(CURSOR_PREFIX) {
-        return hex::decode(h).ok();
+        let k = hex::decode(h).ok()?;
+        let seq = 8;
+        let well_formed = match k.first() {
+            Some(&CLASS_TIME) => k.len() == 1 + 16 + seq,
+            Some(&CLASS_RAW) => k.len() >= 1 + 1 + seq && k[k.len() - seq - 1] == 0,
+            _ => false,
+        };
+        return well_formed.then_some(k);
     }
     // A bare timestamp: everything strictly older than it.
     let mut v = sort_prefix(after);
@@ -69,5 +79,24 @@ mod tests {
         let cur = cursor_for(&b);
         assert_eq!(upper_bound(&cur).unwrap(), b);
         assert!(upper_bound("2026-02-15T10:30:00Z").unwrap() < a);
+        let raw = full_key("not a time", 5);
+        assert_eq!(upper_bound(&cursor_for(&raw)).unwrap(), raw);
+    }
+
+    #[test]
+    fn malformed_cursors_are_refused_not_read_as_the_start() {
+        let good = cursor_for(&full_key("2026-02-15T10:30:00Z", 1));
+        for bad in [
+            "tvc1:zz".to_string(),
+            "tvc1:".to_string(),
+            "tvc1:0".to_string(),
+            format!("{good}00"),
+            good[..good.len() - 2].to_string(),
+            format!("tvc1:02{}", &good[7..]),
+            // Raw class without the terminator before the sequence.
+            format!("tvc1:00{}", hex::encode([b'x'; 9])),
+        ] {
+            assert_eq!(upper_bound(&bad), None, "{bad}");
+        }
     }
 }

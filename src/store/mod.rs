@@ -36,6 +36,10 @@ pub enum StoreError {
     /// written (the caller retries).
     #[error("document sealed under a retiring AES key generation")]
     KeyRetired,
+    /// A listing cursor this store never handed out (malformed): refused,
+    /// never read as "from the start".
+    #[error("malformed listing cursor")]
+    BadCursor,
 }
 
 impl From<heed::Error> for StoreError {
@@ -813,7 +817,9 @@ impl Store {
             }
         };
         if c == Collection::Audit {
-            let hi = after.and_then(audit::upper_bound);
+            let hi = after
+                .map(|a| audit::upper_bound(a).ok_or(StoreError::BadCursor))
+                .transpose()?;
             let range = match &hi {
                 Some(h) => (Bound::Unbounded, Bound::Excluded(h.as_slice())),
                 None => (Bound::Unbounded, Bound::Unbounded),

@@ -268,6 +268,22 @@ impl Store {
     }
 
     /// Records dropped by the size bound since start.
+    /// The trail's head sequence and the last signed one (0: none yet),
+    /// for metrics: a signing that caught up shows as equal numbers.
+    pub fn trail_seqs(&self) -> Result<(u64, u64), StoreError> {
+        let r = self.read()?;
+        let head = get_link(&r, &self.dbs.meta, META_HEAD)?.seq;
+        let signed = match self.dbs.meta.get(&r, META_SIGNED)? {
+            Some(v) => {
+                serde_json::from_slice::<SignedHead>(v)
+                    .map_err(|_| StoreError::Corrupt("trail signed head"))?
+                    .seq
+            }
+            None => 0,
+        };
+        Ok((head, signed))
+    }
+
     pub fn trail_pruned(&self) -> u64 {
         self.trail_queue
             .pruned

@@ -68,18 +68,31 @@ async fn accepts_a_good_ticket_and_the_spec_vector() {
         (t.svc.as_str(), t.pur.as_str(), t.exp),
         ("github", "agent_credential", NOW + 55)
     );
-    // The spec's vector ticket, under its own secret (0x00..0x1f).
+    // The spec's vector ticket (vectors.json), under its own secret.
+    use crate::testvectors as tv;
+    let vt = tv::get("ticket");
     let b2 = SoftBackend::new();
     let id = b2
-        .install_hmac(&SecretSlice::from((0u8..32).collect::<Vec<_>>()))
+        .install_hmac(&SecretSlice::from(tv::hex_bytes(vt, "secretHex")))
         .unwrap();
     b2.activate_hmac(&id).unwrap();
     let b2: Backend = Arc::new(b2);
-    let v = "eyJzdWIiOiJ1c2VyX3Rlc3QiLCJzdmMiOiJnaXRodWIiLCJwdXIiOiJhZ2VudF9jcmVkZW50aWFsIiwiaWF0IjoxNzAwMDAwMDAwLCJleHAiOjk5OTk5OTk5OTksIm5vbmNlIjoiZGVhZGJlZWZkZWFkYmVlZmRlYWRiZWVmZGVhZGJlZWYiLCJhaWQiOiJhZ2VudF90ZXN0In0.b5b3f0d261e89c53c9db035d68244b1d4862a3e9c84edd111f502f9b148da74a";
-    // Its lifetime (iat 1700000000 .. exp 9999999999) is far over 300 s: refused by that rule only.
+    let v = tv::s(vt, "value");
+    let iat = tv::u(&vt["payload"], "iat") as i64;
+    let exp = tv::u(&vt["payload"], "exp") as i64;
+    let (svc, pur) = (tv::s(&vt["payload"], "svc"), tv::s(&vt["payload"], "pur"));
+    assert!(CREDENTIAL.contains(&pur));
+    // Its signature verifies; its lifetime (iat .. exp) is far over 300 s:
+    // refused by that rule, which comes after the MAC, decode, exp and iat.
+    assert!(exp - iat > MAX_TTL_SECS);
     assert_eq!(
-        invalid(verify(&b2, &s, v, CREDENTIAL, "github", 1_700_000_010)),
+        invalid(verify(&b2, &s, v, CREDENTIAL, svc, iat + 10)),
         "Ticket lifetime too long"
+    );
+    // Under this test's other secret, the same ticket is a signature mismatch.
+    assert_eq!(
+        invalid(verify(&b, &s, v, CREDENTIAL, svc, iat + 10)),
+        "Ticket signature mismatch"
     );
 }
 

@@ -1,33 +1,16 @@
 use super::*;
 use serde_json::json;
 
-/// RFC 6238 Appendix B (and the spec's extra vectors), as in vectors.json.
-pub(crate) const RFC: &[(&str, OtpAlg, u32, u64, u64, &str)] = &[
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 59, "94287082"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 59, "46119246"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 59, "90693936"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 1111111109, "07081804"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 1111111109, "68084774"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 1111111109, "25091201"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 1111111111, "14050471"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 1111111111, "67062674"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 1111111111, "99943326"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 1234567890, "89005924"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 1234567890, "91819424"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 1234567890, "93441116"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 2000000000, "69279037"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 2000000000, "90698825"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 2000000000, "38618901"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ", OtpAlg::Sha1, 8, 30, 20000000000, "65353130"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZA====", OtpAlg::Sha256, 8, 30, 20000000000, "77737706"),
-    ("GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNA=", OtpAlg::Sha512, 8, 30, 20000000000, "47863826"),
-    ("JBSWY3DPEHPK3PXP", OtpAlg::Sha1, 6, 30, 1700000000, "324550"),
-    ("JBSWY3DPEHPK3PXP", OtpAlg::Sha256, 8, 45, 1700000000, "64158300"),
-];
+/// RFC 6238 Appendix B and the spec's extra vectors, from vectors.json.
+fn rfc() -> Vec<(String, OtpAlg, u32, u64, u64, String)> {
+    let v = crate::keys::conformance::spec_totp_vectors();
+    assert!(v.len() >= 20, "{} TOTP vectors", v.len());
+    v
+}
 
 #[test]
 fn software_path_matches_rfc6238() {
-    for (b32, alg, digits, period, t, code) in RFC {
+    for (b32, alg, digits, period, t, code) in &rfc() {
         let seed = base32_decode(b32).unwrap();
         let p = Params {
             alg: *alg,
@@ -46,7 +29,7 @@ fn software_path_matches_rfc6238() {
 fn host_truncation_matches_rfc6238() {
     // The device path's truncation, fed by a software HMAC.
     use hmac::{Hmac, Mac};
-    for (b32, alg, digits, period, t, code) in RFC {
+    for (b32, alg, digits, period, t, code) in &rfc() {
         let seed = base32_decode(b32).unwrap();
         let c = (t / period).to_be_bytes();
         let mac = match alg {
@@ -103,6 +86,47 @@ fn base32_round_trip_and_healing() {
 
 fn td(v: serde_json::Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
+}
+
+/// vectors.json `otpauthAccept`: each URI's metadata is what the vector
+/// says (tokenType where the vector names one is set by the store path,
+/// `fields::seal_token_data`, and checked there).
+#[test]
+fn otpauth_accept_vectors_from_the_spec_file() {
+    for v in crate::testvectors::list("otpauthAccept") {
+        let uri = crate::testvectors::s(v, "uri");
+        let e = parse_enrolment(&td(json!({ "totpUri": uri })))
+            .unwrap_or_else(|e| panic!("{uri}: {}", e.message()))
+            .unwrap_or_else(|| panic!("{uri}: not an enrolment"));
+        let mut m = Map::new();
+        meta_for(&e, &mut m);
+        for (k, want) in v["meta"].as_object().unwrap() {
+            if k == "tokenType" {
+                continue;
+            }
+            assert_eq!(m.get(k), Some(want), "{uri}: {k}");
+        }
+    }
+}
+
+/// vectors.json `otpauthReject`: every URI refused as a 400, never echoing
+/// what was sent.
+#[test]
+fn otpauth_reject_vectors_from_the_spec_file() {
+    for v in crate::testvectors::list("otpauthReject") {
+        let uri = v.as_str().unwrap();
+        let e = parse_enrolment(&td(json!({ "totpUri": uri })))
+            .err()
+            .unwrap_or_else(|| panic!("accepted {uri}"));
+        assert_eq!(e.code(), "invalid_request", "{uri}");
+        let secret = uri
+            .split("secret=")
+            .nth(1)
+            .map(|s| s.split('&').next().unwrap_or(s));
+        if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+            assert!(!e.message().contains(secret), "{uri}: {}", e.message());
+        }
+    }
 }
 
 #[test]
