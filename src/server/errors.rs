@@ -26,6 +26,7 @@ impl From<StoreError> for ApiError {
                 ApiError::InsufficientStorage
             }
             StoreError::KeyRetired => ApiError::KeyRotating,
+            StoreError::KeyTooLong => ApiError::invalid("A key in the request is too long"),
             StoreError::BadCursor => {
                 ApiError::invalid("options.after is not a cursor this listing returned")
             }

@@ -40,12 +40,20 @@ pub enum StoreError {
     /// never read as "from the start".
     #[error("malformed listing cursor")]
     BadCursor,
+    /// A key longer than the store can hold (LMDB refuses it): no such
+    /// record can exist, and none can be written.
+    #[error("key longer than the store's key limit")]
+    KeyTooLong,
 }
+
+/// LMDB's key size limit (its default `MDB_MAXKEYSIZE`).
+pub const MAX_KEY_BYTES: usize = 511;
 
 impl From<heed::Error> for StoreError {
     fn from(e: heed::Error) -> Self {
         match e {
             heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull,
+            heed::Error::Mdb(heed::MdbError::BadValSize) => StoreError::KeyTooLong,
             e => StoreError::Lmdb(e.to_string()),
         }
     }
@@ -709,6 +717,11 @@ impl Store {
     // ---- collections ----------------------------------------------------
 
     pub fn get_raw(&self, c: Collection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // LMDB checks the key's size on some lookups only (by the tree's
+        // shape): refuse it the same way every time.
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLong);
+        }
         let r = self.read()?;
         Ok(self
             .dbs

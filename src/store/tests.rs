@@ -454,3 +454,34 @@ fn trail_budget_never_takes_the_reserve() {
     assert_eq!(b.budget(800 << 20), 100 << 20);
     assert_eq!(b.budget(950 << 20), 0);
 }
+
+#[tokio::test]
+async fn a_key_past_the_store_limit_is_key_too_long_not_an_internal_error() {
+    let (_d, s) = open();
+    let long = "k".repeat(MAX_KEY_BYTES + 1);
+    // (LMDB checks the key's size once the database has a record.)
+    let db = s.dbs().collection(Collection::ProxyConfigs);
+    s.write(move |txn, _| Ok(db.put(txn, b"p1", b"{}")?))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_raw(Collection::ProxyConfigs, &long),
+        Err(StoreError::KeyTooLong)
+    );
+    let db = s.dbs().collection(Collection::VaultConfig);
+    let k = long.clone();
+    assert_eq!(
+        s.write(move |txn, _| Ok(db.put(txn, k.as_bytes(), b"{}")?))
+            .await,
+        Err(StoreError::KeyTooLong)
+    );
+    // The store still works after both.
+    let db = s.dbs().collection(Collection::VaultConfig);
+    s.write(move |txn, _| Ok(db.put(txn, b"short", b"{}")?))
+        .await
+        .unwrap();
+    assert!(s
+        .get_raw(Collection::VaultConfig, "short")
+        .unwrap()
+        .is_some());
+}
