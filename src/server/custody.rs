@@ -31,15 +31,13 @@ pub fn secret_json(v: &Value) -> Result<Response, ApiError> {
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    closing(&mut resp);
+    carried_secret(&mut resp);
     Ok(resp)
 }
 
-/// Ends the connection after this response (see [`super::CloseConnection`]).
-pub fn closing(resp: &mut Response) {
-    resp.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp.extensions_mut().insert(super::CloseConnection);
+/// Marks the answer as carrying a secret (see [`super::CarriedSecret`]).
+pub fn carried_secret(resp: &mut Response) {
+    resp.extensions_mut().insert(super::CarriedSecret);
 }
 
 fn destroy_otp_quietly(s: &AppState, id: &str) {
@@ -147,7 +145,7 @@ pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, 
                 "service": service,
                 "meta": public_meta(meta),
             })));
-            closing(&mut r);
+            carried_secret(&mut r);
             Ok(r)
         }
         PutOutcome::Exists => Err(ApiError::AlreadyExists(service)),

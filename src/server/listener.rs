@@ -220,12 +220,17 @@ struct Activity {
     /// Milliseconds since the connection's start.
     last_ms: std::sync::atomic::AtomicU64,
     start: std::time::Instant,
-    /// A response carried a secret: the connection ends as soon as no
-    /// request is in flight (HTTP/1.1 ends at once: `Connection: close`).
+    /// A response carried a secret: the connection's idle time becomes
+    /// [`SECRET_IDLE`].
     secret: std::sync::atomic::AtomicBool,
-    /// Woken when the last request in flight ends after a secret.
-    drained: tokio::sync::Notify,
 }
+
+/// How long a connection that carried a secret may stay quiet (no request
+/// in flight) before the server closes it: short, so an idle client's
+/// connection buffers do not hold the secret; long enough that a client
+/// sending request after request keeps its connection (and its TLS
+/// session) instead of a handshake per request.
+pub const SECRET_IDLE: Duration = Duration::from_secs(1);
 
 impl Activity {
     fn touch(&self) {
@@ -233,11 +238,17 @@ impl Activity {
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     /// When the connection becomes idle if nothing else happens (None:
-    /// a request is in flight).
+    /// a request is in flight): `idle` after the last request, or
+    /// [`SECRET_IDLE`] once an answer carried a secret.
     fn idle_at(&self, idle: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
+        let idle = if self.secret.load(Ordering::Acquire) {
+            idle.min(SECRET_IDLE)
+        } else {
+            idle
+        };
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         Some(Instant::from_std(self.start + last + idle))
     }
@@ -257,10 +268,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.touch();
-        let left = self.0.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
-        if left == 0 && self.0.secret.load(Ordering::Acquire) {
-            self.0.drained.notify_one();
-        }
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -349,7 +357,6 @@ pub async fn serve(
                 last_ms: std::sync::atomic::AtomicU64::new(0),
                 start: std::time::Instant::now(),
                 secret: std::sync::atomic::AtomicBool::new(false),
-                drained: tokio::sync::Notify::new(),
             });
             let act = activity.clone();
             // Below hyper, a connection with no bytes in either direction
@@ -357,7 +364,6 @@ pub async fn serve(
             let io = TokioIo::new(IdleTimeout::new(tls, opts2.idle_timeout));
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let guard = InFlight::new(&act);
-                let h2 = req.version() == hyper::Version::HTTP_2;
                 let mut req = req.map(Body::new);
                 req.extensions_mut().insert(PeerAddr(peer));
                 req.extensions_mut()
@@ -366,11 +372,7 @@ pub async fn serve(
                 async move {
                     let r = fut.await;
                     if let Ok(resp) = &r {
-                        // HTTP/1.1 ends by `Connection: close`. HTTP/2 is
-                        // left open: a GOAWAY racing a client's next stream
-                        // made it retry a request the server had run
-                        // (tests/crash.rs saw a ticket used twice).
-                        if !h2 && resp.extensions().get::<super::CloseConnection>().is_some() {
+                        if resp.extensions().get::<super::CarriedSecret>().is_some() {
                             guard.0.secret.store(true, Ordering::Release);
                         }
                     }
@@ -398,20 +400,15 @@ pub async fn serve(
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = activity.drained.notified(), if !closing => {
-                        // HTTP/2: no stream left after a secret (streams
-                        // already sent keep their answers; hyper's shutdown
-                        // is two-phase GOAWAY).
-                        if activity.in_flight.load(Ordering::Acquire) == 0 {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
-                    }
                     _ = tokio::time::sleep_until(idle_at), if !closing => {
                         if activity
                             .idle_at(opts2.idle_timeout)
                             .is_some_and(|t| t <= Instant::now())
                         {
+                            // Quiet for its idle time (a short one after a
+                            // secret): closed gracefully, so an HTTP/2
+                            // client's new stream after the GOAWAY is
+                            // refused unprocessed, never run and lost.
                             opts2.shield.count(super::shield::Event::IdleClosed);
                             closing = true;
                             conn.as_mut().graceful_shutdown();

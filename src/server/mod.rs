@@ -33,12 +33,15 @@ impl PeerAddr {
     }
 }
 
-/// Set on a response that carries a secret (or answers a request that did):
-/// the connection closes after it, so no connection buffer (hyper's, the
-/// TLS layer's) keeps the secret while the connection idles; freed
+/// Response extension: this answer carried a secret (a credential, a TOTP
+/// code, the exchange answer, a refresh token, or the answer to a
+/// `/v1/store` body). Its connection is closed once it has been quiet for
+/// [`listener::SECRET_IDLE`] (both protocols), so no connection buffer
+/// (hyper's, the TLS layer's) keeps the secret while a client idles; a
+/// client sending one request after another keeps its connection. Freed
 /// buffers are wiped by the zeroizing allocator.
 #[derive(Debug, Clone, Copy)]
-pub struct CloseConnection;
+pub struct CarriedSecret;
 
 pub struct Settings {
     pub direct: direct::DirectSettings,
