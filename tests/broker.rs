@@ -410,12 +410,26 @@ async fn totp_token_is_injected_as_its_current_code() {
 
 // ---- refresh ----------------------------------------------------------------
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Provider {
     calls: Arc<AtomicUsize>,
     evil: Arc<AtomicUsize>,
     last_auth: Arc<Mutex<Option<String>>>,
     last_form: Arc<Mutex<HashMap<String, String>>>,
+    /// `/token-gated` answers only once a permit is added here.
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Provider {
+    fn default() -> Self {
+        Provider {
+            calls: Default::default(),
+            evil: Default::default(),
+            last_auth: Default::default(),
+            last_form: Default::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
 }
 
 async fn provider() -> (String, Provider) {
@@ -439,8 +453,8 @@ async fn provider() -> (String, Provider) {
                 );
             }
             match mode {
-                "slow" => {
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                "gated" => {
+                    p.gate.acquire().await.unwrap().forget();
                     (
                         StatusCode::OK,
                         axum::Json(
@@ -469,7 +483,7 @@ async fn provider() -> (String, Provider) {
     };
     let app = axum::Router::new()
         .route("/token", post(handle("ok")))
-        .route("/token-slow", post(handle("slow")))
+        .route("/token-gated", post(handle("gated")))
         .route("/token-norotate", post(handle("norotate")))
         .route("/token-error", post(handle("error")))
         .route("/token-noaccess", post(handle("noaccess")))
@@ -667,11 +681,20 @@ async fn refresh_failures_keep_the_old_document() {
 #[tokio::test]
 async fn concurrent_notifies_are_a_single_flight() {
     let (purl, prov) = provider().await;
-    let (_t, a) = bound("").await;
-    add_client(&a, "slow", &format!("{purl}/token-slow"), "post");
+    let (_t, a) = bound("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
+    add_client(&a, "gated", &format!("{purl}/token-gated"), "post");
     seed_oauth_token(&a, "svc").await;
-    let futs: Vec<_> = (0..20).map(|_| notify(&a, "svc", "slow", "")).collect();
-    let results = futures::future::join_all(futs).await;
+    // The provider holds its answer until all 20 notifications are in:
+    // the first one's call has arrived and the other 19 have joined it.
+    let futs: Vec<_> = (0..20).map(|_| notify(&a, "svc", "gated", "")).collect();
+    let (results, ()) = tokio::join!(futures::future::join_all(futs), async {
+        a.wait_metrics("19 notifications joined the refresh in flight", |m| {
+            metric(m, "tvw_refresh_joined_total") == 19
+        })
+        .await;
+        assert_eq!(prov.calls.load(Ordering::SeqCst), 1);
+        prov.gate.add_permits(1);
+    });
     assert!(
         results.iter().all(|v| v["status"] == "refreshed"),
         "{results:?}"

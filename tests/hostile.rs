@@ -446,7 +446,9 @@ async fn refresh_notify_answers_no_token_with_and_without_a_client() {
 #[tokio::test]
 async fn unauthenticated_failures_spend_a_per_address_budget_and_exchange_is_rate_limited() {
     let (_t, a) = Appliance::start_configured(
-        "[limits]\nfailures_per_minute = 60\nfailure_burst = 10\nexchange_per_minute = 6\nexchange_burst = 3\n",
+        // One refill a minute: the bursts below hold however slowly the
+        // requests land, short of a minute per request.
+        "[limits]\nfailures_per_minute = 1\nfailure_burst = 10\nexchange_per_minute = 1\nexchange_burst = 3\n",
     );
     let attacker = client_from(&a, "127.0.0.3");
     let mut codes = Vec::new();

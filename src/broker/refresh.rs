@@ -31,6 +31,8 @@ pub struct Refresher {
     http: reqwest::Client,
     inflight: Mutex<HashMap<String, Flight>>,
     next_flight: std::sync::atomic::AtomicU64,
+    /// Notifications that joined a refresh already in flight.
+    joined: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,7 @@ impl Refresher {
             http,
             inflight: Mutex::new(HashMap::new()),
             next_flight: std::sync::atomic::AtomicU64::new(1),
+            joined: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -196,6 +199,7 @@ async fn notify(
             return outcome("error");
         };
         if let Some((_, f)) = map.get(&service) {
+            r.joined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (f.clone(), None)
         } else {
             let s2 = s.clone();
@@ -217,6 +221,13 @@ async fn notify(
         remove_flight(&r.inflight, &service, id);
     }
     o
+}
+
+impl Refresher {
+    /// Notifications so far that joined a refresh already in flight.
+    pub fn joined(&self) -> u64 {
+        self.joined.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Removes `service`'s single-flight entry if it is still flight `id`.

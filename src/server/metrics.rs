@@ -396,6 +396,17 @@ pub fn router(state: super::AppState) -> axum::Router {
             .metrics()
             .render(&s.store, s.backend.kind(), s.backend.healthy());
         s.settings.shield.render(&mut body);
+        header(
+            &mut body,
+            "tvw_refresh_joined_total",
+            "counter",
+            "refresh-notify calls that joined a refresh already in flight for the same service.",
+        );
+        let _ = writeln!(
+            body,
+            "tvw_refresh_joined_total {}",
+            s.settings.broker.refresher.joined()
+        );
         (
             [(
                 axum::http::header::CONTENT_TYPE,

@@ -379,7 +379,7 @@ mod tests {
     #[test]
     fn failures_spend_a_budget_per_address() {
         let s = Shield::new(ShieldSettings {
-            failures_per_minute: 60,
+            failures_per_minute: 1,
             failure_burst: 3,
             ..ShieldSettings::defaults()
         });
