@@ -7,51 +7,8 @@ mod harness;
 
 use harness::*;
 use serde_json::{json, Value};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A client whose connections come from `from` (another loopback address).
-fn client_from(a: &Appliance, from: &str) -> reqwest::Client {
-    let pem = std::fs::read(a.dir.join("tls/cert.pem")).unwrap();
-    reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
-        .tls_built_in_root_certs(false)
-        .local_address(from.parse::<IpAddr>().unwrap())
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-}
-
-/// A raw TLS connection from `from` to the appliance (for what reqwest will
-/// not do: a body that never finishes).
-async fn raw_tls(
-    a: &Appliance,
-    from: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let pem = std::fs::read(a.dir.join("tls/cert.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(from.parse().unwrap(), 0))?;
-    let tcp = sock
-        .connect(SocketAddr::new("127.0.0.1".parse().unwrap(), a.port()))
-        .await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-}
 
 async fn metrics_of(a: &Appliance) -> String {
     a.metrics().await
