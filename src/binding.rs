@@ -37,6 +37,19 @@ fn aad(code: &str) -> Vec<u8> {
 
 /// `rotate-key`: an unused code with its secret sealed under `gen`, or
 /// `None` if there is nothing to change.
+/// Whether an outstanding code's sealed secret opens under the keys
+/// (`restore` checks every one). Used or empty codes have nothing sealed.
+pub fn code_opens(backend: &Backend, code: &str, rec: &BindCode) -> Result<(), BindError> {
+    if rec.used || rec.sealed_secret.is_empty() {
+        return Ok(());
+    }
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(&rec.sealed_secret)
+        .map_err(|_| StoreError::Corrupt("bind code"))?;
+    backend.open(&aad(code), &sealed)?;
+    Ok(())
+}
+
 pub fn rekey_code(
     backend: &Backend,
     code: &str,

@@ -205,3 +205,119 @@ async fn restore_refuses_a_backup_sealed_under_other_keys_and_keeps_the_store() 
         "{h}"
     );
 }
+
+/// Backup and restore carry what is sealed besides the documents: a TOTP
+/// seed (its device object on SoftHSM2, a sealed field on the TPM), an
+/// OAuth client's secret and an outstanding bind code. Each is checked to
+/// open before the restore replaces anything, and each works afterwards.
+#[tokio::test]
+async fn totp_seeds_oauth_clients_and_bind_codes_survive_backup_and_restore() {
+    let (tmp, mut a) = Appliance::start_new();
+    a.bind().await;
+    let (s, v) = a
+        .store("otp", json!({"totpSecret": "JBSWY3DPEHPK3PXP"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let cfg = a.config();
+    let cfg = cfg.to_str().unwrap();
+    let f = tmp.path().join("client.secret");
+    std::fs::write(&f, "client-secret-xyz\n").unwrap();
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let out = cli(&[
+        "--config",
+        cfg,
+        "oauth-client",
+        "add",
+        "prov",
+        "--client-id",
+        "cid-1",
+        "--client-secret-file",
+        f.to_str().unwrap(),
+        "--token-url",
+        "https://oauth.example/token",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reg = cli_json(&["--config", cfg, "register-url"]);
+    a.terminate();
+    let _tpm = start_swtpm_for(&a.dir);
+    let backup = tmp.path().join("all.backup");
+    let v = cli_json(&["--config", cfg, "backup", "--out", backup.to_str().unwrap()]);
+    assert_eq!(v["tokens"], 1, "{v}");
+    // After the backup: the client removed, another token stored.
+    let out = cli(&["--config", cfg, "oauth-client", "remove", "prov"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(_tpm);
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&a.dir);
+    b.secret = secret.clone();
+    let (s, _) = b
+        .store("later", json!({"accessToken": "after-the-backup"}))
+        .await;
+    assert_eq!(s, 200);
+    b.terminate();
+    let _tpm = start_swtpm_for(&a.dir);
+    let o = restore(cfg, &backup, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            r["tokens"].as_u64(),
+            r["oauthClientsVerified"].as_u64(),
+            r["bindCodesVerified"].as_u64(),
+            r["bound"].as_bool()
+        ),
+        (Some(1), Some(1), Some(2), Some(true)),
+        "the bind code used by the first bind and the outstanding one: {r}"
+    );
+    if !tpm() {
+        assert_eq!(r["totpKeysVerified"], 1, "{r}");
+    }
+    let list = cli(&["--config", cfg, "oauth-client", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("prov"), "{list}");
+    assert!(!list.contains("client-secret-xyz"), "{list}");
+    drop(_tpm);
+    let mut c = Appliance::start_serve(&a.dir);
+    c.secret = secret;
+    assert_eq!(
+        c.credential("later", "").await.0,
+        404,
+        "the restore replaced the store"
+    );
+    let tk = c.ticket("totp_code", "otp", json!({}));
+    let v = json_of(c.client.get(format!(
+        "{}?ticket={tk}&service=otp",
+        c.url("/v1/totp-code")
+    )))
+    .await;
+    assert!(v["code"].as_str().is_some_and(|s| s.len() == 6), "{v}");
+    // The outstanding bind code from before the backup still exchanges,
+    // and its secret is the one the appliance then checks.
+    let r = c
+        .client
+        .post(c.url("/v1/exchange"))
+        .json(&json!({"code": reg["code"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    use base64::Engine;
+    c.secret = Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(v["hmacSecret"].as_str().unwrap())
+            .unwrap(),
+    );
+    let (s, v) = c
+        .signed("/v1/health", json!({"requestId": new_rid()}))
+        .await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("healthy")), "{v}");
+}

@@ -795,3 +795,120 @@ async fn a_full_store_answers_507_loses_nothing_and_recovers_when_space_returns(
     }
     assert!(!b.log_text().contains("panicked"));
 }
+
+/// A tmpfs the test mounts over a directory, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "mounting a tmpfs needs root (CI runs as root); this test does not skip"
+        );
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+    fn resize(&self, size: &str) {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "remount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A real full disk, not a full map: the store's directory on a 4 MiB
+/// tmpfs under a 64 MiB map. Writes answer 507 with nothing lost, reads go
+/// on, and once the file system has room again writes land without a
+/// restart.
+#[tokio::test]
+async fn a_full_disk_answers_507_loses_nothing_and_recovers_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = Appliance::start_dev(&dir);
+    a.terminate();
+    let state = dir.join("state");
+    let orig = dir.join("state.orig");
+    std::fs::rename(&state, &orig).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let fs = Tmpfs::mount(&state, "4m");
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(orig.join("."))
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let cfg = cfg.replace("map_size_mib = 256", "map_size_mib = 64")
+        + "\n[direct_access]\nrate_limit_per_minute = 0\n";
+    assert!(cfg.contains("map_size_mib = 64\n"));
+    std::fs::write(dir.join("config.toml"), &cfg).unwrap();
+    let mut a = Appliance::start_serve(&dir);
+    a.bind().await;
+    let blob = "y".repeat(16 * 1024);
+    let mut stored = Vec::new();
+    let mut full = None;
+    for i in 0..1000 {
+        let svc = format!("disk-{i}");
+        let (st, v) = a
+            .store(&svc, json!({"accessToken": format!("{i}-{blob}")}))
+            .await;
+        match st {
+            200 => stored.push(svc),
+            507 => {
+                full = Some(v);
+                break;
+            }
+            other => panic!("{svc}: {other} {v}\n{}", a.log_text()),
+        }
+    }
+    let v = full.expect("the 4 MiB file system never filled");
+    assert_eq!(v["error"], "insufficient_storage", "{v}");
+    assert!(stored.len() > 5, "{}", stored.len());
+    // Every acknowledged write reads back; the server is alive.
+    for (i, svc) in stored.iter().enumerate() {
+        let (st, v) = a.credential(svc, "").await;
+        assert_eq!(st, 200, "{svc}: {v}");
+        assert_eq!(v["token"]["accessToken"], json!(format!("{i}-{blob}")));
+    }
+    // Room again (the file system grown in place): writes land, no restart.
+    fs.resize("64m");
+    let (st, v) = a.store("after", json!({"accessToken": blob})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(a.credential("after", "").await.0, 200);
+    assert_eq!(a.credential(&stored[0], "").await.0, 200);
+    assert!(!a.log_text().contains("panicked"));
+    a.terminate();
+}

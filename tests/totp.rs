@@ -229,3 +229,59 @@ async fn no_seed_in_memory_files_or_log_after_100_codes() {
     }
     assert!(!a.log_text().contains(&b32));
 }
+
+/// A seed object no document refers to (left by a crash between enrolment
+/// and its write) is destroyed at the next start and says so; the live
+/// one stays and keeps giving codes. SoftHSM2 only: under the TPM backend
+/// seeds are sealed fields and no device object exists to orphan.
+#[tokio::test]
+async fn an_orphaned_totp_key_object_is_removed_at_start_and_the_live_one_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut a = Appliance::start_dev_backend(&dir, "pkcs11");
+    a.bind().await;
+    let (s, v) = a
+        .store("otp", json!({"totpSecret": "JBSWY3DPEHPK3PXP"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    a.terminate();
+    let cfg = tokenvault_webhook::cli::load_for_run(&a.config()).unwrap();
+    let live = {
+        let device = tokenvault_webhook::cli::open_device(&cfg).unwrap();
+        let b = device.backend();
+        let live = b.list_otp().unwrap();
+        assert_eq!(live.len(), 1, "{live:?}");
+        let orphan = b
+            .install_otp(
+                &secrecy::SecretSlice::from(b"an orphaned seed, 20b".to_vec()),
+                tokenvault_webhook::keys::OtpAlg::Sha1,
+            )
+            .unwrap()
+            .expect("SoftHSM2 holds seeds as key objects");
+        let mut both = b.list_otp().unwrap();
+        both.sort();
+        let mut want = vec![live[0].clone(), orphan];
+        want.sort();
+        assert_eq!(both, want);
+        live
+    };
+    let secret = a.secret.clone();
+    let mut b = Appliance::start_serve(&dir);
+    b.secret = secret;
+    assert!(
+        b.log_text()
+            .contains("removed orphaned TOTP key objects removed=1"),
+        "{}",
+        b.log_text()
+    );
+    let tk = b.ticket("totp_code", "otp", json!({}));
+    let v = json_of(b.client.get(format!(
+        "{}?ticket={tk}&service=otp",
+        b.url("/v1/totp-code")
+    )))
+    .await;
+    assert!(v["code"].as_str().is_some_and(|c| c.len() == 6), "{v}");
+    b.terminate();
+    let device = tokenvault_webhook::cli::open_device(&cfg).unwrap();
+    assert_eq!(device.backend().list_otp().unwrap(), live);
+}

@@ -38,11 +38,14 @@ struct Checked {
     tokens: u64,
     fields: u64,
     totp_keys: u64,
+    oauth_clients: u64,
+    bind_codes: u64,
     bound: bool,
 }
 
 /// Every document must parse and every sealed field open under the current
-/// keys; every TOTP seed key it names must be in the device.
+/// keys; every TOTP seed key it names must be in the device; every OAuth
+/// client secret and outstanding bind code must open too.
 fn check(store: &Store, backend: &Backend) -> Result<Checked> {
     let otp_keys = backend
         .list_otp()
@@ -52,6 +55,8 @@ fn check(store: &Store, backend: &Backend) -> Result<Checked> {
         tokens: 0,
         fields: 0,
         totp_keys: 0,
+        oauth_clients: 0,
+        bind_codes: 0,
         bound: false,
     };
     for row in store.dbs().tokens.iter(&r)? {
@@ -71,6 +76,25 @@ fn check(store: &Store, backend: &Backend) -> Result<Checked> {
             c.totp_keys += 1;
         }
         c.tokens += 1;
+    }
+    drop(r);
+    for raw in store.oauth_all()? {
+        let client: crate::broker::oauth::OAuthClient = serde_json::from_slice(&raw)
+            .map_err(|_| anyhow!("an OAuth client record does not parse"))?;
+        client.secret(backend).map_err(|e| {
+            anyhow!(
+                "OAuth client {:?}: its secret does not open: {} (was the backup taken with other keys?)",
+                client.name,
+                e.message()
+            )
+        })?;
+        c.oauth_clients += 1;
+    }
+    for (code, rec) in store.bind_codes_all()? {
+        crate::binding::code_opens(backend, &code, &rec).map_err(|e| {
+            anyhow!("an outstanding bind code does not open: {e} (was the backup taken with other keys?)")
+        })?;
+        c.bind_codes += 1;
     }
     Ok(c)
 }
@@ -107,6 +131,8 @@ pub fn restore(config: &Path, from: &Path, force: bool) -> Result<()> {
             "tokens": checked.tokens,
             "fieldsVerified": checked.fields,
             "totpKeysVerified": checked.totp_keys,
+            "oauthClientsVerified": checked.oauth_clients,
+            "bindCodesVerified": checked.bind_codes,
             "bound": checked.bound,
             "previous": kept.map(|p| p.display().to_string()),
         }))?

@@ -77,6 +77,38 @@ pub struct Report {
     pub acme_files: usize,
 }
 
+/// The points between a rotation's durable steps where a crash leaves
+/// the most to recover (tests stop the rotation there, as a kill would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The old generation closed to writers.
+    Closed,
+    /// OAuth clients re-sealed.
+    OauthClients,
+    /// Bind codes re-sealed.
+    BindCodes,
+    /// ACME files re-sealed.
+    AcmeFiles,
+    /// The old key destroyed in the device, the store not yet told.
+    Destroyed,
+}
+
+#[cfg(test)]
+thread_local! {
+    static CRASH_AT: std::cell::Cell<Option<Stage>> = const { std::cell::Cell::new(None) };
+}
+
+/// A no-op outside tests; in a test, stops the rotation at `stage` as a
+/// crash would (everything durable so far stays).
+fn crash_point(stage: Stage) -> Result<(), RotateError> {
+    #[cfg(test)]
+    if CRASH_AT.with(|c| c.get()) == Some(stage) {
+        return Err(RotateError::Other(format!("test crash at {stage:?}")));
+    }
+    let _ = stage;
+    Ok(())
+}
+
 /// Runs (or resumes) a rotation to its end.
 pub fn rotate(
     store: &Store,
@@ -149,6 +181,7 @@ pub fn rotate(
         reseal_documents(store, backend, to, opts, pass, &mut report, progress)?;
         store.update_aes_state(|s| s.closed = true)?;
         progress(Progress::Closed { from });
+        crash_point(Stage::Closed)?;
     }
     loop {
         pass += 1;
@@ -164,9 +197,12 @@ pub fn rotate(
     // store's active generation).
     report.oauth_clients = crate::broker::oauth::rekey_all(store, backend, to)
         .map_err(|e| RotateError::Other(format!("OAuth clients: {e}")))?;
+    crash_point(Stage::OauthClients)?;
     report.bind_codes = rekey_bind_codes(store, backend, to)?;
+    crash_point(Stage::BindCodes)?;
     report.acme_files = crate::acme::rekey_files(backend, &opts.acme_dir, to)
         .map_err(|e| RotateError::Other(format!("ACME files: {e}")))?;
+    crash_point(Stage::AcmeFiles)?;
     // Last look before the key goes: nothing may still need it.
     let left = store.tokens_by_generation()?;
     if let Some(n) = left.get(&from) {
@@ -175,6 +211,7 @@ pub fn rotate(
         )));
     }
     backend.destroy_aes(from)?;
+    crash_point(Stage::Destroyed)?;
     store.update_aes_state(move |s| finish(s, from))?;
     progress(Progress::Retired { gen: from });
     Ok(report)
@@ -534,5 +571,143 @@ mod tests {
         assert_eq!(value(&store, &ring, "good"), "g");
         let st = store.aes_state().unwrap();
         assert_eq!((st.active, st.previous), (2, Some(1)));
+    }
+
+    /// A rotation killed at each point between its durable steps: after a
+    /// restart (the store reopened, the device as it was) every document,
+    /// the OAuth client, the bind code and the ACME file still open, and a
+    /// second run finishes the rotation and retires the old key.
+    #[test]
+    fn a_rotation_killed_at_each_step_loses_nothing_and_resumes_to_the_end() {
+        for stage in [
+            Stage::Closed,
+            Stage::OauthClients,
+            Stage::BindCodes,
+            Stage::AcmeFiles,
+            Stage::Destroyed,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let device: Backend = Arc::new(SoftBackend::new());
+            let acme = dir.path().join("acme");
+            std::fs::create_dir(&acme).unwrap();
+            const AAD: &[u8] = b"tokenvault-webhook/acme/v1\0account";
+            let code = {
+                let store = Store::open(dir.path(), 16 << 20).unwrap();
+                let ring = crate::store::keyring::keyring(device.clone(), &store);
+                for i in 0..9 {
+                    let s = format!("svc-{i}");
+                    let p = fields::seal_token_data(
+                        &ring,
+                        &s,
+                        &json!({"accessToken": format!("tok-{i}")}),
+                        None,
+                        1_700_000_000,
+                    )
+                    .unwrap();
+                    put(&store, &s, &p.doc).unwrap();
+                }
+                let client = crate::broker::oauth::OAuthClient::new(
+                    &ring,
+                    "github",
+                    "id",
+                    &secrecy::SecretString::from("client-secret"),
+                    "https://example.com/token",
+                    crate::broker::oauth::ClientAuth::Post,
+                    false,
+                )
+                .unwrap();
+                crate::broker::oauth::save(&store, &client).unwrap();
+                let (reg, code) = crate::binding::prepare(
+                    &ring,
+                    "https://tv.example",
+                    "https://wh.example",
+                    600,
+                    crate::server::now(),
+                )
+                .unwrap();
+                store.put_bind_code_blocking(&reg.code, &code).unwrap();
+                std::fs::write(
+                    acme.join("account.sealed"),
+                    ring.seal(AAD, b"{\"acct\":1}").unwrap(),
+                )
+                .unwrap();
+                let opts = Options {
+                    batch: 4,
+                    pause: Duration::ZERO,
+                    acme_dir: acme.clone(),
+                };
+                CRASH_AT.with(|c| c.set(Some(stage)));
+                let e = rotate(&store, &ring, &opts, &mut |_| {}).unwrap_err();
+                CRASH_AT.with(|c| c.set(None));
+                assert!(
+                    e.to_string().contains(&format!("{stage:?}")),
+                    "{stage:?}: {e}"
+                );
+                reg.code
+            };
+            // The restart: the store as it is on disk (its data file, opened
+            // anew: one process cannot reopen an environment it holds), the
+            // device unchanged.
+            let after = dir.path().join("restarted");
+            std::fs::create_dir(&after).unwrap();
+            std::fs::copy(dir.path().join("data.mdb"), after.join("data.mdb")).unwrap();
+            let store = Store::open(&after, 16 << 20).unwrap();
+            let ring = crate::store::keyring::keyring(device.clone(), &store);
+            let check = |store: &Store, ring: &Backend, when: &str| {
+                for i in 0..9 {
+                    assert_eq!(
+                        value(store, ring, &format!("svc-{i}")),
+                        format!("tok-{i}"),
+                        "{stage:?} {when}"
+                    );
+                }
+                let c = crate::broker::oauth::get(store, "github").unwrap();
+                assert_eq!(
+                    c.secret(ring).unwrap().as_str(),
+                    "client-secret",
+                    "{stage:?} {when}"
+                );
+                let rec = store.bind_code(&code).unwrap().unwrap();
+                assert!(
+                    crate::binding::rekey_code(
+                        ring,
+                        &code,
+                        &rec,
+                        store.aes_state().unwrap().active
+                    )
+                    .is_ok(),
+                    "{stage:?} {when}: the bind code opens"
+                );
+                let sealed = std::fs::read(acme.join("account.sealed")).unwrap();
+                assert_eq!(
+                    ring.open(AAD, &sealed).unwrap().as_slice(),
+                    b"{\"acct\":1}",
+                    "{stage:?} {when}"
+                );
+            };
+            check(&store, &ring, "after the crash");
+            let opts = Options {
+                batch: 4,
+                pause: Duration::ZERO,
+                acme_dir: acme.clone(),
+            };
+            let report = rotate(&store, &ring, &opts, &mut |_| {})
+                .unwrap_or_else(|e| panic!("{stage:?}: the resumed rotation failed: {e}"));
+            assert!(report.resumed, "{stage:?}");
+            assert_eq!((report.from, report.to), (1, 2), "{stage:?}");
+            check(&store, &ring, "after the resumed rotation");
+            assert_eq!(
+                store.tokens_by_generation().unwrap(),
+                [(2, 9)].into(),
+                "{stage:?}"
+            );
+            assert_eq!(device.aes_generations().unwrap(), vec![2], "{stage:?}");
+            let st = store.aes_state().unwrap();
+            assert_eq!(
+                (st.active, st.previous, st.closed, st.retired.clone()),
+                (2, None, false, vec![1]),
+                "{stage:?}"
+            );
+        }
     }
 }

@@ -26,6 +26,10 @@ impl From<StoreError> for ApiError {
                 ApiError::InsufficientStorage
             }
             StoreError::KeyRetired => ApiError::KeyRotating,
+            StoreError::DiskFull => {
+                tracing::error!("the store's file system is full; free space under store.path");
+                ApiError::InsufficientStorage
+            }
             StoreError::KeyTooLong => ApiError::invalid("A key in the request is too long"),
             StoreError::BadCursor => {
                 ApiError::invalid("options.after is not a cursor this listing returned")

@@ -44,6 +44,10 @@ pub enum StoreError {
     /// record can exist, and none can be written.
     #[error("key longer than the store's key limit")]
     KeyTooLong,
+    /// The file system under the store is full (ENOSPC, EDQUOT, or a short
+    /// write while it has no room left): nothing of the write landed.
+    #[error("the store's file system is full")]
+    DiskFull,
 }
 
 /// LMDB's key size limit (its default `MDB_MAXKEYSIZE`).
@@ -54,6 +58,11 @@ impl From<heed::Error> for StoreError {
         match e {
             heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull,
             heed::Error::Mdb(heed::MdbError::BadValSize) => StoreError::KeyTooLong,
+            heed::Error::Io(ref io)
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+            {
+                StoreError::DiskFull
+            }
             e => StoreError::Lmdb(e.to_string()),
         }
     }

@@ -40,6 +40,22 @@ fn run(env: &'static Env<WithoutTls>, dbs: Dbs, rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// Whether the file system holding `dir` has (almost) no room left.
+fn no_room(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: a valid NUL-terminated path and a buffer of the right type.
+    if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statvfs succeeded and filled it.
+    let st = unsafe { st.assume_init() };
+    (st.f_bavail as u128) * (st.f_frsize as u128) < 1 << 20
+}
+
 fn commit_batch(env: &Env<WithoutTls>, dbs: &Dbs, mut batch: Vec<Job>) {
     let outcome: Result<Vec<Result<(), StoreError>>, StoreError> = (|| {
         let mut parent = env.write_txn()?;
@@ -60,6 +76,12 @@ fn commit_batch(env: &Env<WithoutTls>, dbs: &Dbs, mut batch: Vec<Job>) {
         parent.commit()?;
         Ok(results)
     })();
+    // LMDB reports a short write as EIO: on a file system with no room
+    // left, that is a full disk, not a failing one.
+    let outcome = outcome.map_err(|e| match e {
+        StoreError::Lmdb(_) if no_room(env.path()) => StoreError::DiskFull,
+        e => e,
+    });
     match outcome {
         Ok(results) => {
             for (job, r) in batch.into_iter().zip(results) {
