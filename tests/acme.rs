@@ -286,10 +286,12 @@ async fn acme_renews_a_short_lived_certificate_without_restart_and_survives_a_de
     let first = served_serial(&root, port).await;
     // One connection stays open across the swap.
     let keep = pebble_client(pebble.root().await, port);
-    keep.get(format!("https://localhost:{port}/v1/health"))
+    let r = keep
+        .get(format!("https://localhost:{port}/v1/health"))
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 200);
     let deadline = Instant::now() + Duration::from_secs(60);
     let second = loop {
         let s = served_serial(&root, port).await;

@@ -141,7 +141,7 @@ async fn pin(a: &Appliance, pid: &str, upstream_url: &str, svc: &str) {
 async fn proxy_injects_credentials_and_passes_responses_through() {
     let (base, up) = upstream().await;
     let (_t, a) = bound("").await;
-    a.store("gh", json!({"accessToken":"ghp_proxy_secret"}))
+    a.store_ok("gh", json!({"accessToken":"ghp_proxy_secret"}))
         .await;
     pin(&a, "p1", &format!("{base}/api"), "gh").await;
     let r = proxy(&a, "gh", Some("p1"), json!({
@@ -235,7 +235,7 @@ async fn proxy_injects_credentials_and_passes_responses_through() {
 async fn proxy_streams_server_sent_events() {
     let (base, up) = upstream().await;
     let (_t, a) = bound("").await;
-    a.store("gh", json!({"accessToken":"t"})).await;
+    a.store_ok("gh", json!({"accessToken":"t"})).await;
     pin(&a, "p1", &format!("{base}/api"), "gh").await;
     let mut r = proxy(
         &a,
@@ -266,7 +266,7 @@ async fn proxy_streams_server_sent_events() {
 async fn proxy_timeout_and_size_cap() {
     let (base, _up) = upstream().await;
     let (_t, a) = bound("[proxy]\ntimeout_secs = 1\nmax_response_bytes = 1048576\n").await;
-    a.store("gh", json!({"accessToken":"t"})).await;
+    a.store_ok("gh", json!({"accessToken":"t"})).await;
     pin(&a, "p1", &format!("{base}/api"), "gh").await;
     let r = proxy(
         &a,
@@ -309,8 +309,8 @@ async fn proxy_is_pinned_to_the_stored_config() {
     let (base, up) = upstream().await;
     let (foreign, foreign_up) = upstream().await;
     let (_t, a) = bound("[proxy]\nrequire_config = true\n").await;
-    a.store("gh", json!({"accessToken":"t"})).await;
-    a.store("other", json!({"accessToken":"o"})).await;
+    a.store_ok("gh", json!({"accessToken":"t"})).await;
+    a.store_ok("other", json!({"accessToken":"o"})).await;
     pin(&a, "p1", &format!("{base}/api"), "gh").await;
     for (svc, pid, url) in [
         ("gh", Some("p1"), format!("{foreign}/api/echo")),
@@ -359,7 +359,7 @@ async fn proxy_is_pinned_to_the_stored_config() {
 async fn egress_policy_refuses_local_and_metadata_addresses() {
     let (base, up) = upstream().await;
     let (_t, a) = bound("[proxy]\nallow_loopback = false\nrequire_config = false\n").await;
-    a.store("gh", json!({"accessToken":"t"})).await;
+    a.store_ok("gh", json!({"accessToken":"t"})).await;
     let port = base.rsplit(':').next().unwrap();
     for url in [
         format!("{base}/api/echo"),
@@ -387,7 +387,7 @@ async fn totp_token_is_injected_as_its_current_code() {
     use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
     let (base, _up) = upstream().await;
     let (_t, a) = bound("").await;
-    a.store("otp", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
+    a.store_ok("otp", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
         .await;
     pin(&a, "p1", &format!("{base}/api"), "otp").await;
     let t0 = now();
@@ -603,7 +603,7 @@ async fn refresh_notify_with_a_local_client() {
         notify(&a, "nothing", "myprovider", "").await["status"],
         "no_token"
     );
-    a.store("norefresh", json!({"accessToken":"x"})).await;
+    a.store_ok("norefresh", json!({"accessToken":"x"})).await;
     assert_eq!(
         notify(&a, "norefresh", "myprovider", "").await["status"],
         "no_refresh_token"
@@ -742,7 +742,7 @@ async fn tv_mediated_refresh() {
         (Some("ya29.new"), Some("1//rt2"), Some("cert-keep"))
     );
     assert_eq!(tok["expiryTime"], 1900000000000i64);
-    a.store("plain", json!({"accessToken":"x"})).await;
+    a.store_ok("plain", json!({"accessToken":"x"})).await;
     assert_eq!(
         a.signed("/v1/refresh", json!({"action":"get","service":"plain"}))
             .await

@@ -184,7 +184,12 @@ async fn gcp_service_accounts_are_minted_never_revealed() {
     assert!(tok["expiresAt"].as_str().unwrap().ends_with('Z'));
     assert!(!v.to_string().contains("PRIVATE KEY"));
     // Cached per scopes: a second read does not call the endpoint; new scopes do.
-    a.credential("gcp", "").await;
+    let (s, again) = a.credential("gcp", "").await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        again["token"]["accessToken"], tok["accessToken"],
+        "the cached token"
+    );
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     let (_, v) = a
         .credential(
@@ -199,7 +204,7 @@ async fn gcp_service_accounts_are_minted_never_revealed() {
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
     // A key the endpoint refuses: 502, no key material in the answer.
     let bad = sa.replace("key-1", "key-2");
-    a.store("gcp-bad", json!({"accessToken": bad})).await;
+    a.store_ok("gcp-bad", json!({"accessToken": bad})).await;
     let (s, v) = a.credential("gcp-bad", "").await;
     assert_eq!((s, v["error"].as_str()), (502, Some("gcp_mint_failed")));
     assert!(!v.to_string().contains("PRIVATE"));

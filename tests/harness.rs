@@ -315,6 +315,12 @@ impl Appliance {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// [`Appliance::store`] for setup: the store must succeed.
+    pub async fn store_ok(&self, svc: &str, token_data: Value) {
+        let (s, v) = self.store(svc, token_data).await;
+        assert_eq!(s, 200, "setup store of {svc}: {v}");
+    }
+
     pub async fn credential(&self, svc: &str, query: &str) -> (u16, Value) {
         let tk = self.ticket("agent_credential", svc, json!({}));
         let url = format!(

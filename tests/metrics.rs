@@ -31,7 +31,7 @@ async fn metrics_count_requests_key_operations_and_verifies_without_any_secret()
     assert_eq!(s, 200);
     let (s, _) = a.credential("absent", "").await;
     assert_eq!(s, 404);
-    a.store("peer", json!({"totpSecret": "JBSWY3DPEHPK3PXP"}))
+    a.store_ok("peer", json!({"totpSecret": "JBSWY3DPEHPK3PXP"}))
         .await;
     let tk = a.ticket("totp_verify", "peer", json!({}));
     let body = json!({"ticket": tk, "service": "peer", "code": "000000"});

@@ -44,7 +44,7 @@ async fn unlisted_path_and_port_are_denied_inside_the_service() {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
     a.bind().await;
-    a.store("svc", json!({"accessToken":"t"})).await;
+    a.store_ok("svc", json!({"accessToken":"t"})).await;
     let body = json!({"ticket": a.ticket("proxy", "svc", json!({})), "service": "svc", "upstream": {"url": format!("http://{addr}/x")}, "headerTemplates": {}});
     let (s, v) = a.signed("/v1/proxy", body).await;
     assert_eq!(

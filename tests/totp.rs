@@ -130,7 +130,7 @@ async fn verify_is_single_use_across_restart() {
     let (_tmp, mut a) = Appliance::start_new();
     a.bind().await;
     let secret = a.secret.clone();
-    a.store(
+    a.store_ok(
         "peer",
         json!({"totpSecret":"JBSWY3DPEHPK3PXP","totpPeriod":3600}),
     )
