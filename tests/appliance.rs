@@ -316,15 +316,9 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     );
     std::fs::write(a.dir.join("tls/key.pem"), ck.key_pair.serialize_pem()).unwrap();
     std::fs::write(a.dir.join("tls/cert.pem"), ck.cert.pem()).unwrap();
-    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
-    a.wait_log("TLS certificate reloaded").await;
+    a.sighup_and_wait("TLS certificate reloaded", 1).await;
     assert_eq!(
-        new_client
-            .get(a.url("/v1/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        a.health_trusting(&new_dir.path().join("cert.pem")).await,
         200
     );
     // The old client's pooled connection still works.
@@ -346,17 +340,10 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
         (2, other.cert.pem()),
     ] {
         std::fs::write(a.dir.join("tls/cert.pem"), cert_pem).unwrap();
-        unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
-        a.wait_log_count("TLS reload failed; keeping the current certificate", n)
+        a.sighup_and_wait("TLS reload failed; keeping the current certificate", n)
             .await;
-        let fresh = client_trusting(&new_dir.path().join("cert.pem"));
         assert_eq!(
-            fresh
-                .get(a.url("/v1/health"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            a.health_trusting(&new_dir.path().join("cert.pem")).await,
             200,
             "reload failure {n}"
         );

@@ -220,27 +220,7 @@ async fn totp_seeds_oauth_clients_and_bind_codes_survive_backup_and_restore() {
     assert_eq!(s, 200, "{v}");
     let cfg = a.config();
     let cfg = cfg.to_str().unwrap();
-    let f = tmp.path().join("client.secret");
-    std::fs::write(&f, "client-secret-xyz\n").unwrap();
-    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let out = cli(&[
-        "--config",
-        cfg,
-        "oauth-client",
-        "add",
-        "prov",
-        "--client-id",
-        "cid-1",
-        "--client-secret-file",
-        f.to_str().unwrap(),
-        "--token-url",
-        "https://oauth.example/token",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.add_oauth_client("prov", "https://oauth.example/token", &[]);
     let reg = cli_json(&["--config", cfg, "register-url"]);
     a.terminate();
     let _tpm = start_swtpm_for(&a.dir);
@@ -255,9 +235,7 @@ async fn totp_seeds_oauth_clients_and_bind_codes_survive_backup_and_restore() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(_tpm);
-    let secret = a.secret.clone();
-    let mut b = Appliance::start_serve(&a.dir);
-    b.secret = secret.clone();
+    let mut b = a.serve_again();
     let (s, _) = b
         .store("later", json!({"accessToken": "after-the-backup"}))
         .await;
@@ -285,37 +263,18 @@ async fn totp_seeds_oauth_clients_and_bind_codes_survive_backup_and_restore() {
     assert!(list.contains("prov"), "{list}");
     assert!(!list.contains("client-secret-xyz"), "{list}");
     drop(_tpm);
-    let mut c = Appliance::start_serve(&a.dir);
-    c.secret = secret;
+    let mut c = a.serve_again();
     assert_eq!(
         c.credential("later", "").await.0,
         404,
         "the restore replaced the store"
     );
-    let tk = c.ticket("totp_code", "otp", json!({}));
-    let v = json_of(c.client.get(format!(
-        "{}?ticket={tk}&service=otp",
-        c.url("/v1/totp-code")
-    )))
-    .await;
+    let v = c.totp_code("otp").await;
     assert!(v["code"].as_str().is_some_and(|s| s.len() == 6), "{v}");
     // The outstanding bind code from before the backup still exchanges,
     // and its secret is the one the appliance then checks.
-    let r = c
-        .client
-        .post(c.url("/v1/exchange"))
-        .json(&json!({"code": reg["code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    use base64::Engine;
-    c.secret = Some(
-        base64::engine::general_purpose::STANDARD
-            .decode(v["hmacSecret"].as_str().unwrap())
-            .unwrap(),
-    );
+    let (s, v) = c.exchange(&reg["code"]).await;
+    assert_eq!(s, 200, "{v}");
     let (s, v) = c
         .signed("/v1/health", json!({"requestId": new_rid()}))
         .await;

@@ -493,30 +493,7 @@ async fn provider() -> (String, Provider) {
 }
 
 fn add_client(a: &Appliance, name: &str, url: &str, auth: &str) {
-    let f = a.dir.join(format!("{name}.secret"));
-    std::fs::write(&f, "client-secret-xyz\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = cli(&[
-        "--config",
-        a.config().to_str().unwrap(),
-        "oauth-client",
-        "add",
-        name,
-        "--client-id",
-        "cid-1",
-        "--client-secret-file",
-        f.to_str().unwrap(),
-        "--token-url",
-        url,
-        "--auth",
-        auth,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.add_oauth_client(name, url, &["--auth", auth]);
 }
 
 async fn notify(a: &Appliance, svc: &str, provider: &str, hinted: &str) -> Value {

@@ -593,27 +593,7 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
         .as_str()
         .expect("an audit cursor")
         .to_string();
-    let f = a.dir.join("prov.secret");
-    std::fs::write(&f, "client-secret-xyz\n").unwrap();
-    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let out = cli(&[
-        "--config",
-        a.config().to_str().unwrap(),
-        "oauth-client",
-        "add",
-        "prov",
-        "--client-id",
-        "cid-1",
-        "--client-secret-file",
-        f.to_str().unwrap(),
-        "--token-url",
-        &format!("{up}/token"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    a.add_oauth_client("prov", &format!("{up}/token"), &[]);
     let mut ctx = Ctx {
         secret: a.secret.clone().unwrap(),
         upstream: up,
@@ -635,7 +615,7 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
             String::from_utf8_lossy(&body)
         );
         if t.path == "/v1/exchange" {
-            ctx.secret = new_secret(&body);
+            ctx.secret = secret_of(&serde_json::from_slice(&body).unwrap());
         }
         *pairs.entry((status, l)).or_default() += 1;
         for i in 0..t.n {
@@ -650,7 +630,7 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
             }
             check(t.path, status, &body, seed, &format!("{} case {i}", t.name));
             if t.path == "/v1/exchange" && status == 200 {
-                ctx.secret = new_secret(&body);
+                ctx.secret = secret_of(&serde_json::from_slice(&body).unwrap());
             }
             *pairs.entry((status, l)).or_default() += 1;
         }
@@ -679,14 +659,6 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
     assert_eq!(h["status"], "healthy", "{h}");
     assert!(!a.log_text().contains("panicked"), "{}", a.log_text());
     assert_eq!(a.terminate(), Some(0));
-}
-
-fn new_secret(body: &[u8]) -> Vec<u8> {
-    use base64::Engine;
-    let v: Value = serde_json::from_slice(body).unwrap();
-    base64::engine::general_purpose::STANDARD
-        .decode(v["hmacSecret"].as_str().unwrap())
-        .unwrap()
 }
 
 fn check(path: &str, status: u16, body: &[u8], seed: u64, what: &str) {

@@ -245,20 +245,94 @@ impl Appliance {
     /// register-url from the CLI, then /v1/exchange over HTTPS.
     pub async fn bind(&mut self) -> Value {
         let reg = cli_json(&["--config", self.config().to_str().unwrap(), "register-url"]);
+        let (s, v) = self.exchange(&reg["code"]).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    /// `/v1/exchange` of `code`; on 200 the answer's secret becomes this
+    /// appliance's.
+    pub async fn exchange(&mut self, code: &Value) -> (u16, Value) {
         let r = self
             .client
             .post(self.url("/v1/exchange"))
-            .json(&json!({"code": reg["code"]}))
+            .json(&json!({ "code": code }))
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
-        let s = base64::engine::general_purpose::STANDARD
-            .decode(v["hmacSecret"].as_str().unwrap())
-            .unwrap();
-        self.secret = Some(s);
-        v
+        let s = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if s == 200 {
+            self.secret = Some(secret_of(&v));
+        }
+        (s, v)
+    }
+
+    /// `serve` again on this appliance's dir (after `terminate`), keeping
+    /// the secret it was bound with.
+    pub fn serve_again(&self) -> Appliance {
+        let mut b = Appliance::start_serve(&self.dir);
+        b.secret = self.secret.clone();
+        b
+    }
+
+    /// `oauth-client add NAME` with a 0600 secret file; `extra`: more options.
+    pub fn add_oauth_client(&self, name: &str, token_url: &str, extra: &[&str]) {
+        let f = self.dir.join(format!("{name}.secret"));
+        std::fs::write(&f, "client-secret-xyz\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = self.config();
+        let mut args = vec![
+            "--config",
+            cfg.to_str().unwrap(),
+            "oauth-client",
+            "add",
+            name,
+            "--client-id",
+            "cid-1",
+            "--client-secret-file",
+            f.to_str().unwrap(),
+            "--token-url",
+            token_url,
+        ];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `GET /v1/totp-code` for `svc` with a fresh ticket.
+    pub async fn totp_code(&self, svc: &str) -> Value {
+        let tk = self.ticket("totp_code", svc, json!({}));
+        json_of(self.client.get(format!(
+            "{}?ticket={tk}&service={svc}",
+            self.url("/v1/totp-code")
+        )))
+        .await
+    }
+
+    /// SIGHUP (certificate reload), then waits for the `n`th log line
+    /// holding `needle`.
+    pub async fn sighup_and_wait(&self, needle: &str, n: usize) {
+        // SAFETY: a signal to the child this harness started.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+        self.wait_log_count(needle, n).await;
+    }
+
+    /// The status of `GET /v1/health` on a new connection from a client
+    /// that trusts only `cert` (which certificate is served now).
+    pub async fn health_trusting(&self, cert: &Path) -> u16 {
+        client_trusting(cert)
+            .get(self.url("/v1/health"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
     }
 
     pub async fn signed_with(
@@ -660,4 +734,11 @@ pub async fn raw_tls(
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(name, tcp)
         .await
+}
+
+/// The HMAC secret in an `/v1/exchange` answer.
+pub fn secret_of(exchange_answer: &Value) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(exchange_answer["hmacSecret"].as_str().unwrap())
+        .unwrap()
 }

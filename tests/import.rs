@@ -95,9 +95,7 @@ async fn a_reference_store_imports_and_serves_the_same_credentials() {
     assert_eq!(r["auditEvents"], 2, "{r}");
     drop(_tpm);
 
-    let secret = a.secret.clone();
-    let mut b = Appliance::start_serve(&a.dir);
-    b.secret = secret;
+    let mut b = a.serve_again();
     for (svc, field, want) in [
         ("github", "accessToken", "gho_imported_secret"),
         ("github", "refreshToken", "ghr_imported_refresh"),
@@ -195,9 +193,7 @@ async fn an_import_with_the_wrong_key_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not decrypt"), "{err}");
     drop(_tpm);
-    let secret = a.secret.clone();
-    let mut b = Appliance::start_serve(&a.dir);
-    b.secret = secret;
+    let b = a.serve_again();
     // Nothing at all was imported, not even the document before the bad one.
     for svc in ["aaa-plain", "github"] {
         let (s, v) = b.credential(svc, "").await;
@@ -295,9 +291,7 @@ async fn malformed_import_files_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(_tpm);
-    let secret = a.secret.clone();
-    let mut b = Appliance::start_serve(&a.dir);
-    b.secret = secret;
+    let mut b = a.serve_again();
     for n in 0..=6 {
         let svc = format!("aaa-{n}");
         let (st, v) = b.credential(&svc, "").await;

@@ -170,12 +170,7 @@ async fn one_bind_code_is_exchanged_once_by_a_crowd_and_its_secret_works() {
     );
     // The one secret handed out is the one the appliance now checks.
     let (_, v) = answers.iter().find(|(s, _)| *s == 200).unwrap();
-    use base64::Engine;
-    a.secret = Some(
-        base64::engine::general_purpose::STANDARD
-            .decode(v["hmacSecret"].as_str().unwrap())
-            .unwrap(),
-    );
+    a.secret = Some(secret_of(v));
     let (s, v) = a
         .signed("/v1/health", json!({"requestId": new_rid()}))
         .await;

@@ -168,42 +168,22 @@ async fn pkcs11_imported_tls_key_serves_its_certificate() {
     let trust = tmp.path().join("reissued.pem");
     std::fs::write(&trust, reissued.pem()).unwrap();
     std::fs::write(dir.join("tls/cert.pem"), reissued.pem()).unwrap();
-    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
-    a.wait_log("TLS certificate reloaded").await;
-    let fresh = client_trusting(&trust);
-    assert_eq!(
-        fresh
-            .get(a.url("/v1/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    a.sighup_and_wait("TLS certificate reloaded", 1).await;
+    assert_eq!(a.health_trusting(&trust).await, 200);
     let stranger = rcgen::KeyPair::generate().unwrap();
     let wrong = rcgen::CertificateParams::new(vec!["localhost".into()])
         .unwrap()
         .self_signed(&stranger)
         .unwrap();
     std::fs::write(dir.join("tls/cert.pem"), wrong.pem()).unwrap();
-    unsafe { libc::kill(a.pid() as i32, libc::SIGHUP) };
-    a.wait_log("TLS reload failed; keeping the current certificate")
+    a.sighup_and_wait("TLS reload failed; keeping the current certificate", 1)
         .await;
     assert!(
         a.log_text().contains("not the HSM's TLS key"),
         "{}",
         a.log_text()
     );
-    let fresh = client_trusting(&trust);
-    assert_eq!(
-        fresh
-            .get(a.url("/v1/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(a.health_trusting(&trust).await, 200);
     drop(a);
 
     // A certificate for another key is refused at start, by name (the

@@ -265,21 +265,14 @@ async fn an_orphaned_totp_key_object_is_removed_at_start_and_the_live_one_kept()
         assert_eq!(both, want);
         live
     };
-    let secret = a.secret.clone();
-    let mut b = Appliance::start_serve(&dir);
-    b.secret = secret;
+    let mut b = a.serve_again();
     assert!(
         b.log_text()
             .contains("removed orphaned TOTP key objects removed=1"),
         "{}",
         b.log_text()
     );
-    let tk = b.ticket("totp_code", "otp", json!({}));
-    let v = json_of(b.client.get(format!(
-        "{}?ticket={tk}&service=otp",
-        b.url("/v1/totp-code")
-    )))
-    .await;
+    let v = b.totp_code("otp").await;
     assert!(v["code"].as_str().is_some_and(|c| c.len() == 6), "{v}");
     b.terminate();
     let device = tokenvault_webhook::cli::open_device(&cfg).unwrap();

@@ -320,6 +320,41 @@ mod tests {
     use serde_json::json;
     use std::sync::Arc;
 
+    const ACME_ACCOUNT_AAD: &[u8] = b"tokenvault-webhook/acme/v1\0account";
+
+    /// What a rotation re-seals besides documents: an OAuth client
+    /// ("github", secret "client-secret"), an outstanding bind code (its
+    /// code returned) and an ACME account file `{}` in `acme` (created).
+    fn seal_the_rest(store: &Store, ring: &Backend, acme: &std::path::Path) -> String {
+        let client = crate::broker::oauth::OAuthClient::new(
+            ring,
+            "github",
+            "id",
+            &secrecy::SecretString::from("client-secret"),
+            "https://example.com/token",
+            crate::broker::oauth::ClientAuth::Post,
+            false,
+        )
+        .unwrap();
+        crate::broker::oauth::save(store, &client).unwrap();
+        let (reg, code) = crate::binding::prepare(
+            ring,
+            "https://tv.example",
+            "https://wh.example",
+            600,
+            crate::server::now(),
+        )
+        .unwrap();
+        store.put_bind_code_blocking(&reg.code, &code).unwrap();
+        std::fs::create_dir(acme).unwrap();
+        std::fs::write(
+            acme.join("account.sealed"),
+            ring.seal(ACME_ACCOUNT_AAD, b"{}").unwrap(),
+        )
+        .unwrap();
+        reg.code
+    }
+
     fn put(store: &Store, service: &str, doc: &TokenDocument) -> Result<(), StoreError> {
         let (k, raw) = (service.to_string(), serde_json::to_vec(doc).unwrap());
         store.write_blocking(move |txn, dbs| dbs.put_token(txn, &k, &raw))
@@ -376,34 +411,8 @@ mod tests {
             otp: None,
         };
         put(&store, "plain", &plain).unwrap();
-        let client = crate::broker::oauth::OAuthClient::new(
-            &ring,
-            "github",
-            "id",
-            &secrecy::SecretString::from("client-secret"),
-            "https://example.com/token",
-            crate::broker::oauth::ClientAuth::Post,
-            false,
-        )
-        .unwrap();
-        crate::broker::oauth::save(&store, &client).unwrap();
-        let (reg, code) = crate::binding::prepare(
-            &ring,
-            "https://tv.example",
-            "https://wh.example",
-            600,
-            crate::server::now(),
-        )
-        .unwrap();
-        store.put_bind_code_blocking(&reg.code, &code).unwrap();
         let acme = dir.path().join("acme");
-        std::fs::create_dir(&acme).unwrap();
-        std::fs::write(
-            acme.join("account.sealed"),
-            ring.seal(b"tokenvault-webhook/acme/v1\0account", b"{}")
-                .unwrap(),
-        )
-        .unwrap();
+        let bind_code = seal_the_rest(&store, &ring, &acme);
 
         // A crash right after step 1: generation 2 exists and is active,
         // nothing moved yet. Reads work under either; new writes use 2.
@@ -480,8 +489,8 @@ mod tests {
         }
         let c = crate::broker::oauth::get(&store, "github").unwrap();
         assert_eq!(c.secret(&ring).unwrap().as_str(), "client-secret");
-        let rec = store.bind_code(&reg.code).unwrap().unwrap();
-        assert!(crate::binding::rekey_code(&ring, &reg.code, &rec, 2)
+        let rec = store.bind_code(&bind_code).unwrap().unwrap();
+        assert!(crate::binding::rekey_code(&ring, &bind_code, &rec, 2)
             .unwrap()
             .is_none());
         let st = store.aes_state().unwrap();
@@ -589,8 +598,6 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let device: Backend = Arc::new(SoftBackend::new());
             let acme = dir.path().join("acme");
-            std::fs::create_dir(&acme).unwrap();
-            const AAD: &[u8] = b"tokenvault-webhook/acme/v1\0account";
             let code = {
                 let store = Store::open(dir.path(), 16 << 20).unwrap();
                 let ring = crate::store::keyring::keyring(device.clone(), &store);
@@ -606,31 +613,7 @@ mod tests {
                     .unwrap();
                     put(&store, &s, &p.doc).unwrap();
                 }
-                let client = crate::broker::oauth::OAuthClient::new(
-                    &ring,
-                    "github",
-                    "id",
-                    &secrecy::SecretString::from("client-secret"),
-                    "https://example.com/token",
-                    crate::broker::oauth::ClientAuth::Post,
-                    false,
-                )
-                .unwrap();
-                crate::broker::oauth::save(&store, &client).unwrap();
-                let (reg, code) = crate::binding::prepare(
-                    &ring,
-                    "https://tv.example",
-                    "https://wh.example",
-                    600,
-                    crate::server::now(),
-                )
-                .unwrap();
-                store.put_bind_code_blocking(&reg.code, &code).unwrap();
-                std::fs::write(
-                    acme.join("account.sealed"),
-                    ring.seal(AAD, b"{\"acct\":1}").unwrap(),
-                )
-                .unwrap();
+                let code = seal_the_rest(&store, &ring, &acme);
                 let opts = Options {
                     batch: 4,
                     pause: Duration::ZERO,
@@ -643,7 +626,7 @@ mod tests {
                     e.to_string().contains(&format!("{stage:?}")),
                     "{stage:?}: {e}"
                 );
-                reg.code
+                code
             };
             // The restart: the store as it is on disk (its data file, opened
             // anew: one process cannot reopen an environment it holds), the
@@ -680,8 +663,8 @@ mod tests {
                 );
                 let sealed = std::fs::read(acme.join("account.sealed")).unwrap();
                 assert_eq!(
-                    ring.open(AAD, &sealed).unwrap().as_slice(),
-                    b"{\"acct\":1}",
+                    ring.open(ACME_ACCOUNT_AAD, &sealed).unwrap().as_slice(),
+                    b"{}",
                     "{stage:?} {when}"
                 );
             };
