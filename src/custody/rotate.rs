@@ -355,6 +355,20 @@ mod tests {
         reg.code
     }
 
+    /// `{"accessToken": token}` sealed by `ring` and stored as `service`.
+    fn seal_put(store: &Store, ring: &Backend, service: &str, token: &str) -> TokenDocument {
+        let p = fields::seal_token_data(
+            ring,
+            service,
+            &json!({ "accessToken": token }),
+            None,
+            1_700_000_000,
+        )
+        .unwrap();
+        put(store, service, &p.doc).unwrap();
+        p.doc
+    }
+
     fn put(store: &Store, service: &str, doc: &TokenDocument) -> Result<(), StoreError> {
         let (k, raw) = (service.to_string(), serde_json::to_vec(doc).unwrap());
         store.write_blocking(move |txn, dbs| dbs.put_token(txn, &k, &raw))
@@ -376,17 +390,8 @@ mod tests {
         let device: Backend = Arc::new(SoftBackend::new());
         let ring = crate::store::keyring::keyring(device.clone(), &store);
         for i in 0..25 {
-            let s = format!("svc-{i:02}");
-            let p = fields::seal_token_data(
-                &ring,
-                &s,
-                &json!({"accessToken": format!("tok-{i}")}),
-                None,
-                1_700_000_000,
-            )
-            .unwrap();
-            assert_eq!(p.doc.kid, Some(1));
-            put(&store, &s, &p.doc).unwrap();
+            let doc = seal_put(&store, &ring, &format!("svc-{i:02}"), &format!("tok-{i}"));
+            assert_eq!(doc.kid, Some(1));
         }
         // A document from before key ids (no `kid`: generation 1), and a
         // plaintext one (sealed by the rotation too).
@@ -423,16 +428,7 @@ mod tests {
                 s.active = 2;
             })
             .unwrap();
-        let p = fields::seal_token_data(
-            &ring,
-            "during",
-            &json!({"accessToken": "tok-during"}),
-            None,
-            1_700_000_000,
-        )
-        .unwrap();
-        assert_eq!(p.doc.kid, Some(2));
-        put(&store, "during", &p.doc).unwrap();
+        assert_eq!(seal_put(&store, &ring, "during", "tok-during").kid, Some(2));
         assert_eq!(value(&store, &ring, "svc-03"), "tok-3");
         // A write sealed under 1 still lands before the close...
         let late = fields::seal_token_data(
@@ -521,15 +517,7 @@ mod tests {
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
         let ring = crate::store::keyring::keyring(device.clone(), &store);
-        let p = fields::seal_token_data(
-            &ring,
-            "gh",
-            &json!({"accessToken": "v"}),
-            None,
-            1_700_000_000,
-        )
-        .unwrap();
-        put(&store, "gh", &p.doc).unwrap();
+        seal_put(&store, &ring, "gh", "v");
         // The crashed run created generation 2 and died before recording it.
         device.create_aes(2).unwrap();
         let opts = Options {
@@ -602,16 +590,7 @@ mod tests {
                 let store = Store::open(dir.path(), 16 << 20).unwrap();
                 let ring = crate::store::keyring::keyring(device.clone(), &store);
                 for i in 0..9 {
-                    let s = format!("svc-{i}");
-                    let p = fields::seal_token_data(
-                        &ring,
-                        &s,
-                        &json!({"accessToken": format!("tok-{i}")}),
-                        None,
-                        1_700_000_000,
-                    )
-                    .unwrap();
-                    put(&store, &s, &p.doc).unwrap();
+                    seal_put(&store, &ring, &format!("svc-{i}"), &format!("tok-{i}"));
                 }
                 let code = seal_the_rest(&store, &ring, &acme);
                 let opts = Options {
