@@ -65,8 +65,9 @@ async fn upstream() -> (String, Upstream) {
         }))
         .route("/api/slow", get(|State(u): State<Upstream>| async move {
             count(&u, "/api/slow");
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-            "late"
+            // Never answers: the proxy's own timeout is what ends the call.
+            std::future::pending::<()>().await;
+            "never"
         }))
         .route("/api/big", get(|State(u): State<Upstream>| async move { count(&u, "/api/big"); vec![b'x'; 2 << 20] }))
         .route("/api/sse", get(|State(u): State<Upstream>| async move {
