@@ -1,0 +1,243 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The layering in ARCHITECTURE.md, checked: every `crate::ROOM` a file
+//! under `src/` names (outside its test module) must be an arrow the table
+//! below allows, and only `server/`, `tls/` and `cli/` may name `axum`.
+//! Reads the source as text: no build of anything, no I/O beyond `src/`.
+//!
+//! `KNOWN` lists the crossings that exist today and are being removed
+//! (issue 17); a crossing not in it fails, and so does an entry that no
+//! longer crosses (the list only shrinks).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Each room and the rooms it may name. A room is a top-level module:
+/// `src/ROOM.rs` or `src/ROOM/`.
+const ALLOWED: &[(&str, &[&str])] = &[
+    // Pure: the wire format.
+    ("protocol", &[]),
+    // Leaves: small helpers every layer may use.
+    ("netaddr", &[]),
+    ("clock", &[]),
+    ("fsutil", &[]),
+    ("sandbox", &[]),
+    ("config", &["netaddr"]),
+    // Devices and records: neither knows the other, nor anything above.
+    ("keys", &["protocol", "fsutil", "clock"]),
+    ("store", &["protocol", "fsutil", "clock"]),
+    // Domain: no HTTP framework, no command line.
+    ("binding", &["keys", "store", "protocol", "clock"]),
+    (
+        "custody",
+        &["keys", "store", "protocol", "clock", "fsutil", "binding"],
+    ),
+    (
+        "broker",
+        &["keys", "store", "protocol", "clock", "netaddr", "custody"],
+    ),
+    // The application core and certificate serving.
+    (
+        "app",
+        &[
+            "keys", "store", "protocol", "clock", "netaddr", "custody", "broker", "binding",
+            "config",
+        ],
+    ),
+    ("tls", &["keys", "fsutil", "config", "clock", "protocol"]),
+    // HTTP: extracts, authenticates, calls the domain.
+    (
+        "server",
+        &[
+            "app", "custody", "broker", "binding", "keys", "store", "protocol", "tls", "netaddr",
+            "clock", "config",
+        ],
+    ),
+    // The command line: everything.
+    (
+        "cli",
+        &[
+            "app", "server", "tls", "custody", "broker", "binding", "keys", "store", "protocol",
+            "config", "sandbox", "fsutil", "netaddr", "clock",
+        ],
+    ),
+];
+
+/// `src/acme.rs` is certificate serving: it counts as `tls` (and moves
+/// there, issue 17).
+fn room_of(name: &str) -> &str {
+    if name == "acme" {
+        "tls"
+    } else {
+        name
+    }
+}
+
+/// Rooms that may name `axum`.
+const AXUM: &[&str] = &["server", "tls", "cli"];
+
+/// Crossings that exist today, `file -> target`, removed one by one.
+const KNOWN: &[&str] = &[
+    "acme.rs -> cli",
+    "acme.rs -> server",
+    "broker/proxy.rs -> axum",
+    "broker/proxy.rs -> server",
+    "broker/refresh.rs -> axum",
+    "broker/refresh.rs -> server",
+    "custody/rotate.rs -> tls",
+    "custody/rotate.rs -> broker",
+    "custody/rotate.rs -> server",
+    "keys/tpm.rs -> cli",
+    "protocol/error.rs -> axum",
+    "store/keyring.rs -> keys",
+];
+
+/// Files compiled only for tests (their imports are the tests').
+const TEST_ONLY: &[&str] = &[
+    "testvectors.rs",
+    "keys/conformance.rs",
+    "keys/soft.rs",
+    "server/tests.rs",
+    "store/tests.rs",
+    "custody/ticket/tests.rs",
+    "custody/totp/tests.rs",
+    "keys/tpm/tests.rs",
+];
+
+fn files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The source without its `#[cfg(test)] mod …` blocks (from the
+/// attribute to the end of the file: test modules come last here).
+fn without_tests(src: &str) -> &str {
+    match src.find("#[cfg(test)]\nmod ") {
+        Some(i) => &src[..i],
+        None => src,
+    }
+}
+
+/// The rooms a file names: `crate::ROOM` anywhere (use lines, paths), and
+/// `axum` as a path root.
+fn named(src: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in src.lines() {
+        let code = line.split("//").next().unwrap_or("");
+        let mut rest = code;
+        while let Some(i) = rest.find("crate::") {
+            let tail = &rest[i + 7..];
+            let room: String = tail
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !room.is_empty() {
+                out.insert(room);
+            }
+            rest = tail;
+        }
+        if code.contains("axum::") || code.trim_start().starts_with("use axum") {
+            out.insert("axum".into());
+        }
+    }
+    out
+}
+
+#[test]
+fn every_import_follows_the_layering_in_architecture_md() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let allowed: BTreeMap<&str, &[&str]> = ALLOWED.iter().copied().collect();
+    let mut all = Vec::new();
+    files(&src, &mut all);
+    assert!(all.len() > 40, "read {} files under src/", all.len());
+    let mut found = BTreeSet::new();
+    let mut unknown_rooms = BTreeSet::new();
+    for f in &all {
+        let rel = f
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == "lib.rs" || rel == "main.rs" || TEST_ONLY.contains(&rel.as_str()) {
+            continue;
+        }
+        let room = room_of(rel.split('/').next().unwrap().trim_end_matches(".rs")).to_string();
+        let text = std::fs::read_to_string(f).unwrap();
+        for target in named(without_tests(&text)) {
+            let target = room_of(&target).to_string();
+            if target == room {
+                continue;
+            }
+            let ok = if target == "axum" {
+                AXUM.contains(&room.as_str())
+            } else {
+                match allowed.get(room.as_str()) {
+                    Some(a) => a.contains(&target.as_str()),
+                    None => {
+                        unknown_rooms.insert(room.clone());
+                        false
+                    }
+                }
+            };
+            if !ok {
+                found.insert(format!("{rel} -> {target}"));
+            }
+        }
+    }
+    assert!(
+        unknown_rooms.is_empty(),
+        "rooms missing from the layering table (and ARCHITECTURE.md): {unknown_rooms:?}"
+    );
+    let known: BTreeSet<String> = KNOWN.iter().map(|s| s.to_string()).collect();
+    let new: Vec<_> = found.difference(&known).collect();
+    let gone: Vec<_> = known.difference(&found).collect();
+    assert!(
+        new.is_empty(),
+        "imports across a forbidden line (see ARCHITECTURE.md): {new:#?}"
+    );
+    assert!(
+        gone.is_empty(),
+        "no longer crossing: remove from KNOWN: {gone:#?}"
+    );
+}
+
+/// `protocol/` is pure: no file system, network, runtime, store or HTTP
+/// client in it.
+#[test]
+fn protocol_does_no_io() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/protocol");
+    let mut all = Vec::new();
+    files(&dir, &mut all);
+    assert!(!all.is_empty());
+    let mut found = Vec::new();
+    for f in &all {
+        let text = std::fs::read_to_string(f).unwrap();
+        for needle in [
+            "std::fs",
+            "std::net",
+            "tokio",
+            "reqwest",
+            "heed",
+            "hyper",
+            "std::process",
+        ] {
+            if without_tests(&text).contains(needle) {
+                found.push(format!("{} names {needle}", f.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{found:#?}");
+}
+
+#[test]
+fn the_scanner_sees_paths_uses_and_axum_and_skips_comments() {
+    let s = "use crate::store::Store;\nlet x = crate::keys::Backend::new();\n// crate::cli in a comment\nuse axum::Router;\n";
+    let n = named(s);
+    assert_eq!(n.into_iter().collect::<Vec<_>>(), ["axum", "keys", "store"]);
+    assert_eq!(without_tests("a\n#[cfg(test)]\nmod tests {}\n"), "a\n");
+}
