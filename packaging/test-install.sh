@@ -15,15 +15,10 @@ for p in lintian rpm softhsm2 curl; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="${need:-} $p"
 done
 [ -z "${need:-}" ] || { apt-get update -qq; apt-get install -y -qq --no-install-recommends $need >/dev/null; }
-command -v cargo-deb >/dev/null || cargo install cargo-deb --locked -q
-command -v cargo-generate-rpm >/dev/null || cargo install cargo-generate-rpm --locked -q
-
-cargo build --release --quiet
-mkdir -p target/man
-target/release/tokenvault-webhook man | gzip -9n > target/man/tokenvault-webhook.1.gz
-cargo deb --no-build --quiet
+packaging/build.sh
 deb=$(ls -t target/debian/tokenvault-webhook_*.deb | head -1)
-ok "built $deb"
+rpmf=$(ls -t target/generate-rpm/*.rpm | head -1)
+ok "built $deb and $rpmf"
 
 echo "--- lintian"
 lintian --profile debian --fail-on error,warning --suppress-tags-from-file packaging/lintian-unfixable "$deb" \
@@ -103,8 +98,6 @@ TOKENVAULT_WEBHOOK_PURGE_STATE=yes dpkg -P tokenvault-webhook >/dev/null
 ok "remove keeps config; purge keeps state unless asked"
 
 echo "--- rpm"
-cargo generate-rpm --quiet 2>/dev/null || cargo generate-rpm
-rpmf=$(ls -t target/generate-rpm/*.rpm | head -1)
 files=$(rpm -qpl "$rpmf")
 echo "$files"
 grep -q /usr/lib/systemd/system/tokenvault-webhook.service <<<"$files" || fail "rpm lacks the unit"
