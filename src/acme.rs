@@ -203,8 +203,8 @@ impl Acme {
     /// The stored certificate and its key, or a one-day self-signed
     /// bootstrap certificate until the first issuance.
     pub fn initial_cert(&self) -> Result<Arc<CertifiedKey>, AcmeError> {
-        crate::cli::create_private_dir(&self.s.dir)
-            .map_err(|e| AcmeError::Io(self.s.dir.clone(), std::io::Error::other(e.to_string())))?;
+        crate::fsutil::create_private_dir(&self.s.dir)
+            .map_err(|e| AcmeError::Io(self.s.dir.clone(), e))?;
         match self.load_stored() {
             Ok(Some(c)) => {
                 self.issued.store(true, Ordering::Relaxed);

@@ -1004,18 +1004,6 @@ async fn serve_helpers(cfg: &Config, state: &AppState) -> Result<()> {
 }
 
 /// Creates a directory (and parents) with mode 0700 if it does not exist.
-pub fn create_private_dir(p: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if !p.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(p)
-            .with_context(|| format!("cannot create {}", p.display()))?;
-    }
-    Ok(())
-}
-
 /// The SoftHSM token directory named in a softhsm2.conf.
 fn softhsm_token_dir(conf: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(conf).ok()?;
@@ -1162,7 +1150,8 @@ pub fn sandbox(cfg: &Config, listen: SocketAddr, enabled: bool) -> Result<()> {
         return Ok(());
     }
     // The state dir is ours to create; every other path must already exist.
-    create_private_dir(&cfg.store.path)?;
+    crate::fsutil::create_private_dir(&cfg.store.path)
+        .with_context(|| format!("cannot create {}", cfg.store.path.display()))?;
     let plan = sandbox_plan(cfg, listen);
     match crate::sandbox::landlock::apply(&plan)? {
         None => tracing::warn!("this kernel has no Landlock: running without the sandbox"),

@@ -587,12 +587,8 @@ impl TpmBackend {
         if path.exists() {
             return Ok(false);
         }
-        crate::cli::create_private_dir(&self.settings.dir).map_err(|e| {
-            TpmSetupError::Io(
-                self.settings.dir.clone(),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
+        crate::fsutil::create_private_dir(&self.settings.dir)
+            .map_err(|e| TpmSetupError::Io(self.settings.dir.clone(), e))?;
         let mut conn = Conn::open(&self.settings.tcti)?;
         let key = fresh_key(&mut conn)?;
         self.write_sealed(&mut conn, &path, "aes", &key)?;
@@ -743,7 +739,7 @@ impl MacKeys for TpmBackend {
             tracing::error!(error = %e, "cannot lock HMAC key memory");
             KeyError::Unavailable
         })?;
-        crate::cli::create_private_dir(&self.settings.dir).map_err(|e| {
+        crate::fsutil::create_private_dir(&self.settings.dir).map_err(|e| {
             tracing::error!(error = %e, "TPM blob dir");
             KeyError::Unavailable
         })?;
