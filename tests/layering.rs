@@ -85,7 +85,6 @@ const KNOWN: &[&str] = &[
     "custody/rotate.rs -> tls",
     "custody/rotate.rs -> broker",
     "custody/rotate.rs -> server",
-    "protocol/error.rs -> axum",
     "store/keyring.rs -> keys",
 ];
 

@@ -4,8 +4,6 @@
 //! names, service names). They never carry a value the caller sent as a
 //! secret, nor internal detail; that is logged where the error is raised.
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,10 +66,11 @@ pub enum ApiError {
     Internal,
 }
 
+/// The spec's error shape: `{"error": code, "message": text}`.
 #[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    message: &'a str,
+pub struct ErrorBody<'a> {
+    pub error: &'a str,
+    pub message: &'a str,
 }
 
 impl ApiError {
@@ -112,31 +111,26 @@ impl ApiError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> u16 {
         match self {
-            ApiError::InvalidRequest(_) | ApiError::NotTotp => StatusCode::BAD_REQUEST,
-            ApiError::AuthFailed(_) | ApiError::TicketInvalid(_) | ApiError::TicketExpired => {
-                StatusCode::UNAUTHORIZED
-            }
-            ApiError::SetupRequired => StatusCode::FORBIDDEN,
-            ApiError::NotFound | ApiError::TokenNotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::CodeExpired | ApiError::CodeUsed => StatusCode::GONE,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Forbidden | ApiError::ProxyNotAllowed(_) | ApiError::EgressDenied => {
-                StatusCode::FORBIDDEN
-            }
-            ApiError::UpstreamError(_) => StatusCode::BAD_GATEWAY,
-            ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::AlreadyExists(_) | ApiError::StaleCreation => StatusCode::CONFLICT,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::GcpMintFailed(_) => StatusCode::BAD_GATEWAY,
-            ApiError::KeysUnavailable | ApiError::KeyRotating | ApiError::Busy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::InvalidRequest(_) | ApiError::NotTotp => 400,
+            ApiError::AuthFailed(_) | ApiError::TicketInvalid(_) | ApiError::TicketExpired => 401,
+            ApiError::SetupRequired => 403,
+            ApiError::NotFound | ApiError::TokenNotFound(_) => 404,
+            ApiError::MethodNotAllowed => 405,
+            ApiError::CodeExpired | ApiError::CodeUsed => 410,
+            ApiError::PayloadTooLarge => 413,
+            ApiError::Forbidden | ApiError::ProxyNotAllowed(_) | ApiError::EgressDenied => 403,
+            ApiError::UpstreamError(_) => 502,
+            ApiError::UpstreamTimeout => 504,
+            ApiError::AlreadyExists(_) | ApiError::StaleCreation => 409,
+            ApiError::RateLimited(_) => 429,
+            ApiError::GcpMintFailed(_) => 502,
+            ApiError::KeysUnavailable | ApiError::KeyRotating | ApiError::Busy => 503,
+            ApiError::RequestTimeout => 408,
+            ApiError::InsufficientStorage => 507,
+            ApiError::Internal => 500,
         }
     }
 
@@ -178,36 +172,23 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let msg = self.message();
-        let body = ErrorBody {
-            error: self.code(),
-            message: &msg,
-        };
-        let mut r = (self.status(), axum::Json(body)).into_response();
-        let retry = match self {
-            ApiError::RateLimited(secs) => Some(secs),
+impl ApiError {
+    /// Seconds for `Retry-After`, where the answer invites a retry.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited(secs) => Some(*secs),
             ApiError::KeyRotating | ApiError::Busy => Some(1),
             _ => None,
-        };
-        // The client's request was not (fully) read: never reuse this
-        // connection after the answer.
-        if matches!(
+        }
+    }
+
+    /// The client's request was not (fully) read: its connection must not
+    /// be reused after the answer.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
             self,
             ApiError::RequestTimeout | ApiError::PayloadTooLarge | ApiError::Busy
-        ) {
-            r.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-        }
-        if let Some(secs) = retry {
-            if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
-                r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-            }
-        }
-        r
+        )
     }
 }
 

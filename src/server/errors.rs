@@ -4,6 +4,34 @@ use crate::binding::BindError;
 use crate::keys::KeyError;
 use crate::protocol::ApiError;
 use crate::store::StoreError;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// The one place an `ApiError` becomes an HTTP answer: its status, the
+/// spec's JSON shape, `Retry-After` where a retry is invited, and
+/// `Connection: close` where the request was not read whole.
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.message();
+        let body = crate::protocol::error::ErrorBody {
+            error: self.code(),
+            message: &msg,
+        };
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, axum::Json(body)).into_response();
+        if self.closes_connection() {
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(secs) = self.retry_after() {
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
+}
 
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {

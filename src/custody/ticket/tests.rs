@@ -282,7 +282,7 @@ async fn purpose_and_service_rules() {
     // Service.
     let e = check(&b, &s, &make(&with("svc", json!("gitlab")))).unwrap_err();
     assert_eq!(e.code(), "invalid_request");
-    assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST);
+    assert_eq!(e.status(), 400);
     assert_eq!(
         invalid(check(&b, &s, &make(&without("svc")))),
         "Ticket has no service"
