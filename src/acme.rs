@@ -55,6 +55,18 @@ pub fn rekey_files(
     Ok(n)
 }
 
+/// The ACME account and key files in a directory, for a rotation.
+pub struct SealedFiles(pub std::path::PathBuf);
+
+impl crate::keys::SealedElsewhere for SealedFiles {
+    fn name(&self) -> &'static str {
+        "acmeFiles"
+    }
+    fn reseal(&self, backend: &Backend, gen: crate::keys::AesGen) -> Result<usize, String> {
+        rekey_files(backend, &self.0, gen).map_err(|e| e.to_string())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("ACME server: {0}")]

@@ -82,9 +82,6 @@ const KNOWN: &[&str] = &[
     "broker/proxy.rs -> server",
     "broker/refresh.rs -> axum",
     "broker/refresh.rs -> server",
-    "custody/rotate.rs -> tls",
-    "custody/rotate.rs -> broker",
-    "custody/rotate.rs -> server",
     "store/keyring.rs -> keys",
 ];
 

@@ -128,6 +128,18 @@ pub fn rekey_all(
     Ok(n)
 }
 
+/// The registered clients' secrets, for a rotation.
+pub struct SealedClients(pub Store);
+
+impl crate::keys::SealedElsewhere for SealedClients {
+    fn name(&self) -> &'static str {
+        "oauthClients"
+    }
+    fn reseal(&self, backend: &Backend, gen: crate::keys::AesGen) -> Result<usize, String> {
+        rekey_all(&self.0, backend, gen)
+    }
+}
+
 pub fn get(store: &Store, name: &str) -> Option<OAuthClient> {
     store
         .oauth_get(&key(name))

@@ -46,7 +46,10 @@ pub fn run(config: &Path, status: bool, batch: usize, pause_ms: u64) -> Result<(
     let opts = Options {
         batch,
         pause: Duration::from_millis(pause_ms),
-        acme_dir: cfg.store.path.join("acme"),
+        elsewhere: vec![
+            Box::new(crate::broker::oauth::SealedClients(store.clone())),
+            Box::new(crate::acme::SealedFiles(cfg.store.path.join("acme"))),
+        ],
     };
     let mut show = |p: Progress| {
         match p {

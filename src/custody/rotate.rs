@@ -5,12 +5,11 @@
 //! at any point resumes where it stopped when the command is run again.
 
 use super::fields;
-use crate::keys::{AesGen, Backend, KeyError};
+use crate::keys::{AesGen, Backend, KeyError, SealedElsewhere};
 use crate::protocol::document::TokenDocument;
 use crate::protocol::ApiError;
 use crate::store::keyring::AesState;
 use crate::store::{Store, StoreError};
-use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +35,9 @@ pub struct Options {
     pub batch: usize,
     /// Pause between batches, to bound the load on a busy appliance.
     pub pause: Duration,
-    /// `<store.path>/acme`: ACME account and key files sealed under the key.
-    pub acme_dir: PathBuf,
+    /// What else is sealed under the key (OAuth clients, ACME files),
+    /// re-sealed in this order after the documents and bind codes.
+    pub elsewhere: Vec<Box<dyn SealedElsewhere>>,
 }
 
 /// What the command shows as it goes.
@@ -72,9 +72,10 @@ pub struct Report {
     pub resumed: bool,
     pub documents: u64,
     pub conflicts: u64,
-    pub oauth_clients: usize,
     pub bind_codes: usize,
-    pub acme_files: usize,
+    /// Per [`SealedElsewhere::name`]: how many it re-sealed.
+    #[serde(flatten)]
+    pub elsewhere: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// The points between a rotation's durable steps where a crash leaves
@@ -83,12 +84,10 @@ pub struct Report {
 pub enum Stage {
     /// The old generation closed to writers.
     Closed,
-    /// OAuth clients re-sealed.
-    OauthClients,
     /// Bind codes re-sealed.
     BindCodes,
-    /// ACME files re-sealed.
-    AcmeFiles,
+    /// One of [`Options::elsewhere`] re-sealed (by its name).
+    Resealed(&'static str),
     /// The old key destroyed in the device, the store not yet told.
     Destroyed,
 }
@@ -153,7 +152,7 @@ pub fn rotate(
                     + 1
             });
             backend.create_aes(to)?;
-            let now = crate::server::now();
+            let now = crate::clock::system_now();
             st = store.update_aes_state(move |s| {
                 s.previous = Some(from);
                 s.active = to;
@@ -195,14 +194,15 @@ pub fn rotate(
     // The rest of what is sealed under the key (none of it is written
     // under `from` after the close either: every process seals under the
     // store's active generation).
-    report.oauth_clients = crate::broker::oauth::rekey_all(store, backend, to)
-        .map_err(|e| RotateError::Other(format!("OAuth clients: {e}")))?;
-    crash_point(Stage::OauthClients)?;
     report.bind_codes = rekey_bind_codes(store, backend, to)?;
     crash_point(Stage::BindCodes)?;
-    report.acme_files = crate::acme::rekey_files(backend, &opts.acme_dir, to)
-        .map_err(|e| RotateError::Other(format!("ACME files: {e}")))?;
-    crash_point(Stage::AcmeFiles)?;
+    for other in &opts.elsewhere {
+        let n = other
+            .reseal(backend, to)
+            .map_err(|e| RotateError::Other(format!("{}: {e}", other.name())))?;
+        report.elsewhere.insert(other.name(), n);
+        crash_point(Stage::Resealed(other.name()))?;
+    }
     // Last look before the key goes: nothing may still need it.
     let left = store.tokens_by_generation()?;
     if let Some(n) = left.get(&from) {
@@ -322,6 +322,18 @@ mod tests {
 
     const ACME_ACCOUNT_AAD: &[u8] = b"tokenvault-webhook/acme/v1\0account";
 
+    /// What `rotate-key` hands in: the store's OAuth clients and the ACME
+    /// files in `acme`.
+    fn elsewhere(
+        store: &Store,
+        acme: impl Into<std::path::PathBuf>,
+    ) -> Vec<Box<dyn SealedElsewhere>> {
+        vec![
+            Box::new(crate::broker::oauth::SealedClients(store.clone())),
+            Box::new(crate::acme::SealedFiles(acme.into())),
+        ]
+    }
+
     /// What a rotation re-seals besides documents: an OAuth client
     /// ("github", secret "client-secret"), an outstanding bind code (its
     /// code returned) and an ACME account file `{}` in `acme` (created).
@@ -342,7 +354,7 @@ mod tests {
             "https://tv.example",
             "https://wh.example",
             600,
-            crate::server::now(),
+            crate::clock::system_now(),
         )
         .unwrap();
         store.put_bind_code_blocking(&reg.code, &code).unwrap();
@@ -445,7 +457,7 @@ mod tests {
         let opts = Options {
             batch: 4,
             pause: Duration::ZERO,
-            acme_dir: acme.clone(),
+            elsewhere: elsewhere(&store, acme.clone()),
         };
         let mut events = Vec::new();
         let report = rotate(&store, &ring, &opts, &mut |p| {
@@ -462,7 +474,11 @@ mod tests {
         assert_eq!((report.from, report.to), (1, 2));
         assert_eq!(report.documents, 28, "25 + legacy + plain + late");
         assert_eq!(
-            (report.oauth_clients, report.bind_codes, report.acme_files),
+            (
+                report.elsewhere["oauthClients"],
+                report.bind_codes,
+                report.elsewhere["acmeFiles"]
+            ),
             (1, 1, 1)
         );
         assert_eq!(events[0], "resumed 1->2 false");
@@ -523,7 +539,7 @@ mod tests {
         let opts = Options {
             batch: 64,
             pause: Duration::ZERO,
-            acme_dir: dir.path().join("acme"),
+            elsewhere: elsewhere(&store, dir.path().join("acme")),
         };
         let r = rotate(&store, &ring, &opts, &mut |_| {}).unwrap();
         assert_eq!((r.from, r.to, r.resumed), (1, 2, false));
@@ -555,7 +571,7 @@ mod tests {
         let opts = Options {
             batch: 64,
             pause: Duration::ZERO,
-            acme_dir: dir.path().join("acme"),
+            elsewhere: elsewhere(&store, dir.path().join("acme")),
         };
         let e = rotate(&store, &ring, &opts, &mut |_| {}).unwrap_err();
         assert!(
@@ -578,9 +594,9 @@ mod tests {
     fn a_rotation_killed_at_each_step_loses_nothing_and_resumes_to_the_end() {
         for stage in [
             Stage::Closed,
-            Stage::OauthClients,
             Stage::BindCodes,
-            Stage::AcmeFiles,
+            Stage::Resealed("oauthClients"),
+            Stage::Resealed("acmeFiles"),
             Stage::Destroyed,
         ] {
             let dir = tempfile::tempdir().unwrap();
@@ -596,7 +612,7 @@ mod tests {
                 let opts = Options {
                     batch: 4,
                     pause: Duration::ZERO,
-                    acme_dir: acme.clone(),
+                    elsewhere: elsewhere(&store, acme.clone()),
                 };
                 CRASH_AT.with(|c| c.set(Some(stage)));
                 let e = rotate(&store, &ring, &opts, &mut |_| {}).unwrap_err();
@@ -651,7 +667,7 @@ mod tests {
             let opts = Options {
                 batch: 4,
                 pause: Duration::ZERO,
-                acme_dir: acme.clone(),
+                elsewhere: elsewhere(&store, acme.clone()),
             };
             let report = rotate(&store, &ring, &opts, &mut |_| {})
                 .unwrap_or_else(|e| panic!("{stage:?}: the resumed rotation failed: {e}"));

@@ -115,6 +115,16 @@ pub trait SealKeys {
     }
 }
 
+/// What is sealed under the AES key outside the store's documents (OAuth
+/// client secrets, ACME files): its owner implements this, and whoever runs
+/// a rotation hands it in, so the rotation names none of the owners.
+pub trait SealedElsewhere {
+    /// For the report and errors: `oauthClients`, `acmeFiles`, ….
+    fn name(&self) -> &'static str;
+    /// Re-seals everything it owns under `gen`; how many changed.
+    fn reseal(&self, backend: &Backend, gen: AesGen) -> Result<usize, String>;
+}
+
 /// Re-seals a blob that does not record its generation under `gen`;
 /// `None` if it already is. For `rotate-key`.
 pub fn reseal_blob(
