@@ -1,6 +1,5 @@
 //! tokenvault-webhook: a hardware-backed Token Vault webhook appliance.
 
-pub mod acme;
 pub mod binding;
 pub mod broker;
 pub mod cli;
@@ -16,3 +15,4 @@ pub mod server;
 pub mod store;
 #[cfg(test)]
 pub mod testvectors;
+pub mod tls;

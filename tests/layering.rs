@@ -62,22 +62,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// `src/acme.rs` is certificate serving: it counts as `tls` (and moves
-/// there, issue 17).
-fn room_of(name: &str) -> &str {
-    if name == "acme" {
-        "tls"
-    } else {
-        name
-    }
-}
-
 /// Rooms that may name `axum`.
 const AXUM: &[&str] = &["server", "tls", "cli"];
 
 /// Crossings that exist today, `file -> target`, removed one by one.
 const KNOWN: &[&str] = &[
-    "acme.rs -> server",
     "broker/proxy.rs -> axum",
     "broker/proxy.rs -> server",
     "broker/refresh.rs -> axum",
@@ -160,10 +149,14 @@ fn every_import_follows_the_layering_in_architecture_md() {
         if rel == "lib.rs" || rel == "main.rs" || TEST_ONLY.contains(&rel.as_str()) {
             continue;
         }
-        let room = room_of(rel.split('/').next().unwrap().trim_end_matches(".rs")).to_string();
+        let room = rel
+            .split('/')
+            .next()
+            .unwrap()
+            .trim_end_matches(".rs")
+            .to_string();
         let text = std::fs::read_to_string(f).unwrap();
         for target in named(without_tests(&text)) {
-            let target = room_of(&target).to_string();
             if target == room {
                 continue;
             }

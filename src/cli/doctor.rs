@@ -120,7 +120,7 @@ pub fn run(config: &Path) -> Result<()> {
         ),
         (_, Err((what, fix))) => r.fail(&what, &fix),
         (Ok(pem), Ok(source)) => {
-            if let crate::server::listener::TlsKeySource::File(key) = &source {
+            if let crate::tls::TlsKeySource::File(key) = &source {
                 if let Some((km, _)) = mode(key) {
                     if km & 0o027 != 0 {
                         r.fail(
@@ -132,7 +132,7 @@ pub fn run(config: &Path) -> Result<()> {
             } else {
                 r.ok("TLS key is in the HSM");
             }
-            match crate::server::listener::load_tls(&cfg.tls.cert, &source) {
+            match crate::tls::load_tls(&cfg.tls.cert, &source) {
                 Err(e) => r.fail(
                     &format!("TLS: {e}"),
                     "check the certificate and key match and are PEM",
@@ -351,9 +351,7 @@ fn check_tpm(cfg: &Config, r: &mut Report) {
 }
 
 /// The TLS key source, or a finding and its fix.
-fn tls_key_for_doctor(
-    cfg: &Config,
-) -> Result<crate::server::listener::TlsKeySource, (String, String)> {
+fn tls_key_for_doctor(cfg: &Config) -> Result<crate::tls::TlsKeySource, (String, String)> {
     if cfg.tls.key_in_hsm {
         let device = super::open_device(cfg).map_err(|e| {
             (
@@ -369,7 +367,7 @@ fn tls_key_for_doctor(
         });
     }
     match &cfg.tls.key {
-        Some(k) if mode(k).is_some() => Ok(crate::server::listener::TlsKeySource::File(k.clone())),
+        Some(k) if mode(k).is_some() => Ok(crate::tls::TlsKeySource::File(k.clone())),
         Some(k) => Err((
             format!("TLS key {} missing", k.display()),
             "install the private key there (PEM)".to_string(),

@@ -10,9 +10,10 @@ use crate::config::{Config, KeyBackendKind, Profile, DEFAULT_CONFIG_PATH};
 use crate::keys::pkcs11::{find_softhsm_module, open_module, Pkcs11Backend};
 use crate::keys::tpm::{TpmBackend, TpmSettings};
 use crate::keys::Backend;
-use crate::server::listener::{load_tls, serve, ServeOptions, TlsKeySource};
+use crate::server::listener::{serve, ServeOptions};
 use crate::server::{app, AppState, Settings};
 use crate::store::{Store, META_WEBHOOK_ID};
+use crate::tls::{load_tls, TlsKeySource};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use secrecy::SecretString;
@@ -348,7 +349,7 @@ pub(crate) fn tls_key_source_inner(cfg: &Config, device: &Device) -> Result<TlsK
             if !b.tls_key_present().map_err(|e| anyhow!("HSM: {e}"))? {
                 bail!("tls.key_in_hsm is set but the token has no TLS key: run `tokenvault-webhook --config FILE tls-key generate --csr FILE` (or `tls-key import`)");
             }
-            let k = crate::keys::pkcs11::tls::HsmTlsKey::new(b.clone())
+            let k = crate::tls::hsm_key::HsmTlsKey::new(b.clone())
                 .map_err(|e| anyhow!("HSM TLS key: {e}"))?;
             Ok(TlsKeySource::Hsm(Arc::new(k)))
         }
@@ -541,7 +542,7 @@ fn audit(config: &Path, action: AuditAction) -> Result<()> {
 }
 
 fn tls_key(config: &Path, action: TlsKeyAction) -> Result<()> {
-    use crate::keys::pkcs11::tls::{HsmSigningKey, HsmTlsKey};
+    use crate::tls::hsm_key::{HsmSigningKey, HsmTlsKey};
     let cfg = load_for_run(config)?;
     refuse_root(&cfg)?;
     let Device::Pkcs11(b) = open_device(&cfg)? else {
@@ -731,8 +732,8 @@ pub fn run_server(
                 Some(TlsKeySource::Hsm(k)) => Some(k.clone()),
                 _ => None,
             };
-            let acme = Arc::new(crate::acme::Acme::new(
-                crate::acme::AcmeSettings {
+            let acme = Arc::new(crate::tls::acme::Acme::new(
+                crate::tls::acme::AcmeSettings {
                     directory_url: a.directory_url,
                     ca_bundle: a.ca_bundle,
                     email: a.email,
@@ -745,7 +746,7 @@ pub fn run_server(
                 },
                 dyn_backend.clone(),
             ));
-            let tls = crate::server::listener::TlsState::new(
+            let tls = crate::tls::TlsState::new(
                 acme.initial_cert().map_err(|e| anyhow!("ACME: {e}"))?,
                 true,
             )?;
@@ -929,7 +930,7 @@ pub fn run_server(
                 let l = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr} for HTTP-01"))?;
-                let router = crate::acme::http01_router(acme.http01_tokens());
+                let router = crate::tls::acme::http01_router(acme.http01_tokens());
                 tracing::info!(%addr, "HTTP-01 listener");
                 tokio::spawn(async move {
                     if let Err(e) = axum::serve(l, router).await {

@@ -48,7 +48,7 @@ pub fn run(config: &Path, status: bool, batch: usize, pause_ms: u64) -> Result<(
         pause: Duration::from_millis(pause_ms),
         elsewhere: vec![
             Box::new(crate::broker::oauth::SealedClients(store.clone())),
-            Box::new(crate::acme::SealedFiles(cfg.store.path.join("acme"))),
+            Box::new(crate::tls::acme::SealedFiles(cfg.store.path.join("acme"))),
         ],
     };
     let mut show = |p: Progress| {

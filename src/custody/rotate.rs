@@ -330,7 +330,7 @@ mod tests {
     ) -> Vec<Box<dyn SealedElsewhere>> {
         vec![
             Box::new(crate::broker::oauth::SealedClients(store.clone())),
-            Box::new(crate::acme::SealedFiles(acme.into())),
+            Box::new(crate::tls::acme::SealedFiles(acme.into())),
         ]
     }
 

@@ -69,7 +69,7 @@ pub struct AppState {
     pub started: Instant,
     bound: Arc<AtomicBool>,
     /// The serving certificate (expiry in health), once the listener has one.
-    tls: Arc<std::sync::OnceLock<Arc<listener::TlsState>>>,
+    tls: Arc<std::sync::OnceLock<Arc<crate::tls::TlsState>>>,
     metrics: Arc<metrics::Metrics>,
     /// What signed requests, tickets and document times are judged by.
     pub clock: crate::clock::Clock,
@@ -104,7 +104,7 @@ impl AppState {
     }
 
     /// Lets health report the serving certificate's expiry.
-    pub fn watch_tls(&self, tls: Arc<listener::TlsState>) {
+    pub fn watch_tls(&self, tls: Arc<crate::tls::TlsState>) {
         let _ = self.tls.set(tls);
     }
 

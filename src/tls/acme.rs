@@ -14,9 +14,9 @@
 //! thirds of the lifetime (or `renew_days_before`); a failure keeps the
 //! current certificate, logs, and retries with jittered exponential backoff.
 
-use crate::keys::pkcs11::tls::{HsmSigningKey, HsmTlsKey};
 use crate::keys::{Backend, KeyError};
-use crate::server::listener::TlsState;
+use crate::tls::hsm_key::{HsmSigningKey, HsmTlsKey};
+use crate::tls::TlsState;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
     NewOrder, OrderStatus, RetryPolicy,
@@ -181,7 +181,7 @@ fn challenge_cert(name: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeEr
 }
 
 fn now() -> i64 {
-    crate::server::now()
+    crate::clock::system_now()
 }
 
 impl Acme {
