@@ -67,10 +67,6 @@ const AXUM: &[&str] = &["server", "tls", "cli"];
 
 /// Crossings that exist today, `file -> target`, removed one by one.
 const KNOWN: &[&str] = &[
-    "broker/proxy.rs -> axum",
-    "broker/proxy.rs -> server",
-    "broker/refresh.rs -> axum",
-    "broker/refresh.rs -> server",
     "store/keyring.rs -> keys",
 ];
 

@@ -8,5 +8,5 @@ pub mod refresh;
 
 pub struct Broker {
     pub proxy: proxy::Proxy,
-    pub refresher: refresh::Refresher,
+    pub refresher: std::sync::Arc<refresh::Refresher>,
 }

@@ -4,19 +4,17 @@
 //! must pass the egress policy.
 
 use super::egress::{EgressPolicy, EgressRefused, PolicyResolver};
+use crate::custody::gcp::Minter;
 use crate::custody::{fields, gcp, ticket, totp};
+use crate::keys::Backend;
 use crate::protocol::document::TokenDocument;
 use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
-use crate::server::auth::Signed;
-use crate::server::{now, AppState};
-use crate::store::StoreError;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use axum::response::Response;
+use crate::store::{Store, StoreError};
 use base64::Engine;
 use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -244,23 +242,18 @@ fn refused(e: &reqwest::Error) -> bool {
 /// The value `${TOKEN}` stands for: the access token, a minted GCP token, or
 /// the current TOTP code.
 async fn token_value(
-    s: &AppState,
+    d: &Deps<'_>,
     service: &str,
     doc: &TokenDocument,
     at: i64,
 ) -> Result<Zeroizing<String>, ApiError> {
     if totp::answers_with_code(doc) {
-        return Ok(totp::current_code(&s.backend, service, doc, at as u64)?.code);
+        return Ok(totp::current_code(d.backend, service, doc, at as u64)?.code);
     }
-    let access = fields::open_field(&s.backend, service, doc, "accessToken")?;
+    let access = fields::open_field(d.backend, service, doc, "accessToken")?;
     if let Some(sa) = gcp::detect(access.as_ref()) {
         let scopes = gcp::parse_scopes(None)?;
-        return Ok(s
-            .settings
-            .minter
-            .mint(service, &sa, &scopes, at)
-            .await?
-            .access_token);
+        return Ok(d.minter.mint(service, &sa, &scopes, at).await?.access_token);
     }
     match access {
         Some(Value::String(t)) if !t.is_empty() => Ok(Zeroizing::new(t)),
@@ -268,15 +261,35 @@ async fn token_value(
     }
 }
 
-pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
-    let p = &s.settings.broker.proxy;
-    let call = ProxyCall::decode(&signed.body)?;
-    drop(signed);
+/// What a proxy call uses of the appliance.
+pub struct Deps<'a> {
+    pub backend: &'a Backend,
+    pub store: &'a Store,
+    pub proxy: &'a Proxy,
+    pub minter: &'a Minter,
+}
+
+/// The upstream's answer, ready to stream back: its status, its headers
+/// without hop-by-hop ones, and its body cut off past the size cap.
+pub struct Proxied {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: futures::stream::BoxStream<'static, Result<bytes::Bytes, std::io::Error>>,
+}
+
+/// One `/v1/proxy` call (its signed body already authenticated): the
+/// ticket, the stored config's pin, the egress policy, then the credential
+/// and the upstream call.
+pub async fn call(d: Deps<'_>, body: bytes::Bytes, at: i64) -> Result<Proxied, ApiError> {
+    let p = d.proxy;
+    let call = ProxyCall::decode(&body)?;
+    // The request body (and its share of the body budget) goes before the
+    // upstream call.
+    drop(body);
     let service = call.service.clone();
-    let at = now();
     let tk = ticket::verify(
-        &s.backend,
-        &s.store,
+        d.backend,
+        d.store,
         &call.ticket,
         ticket::PROXY,
         &service,
@@ -290,7 +303,7 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
     } = call.outbound()?;
     // Pinned to the vault owner's proxy config.
     let config = match &tk.pid {
-        Some(pid) => s.store.get_raw(Collection::ProxyConfigs, pid)?,
+        Some(pid) => d.store.get_raw(Collection::ProxyConfigs, pid)?,
         None => None,
     };
     match config {
@@ -333,9 +346,9 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         _ => {}
     }
     // The credential, only now.
-    let (_, doc) = ticket::load_document(&s.store, &tk)?;
-    ticket::consume(&s.store, &tk, at).await?;
-    let token = token_value(&s, &service, &doc, at).await?;
+    let (_, doc) = ticket::load_document(d.store, &tk)?;
+    ticket::consume(d.store, &tk, at).await?;
+    let token = token_value(&d, &service, &doc, at).await?;
     for (k, tmpl) in &call.header_templates {
         let value = Zeroizing::new(tmpl.replace("${TOKEN}", &token));
         let (n, mut v) = valid_header(k, &value)?;
@@ -373,17 +386,14 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         ));
     }
     tracing::info!(service = %service, host = ?url.host_str(), status = status.as_u16(), ms = started.elapsed().as_millis() as u64, "proxied");
-    let mut out = Response::builder()
-        .status(StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY));
     let drop_list = hop_by_hop(resp.headers());
-    if let Some(h) = out.headers_mut() {
-        for (k, v) in resp.headers() {
-            if !drop_list.iter().any(|d| d == k.as_str()) {
-                h.append(k.clone(), v.clone());
-            }
+    let mut headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if !drop_list.iter().any(|d| d == k.as_str()) {
+            headers.append(k.clone(), v.clone());
         }
-        h.insert("x-upstream-status", HeaderValue::from(status.as_u16()));
     }
+    headers.insert("x-upstream-status", HeaderValue::from(status.as_u16()));
     // Streamed as it arrives; cut off past the size cap.
     let max = p.max_bytes;
     let mut seen = 0u64;
@@ -400,8 +410,11 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         }
         Err(_) => Err(std::io::Error::other("upstream body failed")),
     });
-    out.body(Body::from_stream(stream))
-        .map_err(|_| ApiError::Internal)
+    Ok(Proxied {
+        status: status.as_u16(),
+        headers,
+        body: stream.boxed(),
+    })
 }
 
 #[cfg(test)]

@@ -4,25 +4,31 @@
 //! and meta key is preserved, and a failed refresh changes nothing.
 
 use super::oauth::{self, ClientAuth};
+use crate::clock::Clock;
 use crate::custody::fields::{self, open_field, seal_field};
+use crate::keys::Backend;
 use crate::protocol::document::{public_meta, TokenDocument};
 use crate::protocol::storage::Collection;
 use crate::protocol::ApiError;
-use crate::server::auth::Signed;
-use crate::server::custody::secret_json;
-use crate::server::{now, AppState};
-use crate::store::StoreError;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use crate::store::{Store, StoreError};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 use time::format_description::well_known::Rfc3339;
 use zeroize::Zeroizing;
+
+/// What the refresh flows use of the appliance (cheap to clone: a
+/// refresh in flight owns one).
+#[derive(Clone)]
+pub struct Deps {
+    pub backend: Backend,
+    pub store: Store,
+    pub refresher: std::sync::Arc<Refresher>,
+    pub clock: Clock,
+}
 
 /// A refresh in flight: its id (only its starter removes it) and its future.
 type Flight = (u64, Shared<BoxFuture<'static, Outcome>>);
@@ -48,7 +54,7 @@ fn outcome(status: &'static str) -> Outcome {
     }
 }
 
-fn iso(ms: i64) -> Option<String> {
+pub fn iso(ms: i64) -> Option<String> {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
@@ -91,12 +97,12 @@ pub enum UpdateOutcome {
 /// else, with compare-and-set on the bytes read (`expected`, or the current
 /// document when `None`).
 pub async fn update_tokens(
-    s: &AppState,
+    d: &Deps,
     service: &str,
     t: &NewTokens,
     expected: Option<Vec<u8>>,
 ) -> Result<UpdateOutcome, ApiError> {
-    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+    let Some(raw) = d.store.get_raw(Collection::Tokens, service)? else {
         return Ok(UpdateOutcome::NoToken);
     };
     if expected.as_ref().is_some_and(|e| *e != raw) {
@@ -106,12 +112,12 @@ pub async fn update_tokens(
         serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
     // The whole document under the active generation, then the new tokens
     // under the same one.
-    let gen = s.backend.aes_active()?;
-    fields::rekey(&s.backend, service, &mut doc, gen)?;
+    let gen = d.backend.aes_active()?;
+    fields::rekey(&d.backend, service, &mut doc, gen)?;
     doc.fields.insert(
         "accessToken".into(),
         seal_field(
-            &s.backend,
+            &d.backend,
             service,
             gen,
             "accessToken",
@@ -122,7 +128,7 @@ pub async fn update_tokens(
         doc.fields.insert(
             "refreshToken".into(),
             seal_field(
-                &s.backend,
+                &d.backend,
                 service,
                 gen,
                 "refreshToken",
@@ -138,7 +144,7 @@ pub async fn update_tokens(
         "hasRefreshToken".into(),
         Value::Bool(doc.fields.contains_key("refreshToken")),
     );
-    if s.store
+    if d.store
         .replace_token_if_unchanged(service.to_string(), raw, doc)
         .await?
     {
@@ -150,50 +156,31 @@ pub async fn update_tokens(
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-struct RefreshHint {
-    provider: Option<String>,
-    token_url: Option<String>,
+pub struct RefreshHint {
+    pub provider: Option<String>,
+    pub token_url: Option<String>,
 }
 
+/// The body of `/v1/refresh-notify`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct NotifyRequest {
-    request_id: Option<String>,
-    service: Option<String>,
+pub struct NotifyRequest {
+    pub request_id: Option<String>,
+    pub service: Option<String>,
     #[serde(default)]
-    refresh_hint: Option<RefreshHint>,
-}
-
-pub async fn refresh_notify(
-    State(s): State<AppState>,
-    signed: Signed,
-) -> Result<Response, ApiError> {
-    let req: NotifyRequest = serde_json::from_slice(&signed.body)
-        .map_err(|_| ApiError::invalid("Request body must be a JSON refresh notification"))?;
-    let service = req
-        .service
-        .filter(|x| !x.is_empty())
-        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
-    let hint = req.refresh_hint.unwrap_or_default();
-    let o = notify(&s, service, hint.provider, hint.token_url).await;
-    let mut v =
-        json!({"requestId": req.request_id.unwrap_or(signed.request_id), "status": o.status});
-    if let Some(e) = o.new_expires_at {
-        v["newExpiresAt"] = Value::String(e);
-    }
-    Ok(Json(v).into_response())
+    pub refresh_hint: Option<RefreshHint>,
 }
 
 /// Single flight per service: concurrent notifications share one refresh.
 /// Only the notification that started a refresh removes its entry (a waiter
 /// that finishes first must not drop a newer refresh's entry).
-async fn notify(
-    s: &AppState,
+pub async fn notify(
+    d: &Deps,
     service: String,
     provider: Option<String>,
     hinted_url: Option<String>,
 ) -> Outcome {
-    let r = &s.settings.broker.refresher;
+    let r = &d.refresher;
     let (fut, owner) = {
         let Ok(mut map) = r.inflight.lock() else {
             return outcome("error");
@@ -202,10 +189,10 @@ async fn notify(
             r.joined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             (f.clone(), None)
         } else {
-            let s2 = s.clone();
+            let d2 = d.clone();
             let svc = service.clone();
             let f = async move {
-                run_refresh(&s2, &svc, provider.as_deref(), hinted_url.as_deref()).await
+                run_refresh(&d2, &svc, provider.as_deref(), hinted_url.as_deref()).await
             }
             .boxed()
             .shared();
@@ -240,7 +227,7 @@ fn remove_flight(inflight: &Mutex<HashMap<String, Flight>>, service: &str, id: u
 }
 
 async fn run_refresh(
-    s: &AppState,
+    d: &Deps,
     service: &str,
     provider: Option<&str>,
     hinted_url: Option<&str>,
@@ -248,7 +235,7 @@ async fn run_refresh(
     // The protocol's answers for a missing token (or refresh token) hold
     // whether or not a client is configured: `acknowledged` would promise
     // a refresh that can never happen.
-    match refreshable(s, service) {
+    match refreshable(d, service) {
         Ok(None) => {}
         Ok(Some(o)) => return o,
         Err(e) => {
@@ -256,7 +243,7 @@ async fn run_refresh(
             return outcome("error");
         }
     }
-    let Some(client) = oauth::find(&s.store, provider, service) else {
+    let Some(client) = oauth::find(&d.store, provider, service) else {
         tracing::info!(
             service,
             "refresh-notify: no local OAuth client; acknowledged"
@@ -267,7 +254,7 @@ async fn run_refresh(
         // Never follow the hint: the secret goes only to the registered URL.
         tracing::warn!(service, client = %client.name, hinted = %h, "refresh-notify: hinted tokenUrl differs from the registered one; ignored");
     }
-    match refresh_with(s, service, &client).await {
+    match refresh_with(d, service, &client).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(service, error = %e, "refresh-notify failed");
@@ -279,8 +266,8 @@ async fn run_refresh(
 /// `no_token` / `no_refresh_token` when there is nothing to refresh, else
 /// `None` (the metadata says whether a refresh token is held; nothing is
 /// decrypted here).
-fn refreshable(s: &AppState, service: &str) -> Result<Option<Outcome>, ApiError> {
-    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+fn refreshable(d: &Deps, service: &str) -> Result<Option<Outcome>, ApiError> {
+    let Some(raw) = d.store.get_raw(Collection::Tokens, service)? else {
         return Ok(Some(outcome("no_token")));
     };
     let doc: TokenDocument =
@@ -292,23 +279,21 @@ fn refreshable(s: &AppState, service: &str) -> Result<Option<Outcome>, ApiError>
 }
 
 async fn refresh_with(
-    s: &AppState,
+    d: &Deps,
     service: &str,
     client: &oauth::OAuthClient,
 ) -> Result<Outcome, ApiError> {
-    let Some(raw) = s.store.get_raw(Collection::Tokens, service)? else {
+    let Some(raw) = d.store.get_raw(Collection::Tokens, service)? else {
         return Ok(outcome("no_token"));
     };
     let doc: TokenDocument =
         serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
-    let refresh = match open_field(&s.backend, service, &doc, "refreshToken")? {
+    let refresh = match open_field(&d.backend, service, &doc, "refreshToken")? {
         Some(Value::String(r)) if !r.is_empty() => Zeroizing::new(r),
         _ => return Ok(outcome("no_refresh_token")),
     };
-    let secret = client.secret(&s.backend)?;
-    let mut rb = s
-        .settings
-        .broker
+    let secret = client.secret(&d.backend)?;
+    let mut rb = d
         .refresher
         .http
         .post(&client.token_url)
@@ -375,7 +360,7 @@ async fn refresh_with(
         .and_then(Value::as_i64)
         .unwrap_or(3600)
         .max(0);
-    let expiry_ms = (now() + expires_in) * 1000;
+    let expiry_ms = (d.clock.now() + expires_in) * 1000;
     let t = NewTokens {
         access: Zeroizing::new(access.to_string()),
         refresh: v
@@ -385,7 +370,7 @@ async fn refresh_with(
             .map(|r| Zeroizing::new(r.to_string())),
         expiry_ms,
     };
-    Ok(match update_tokens(s, service, &t, Some(raw)).await? {
+    Ok(match update_tokens(d, service, &t, Some(raw)).await? {
         UpdateOutcome::Updated => Outcome {
             status: "refreshed",
             new_expires_at: iso(expiry_ms),
@@ -401,82 +386,80 @@ async fn refresh_with(
     })
 }
 
+/// The body of `/v1/refresh`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TvRefreshRequest {
-    request_id: Option<String>,
-    action: Option<String>,
-    service: Option<String>,
-    tokens: Option<Map<String, Value>>,
+pub struct TvRefreshRequest {
+    pub request_id: Option<String>,
+    pub action: Option<String>,
+    pub service: Option<String>,
+    pub tokens: Option<Map<String, Value>>,
 }
 
-/// `/v1/refresh` (capability `tv-refresh`): the only endpoint that hands a
-/// credential (the refresh token) to Token Vault.
-pub async fn tv_refresh(State(s): State<AppState>, signed: Signed) -> Result<Response, ApiError> {
-    let req: TvRefreshRequest = serde_json::from_slice(&signed.body)
-        .map_err(|_| ApiError::invalid("Request body must be a JSON refresh request"))?;
-    let rid = req.request_id.unwrap_or(signed.request_id);
-    let service = req
-        .service
-        .filter(|x| !x.is_empty())
-        .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
-    match req.action.as_deref() {
-        Some("get") => {
-            let Some(raw) = s.store.get_raw(Collection::Tokens, &service)? else {
-                return Ok(Json(json!({"requestId": rid, "status": "no_token"})).into_response());
-            };
-            let doc: TokenDocument =
-                serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
-            let refresh = match open_field(&s.backend, &service, &doc, "refreshToken")? {
-                Some(Value::String(r)) if !r.is_empty() => Zeroizing::new(r),
-                _ => {
-                    return Ok(
-                        Json(json!({"requestId": rid, "status": "no_refresh_token"}))
-                            .into_response(),
-                    )
-                }
-            };
-            tracing::info!(service = %service, "tv-refresh: refresh token handed to Token Vault");
-            secret_json(
-                &json!({"requestId": rid, "status": "ok", "refreshToken": refresh.as_str(), "meta": public_meta(doc.meta)}),
-            )
+/// `/v1/refresh` `get`: what Token Vault gets back.
+pub enum TvGet {
+    NoToken,
+    NoRefreshToken,
+    /// The refresh token, and the token's public metadata.
+    RefreshToken {
+        token: Zeroizing<String>,
+        meta: Map<String, Value>,
+    },
+}
+
+/// The refresh token of `service`, for Token Vault to refresh with.
+pub fn tv_get(d: &Deps, service: &str) -> Result<TvGet, ApiError> {
+    let Some(raw) = d.store.get_raw(Collection::Tokens, service)? else {
+        return Ok(TvGet::NoToken);
+    };
+    let doc: TokenDocument =
+        serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("token document"))?;
+    let token = match open_field(&d.backend, service, &doc, "refreshToken")? {
+        Some(Value::String(r)) if !r.is_empty() => Zeroizing::new(r),
+        _ => return Ok(TvGet::NoRefreshToken),
+    };
+    tracing::info!(service = %service, "tv-refresh: refresh token handed to Token Vault");
+    Ok(TvGet::RefreshToken {
+        token,
+        meta: public_meta(doc.meta),
+    })
+}
+
+/// `/v1/refresh` `update`: Token Vault's refreshed tokens sealed into the
+/// document (everything else kept). `Some(expiry ms)` once written, `None`
+/// when there is no such token.
+pub async fn tv_update(
+    d: &Deps,
+    service: &str,
+    tokens: &Map<String, Value>,
+) -> Result<Option<i64>, ApiError> {
+    let access = tokens
+        .get("accessToken")
+        .and_then(Value::as_str)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| ApiError::invalid("Missing required field: tokens.accessToken"))?;
+    let expiry_ms = match tokens.get("expiryTime") {
+        Some(v) => v.as_i64().ok_or_else(|| {
+            ApiError::invalid("Field tokens.expiryTime must be ms since the epoch")
+        })?,
+        None => (d.clock.now() + 3600) * 1000,
+    };
+    let t = NewTokens {
+        access: Zeroizing::new(access.to_string()),
+        refresh: tokens
+            .get("refreshToken")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty())
+            .map(|r| Zeroizing::new(r.to_string())),
+        expiry_ms,
+    };
+    let mut tries = 0;
+    loop {
+        match update_tokens(d, service, &t, None).await? {
+            UpdateOutcome::Updated => return Ok(Some(expiry_ms)),
+            UpdateOutcome::NoToken => return Ok(None),
+            UpdateOutcome::Conflict if tries < 3 => tries += 1,
+            UpdateOutcome::Conflict => return Err(ApiError::Internal),
         }
-        Some("update") => {
-            let tokens = req
-                .tokens
-                .ok_or_else(|| ApiError::invalid("Missing required field: tokens"))?;
-            let access = tokens
-                .get("accessToken")
-                .and_then(Value::as_str)
-                .filter(|a| !a.is_empty())
-                .ok_or_else(|| ApiError::invalid("Missing required field: tokens.accessToken"))?;
-            let expiry_ms = match tokens.get("expiryTime") {
-                Some(v) => v.as_i64().ok_or_else(|| {
-                    ApiError::invalid("Field tokens.expiryTime must be ms since the epoch")
-                })?,
-                None => (now() + 3600) * 1000,
-            };
-            let t = NewTokens {
-                access: Zeroizing::new(access.to_string()),
-                refresh: tokens
-                    .get("refreshToken")
-                    .and_then(Value::as_str)
-                    .filter(|r| !r.is_empty())
-                    .map(|r| Zeroizing::new(r.to_string())),
-                expiry_ms,
-            };
-            let mut tries = 0;
-            loop {
-                match update_tokens(&s, &service, &t, None).await? {
-                    UpdateOutcome::Updated => {
-                        return Ok(Json(json!({"requestId": rid, "status": "updated", "newExpiresAt": iso(expiry_ms)})).into_response())
-                    }
-                    UpdateOutcome::NoToken => return Ok(Json(json!({"requestId": rid, "status": "no_token"})).into_response()),
-                    UpdateOutcome::Conflict if tries < 3 => tries += 1,
-                    UpdateOutcome::Conflict => return Err(ApiError::Internal),
-                }
-            }
-        }
-        _ => Err(ApiError::invalid("Field action must be get or update")),
     }
 }

@@ -783,8 +783,10 @@ pub fn run_server(
                         cfg.proxy.max_response_bytes.unwrap_or(32 << 20),
                     )
                     .map_err(|e| anyhow!("proxy HTTP client: {e}"))?,
-                    refresher: crate::broker::refresh::Refresher::new()
-                        .map_err(|e| anyhow!("refresh HTTP client: {e}"))?,
+                    refresher: Arc::new(
+                        crate::broker::refresh::Refresher::new()
+                            .map_err(|e| anyhow!("refresh HTTP client: {e}"))?,
+                    ),
                 },
                 direct: crate::server::direct::DirectSettings {
                     allowed_origins: cfg.direct_access.allowed_origins.clone(),

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod bind;
+pub mod broker;
 pub mod custody;
 pub mod direct;
 pub mod errors;
@@ -151,12 +152,9 @@ pub fn app(state: AppState) -> Router {
             get(handlers::health_public).post(handlers::health_signed),
         )
         .route("/v1/storage", post(handlers::storage))
-        .route("/v1/proxy", post(crate::broker::proxy::proxy))
-        .route(
-            "/v1/refresh-notify",
-            post(crate::broker::refresh::refresh_notify),
-        )
-        .route("/v1/refresh", post(crate::broker::refresh::tv_refresh))
+        .route("/v1/proxy", post(broker::proxy))
+        .route("/v1/refresh-notify", post(broker::refresh_notify))
+        .route("/v1/refresh", post(broker::tv_refresh))
         .route("/v1/exchange", post(handlers::exchange));
     if state.settings.helpers_on_public {
         router = router.merge(helper_routes());

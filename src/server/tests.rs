@@ -24,7 +24,7 @@ fn test_broker() -> crate::broker::Broker {
             1 << 20,
         )
         .unwrap(),
-        refresher: crate::broker::refresh::Refresher::new().unwrap(),
+        refresher: std::sync::Arc::new(crate::broker::refresh::Refresher::new().unwrap()),
     }
 }
 
