@@ -108,7 +108,7 @@ pub fn restore(config: &Path, from: &Path, force: bool) -> Result<()> {
     }
     let backend = open_device(&cfg)?.backend();
     let staged = stage_restore(&cfg.store.path, from, force, cfg.store.map_size_mib << 20)?;
-    let backend = crate::store::keyring::keyring(backend, staged.store());
+    let backend = crate::custody::keyring::keyring(backend, staged.store());
     let mut checked = check(staged.store(), &backend)?;
     // The binding: the backup's HMAC key must still be in the device (a
     // re-bind since the backup destroyed it). If not, restore unbound.

@@ -253,7 +253,7 @@ pub fn import(config: &Path, from: &Path, kv: &Path) -> Result<()> {
     let kv_doc: Value = serde_json::from_slice(&read_json(kv)?)
         .with_context(|| format!("{} is not JSON", kv.display()))?;
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
-    let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
+    let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
     let now = crate::server::now();
     // Every collection's shape is checked before anything is written: a
     // malformed later collection must not leave the earlier ones imported.

@@ -451,7 +451,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = load_for_run(&cli.config)?;
             refuse_root(&cfg)?;
             let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
-            let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
+            let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
             let (reg, rec) = crate::binding::prepare(
                 &backend,
                 &cfg.binding.frontend_url,
@@ -654,7 +654,7 @@ fn oauth_client(config: &Path, action: OauthAction) -> Result<()> {
                 _ => bail!("--auth must be post or basic"),
             };
             let secret = read_secret_file(&client_secret_file)?;
-            let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
+            let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
             let c = oauth::OAuthClient::new(
                 &backend,
                 &name,
@@ -716,7 +716,7 @@ pub fn run_server(
         })?;
     store.set_trail_bound(cfg.audit.max_share_percent, cfg.store.reserve_percent);
     // Seals follow the store's AES generation (see `rotate-key`).
-    let dyn_backend = crate::store::keyring::keyring(backend, &store);
+    let dyn_backend = crate::custody::keyring::keyring(backend, &store);
     let bound = crate::binding::restore_active_key(&dyn_backend, &store)?;
     remove_orphan_otp_keys(&dyn_backend, &store)?;
     let (tls, acme) = match (cfg.tls.mode, &tls_key) {

@@ -12,7 +12,7 @@ pub fn run(config: &Path, status: bool, batch: usize, pause_ms: u64) -> Result<(
     let cfg = load_for_run(config)?;
     refuse_root(&cfg)?;
     let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
-    let backend = crate::store::keyring::keyring(open_device(&cfg)?.backend(), &store);
+    let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
     if status {
         let st = store.aes_state()?;
         let docs: serde_json::Map<String, serde_json::Value> = store

@@ -2,6 +2,7 @@
 
 pub mod fields;
 pub mod gcp;
+pub mod keyring;
 pub mod rotate;
 pub mod ticket;
 pub mod totp;

@@ -8,7 +8,7 @@ use super::fields;
 use crate::keys::{AesGen, Backend, KeyError, SealedElsewhere};
 use crate::protocol::document::TokenDocument;
 use crate::protocol::ApiError;
-use crate::store::keyring::AesState;
+use crate::store::generations::AesState;
 use crate::store::{Store, StoreError};
 use std::time::Duration;
 
@@ -400,7 +400,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
-        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        let ring = crate::custody::keyring::keyring(device.clone(), &store);
         for i in 0..25 {
             let doc = seal_put(&store, &ring, &format!("svc-{i:02}"), &format!("tok-{i}"));
             assert_eq!(doc.kid, Some(1));
@@ -532,7 +532,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
-        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        let ring = crate::custody::keyring::keyring(device.clone(), &store);
         seal_put(&store, &ring, "gh", "v");
         // The crashed run created generation 2 and died before recording it.
         device.create_aes(2).unwrap();
@@ -556,7 +556,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 16 << 20).unwrap();
         let device: Backend = Arc::new(SoftBackend::new());
-        let ring = crate::store::keyring::keyring(device.clone(), &store);
+        let ring = crate::custody::keyring::keyring(device.clone(), &store);
         let good = fields::seal_token_data(
             &ring,
             "good",
@@ -604,7 +604,7 @@ mod tests {
             let acme = dir.path().join("acme");
             let code = {
                 let store = Store::open(dir.path(), 16 << 20).unwrap();
-                let ring = crate::store::keyring::keyring(device.clone(), &store);
+                let ring = crate::custody::keyring::keyring(device.clone(), &store);
                 for i in 0..9 {
                     seal_put(&store, &ring, &format!("svc-{i}"), &format!("tok-{i}"));
                 }
@@ -630,7 +630,7 @@ mod tests {
             std::fs::create_dir(&after).unwrap();
             std::fs::copy(dir.path().join("data.mdb"), after.join("data.mdb")).unwrap();
             let store = Store::open(&after, 16 << 20).unwrap();
-            let ring = crate::store::keyring::keyring(device.clone(), &store);
+            let ring = crate::custody::keyring::keyring(device.clone(), &store);
             let check = |store: &Store, ring: &Backend, when: &str| {
                 for i in 0..9 {
                     assert_eq!(

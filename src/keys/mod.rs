@@ -72,7 +72,7 @@ pub trait MacKeys {
 /// Generation of the AES key: 1 is the key `init` created, each
 /// `rotate-key` adds the next. Token documents record theirs (`kid`).
 pub type AesGen = u32;
-pub const FIRST_AES_GEN: AesGen = 1;
+pub const FIRST_AES_GEN: AesGen = crate::protocol::document::FIRST_KID;
 
 pub trait SealKeys {
     /// AES-256-GCM under generation `gen` with a fresh 12-byte IV; returns

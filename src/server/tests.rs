@@ -2043,7 +2043,7 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
         "nothing written"
     );
     // Through the key ring (what `serve` installs) the retry seals under 2.
-    t.state.backend = crate::store::keyring::keyring(t.state.backend.clone(), &t.state.store);
+    t.state.backend = crate::custody::keyring::keyring(t.state.backend.clone(), &t.state.store);
     let (s, v) = store_tok(&t, "gh", json!({"accessToken":"v2"}), json!({})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let raw = t

@@ -4,7 +4,7 @@
 
 pub mod audit;
 pub mod backup;
-pub mod keyring;
+pub mod generations;
 pub mod trail;
 mod writer;
 

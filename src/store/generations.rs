@@ -1,6 +1,6 @@
-//! Which AES key generation is in use, recorded in the store, and the
-//! [`KeyRing`]: the backend as every process (server and CLI) uses it, with
-//! new seals under the generation the store names.
+//! Which AES key generation is in use, recorded in the store (the key
+//! ring in `custody::keyring` reads it for every seal), and the batch
+//! operations a rotation runs over what is sealed.
 //!
 //! `rotate-key` (see `custody::rotate`) moves the store from generation M to
 //! N in steps, each one durable in `meta` before the next:
@@ -19,11 +19,9 @@
 //! Any step can crash: re-running `rotate-key` continues from the state.
 
 use super::{Dbs, Store, StoreError};
-use crate::keys::{AesGen, Backend, KeyError, SealKeys, FIRST_AES_GEN};
+use crate::protocol::document::FIRST_KID;
 use heed::{RoTxn, RwTxn};
 use serde::{Deserialize, Serialize};
-use std::sync::Mutex;
-use zeroize::Zeroizing;
 
 const META_AES_STATE: &[u8] = b"aes_state";
 
@@ -32,10 +30,10 @@ const META_AES_STATE: &[u8] = b"aes_state";
 #[serde(deny_unknown_fields)]
 pub struct AesState {
     /// Generation new seals use.
-    pub active: AesGen,
+    pub active: u32,
     /// The generation a running rotation moves away from (still readable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous: Option<AesGen>,
+    pub previous: Option<u32>,
     /// `previous` is closed for writes (the rotation's final pass).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub closed: bool,
@@ -44,13 +42,13 @@ pub struct AesState {
     pub started_at: Option<i64>,
     /// Generations retired by finished rotations (destroyed in the device).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub retired: Vec<AesGen>,
+    pub retired: Vec<u32>,
 }
 
 impl Default for AesState {
     fn default() -> Self {
         AesState {
-            active: FIRST_AES_GEN,
+            active: FIRST_KID,
             previous: None,
             closed: false,
             started_at: None,
@@ -61,7 +59,7 @@ impl Default for AesState {
 
 impl AesState {
     /// Generations material may be under: active first.
-    pub fn readable(&self) -> Vec<AesGen> {
+    pub fn readable(&self) -> Vec<u32> {
         let mut v = vec![self.active];
         v.extend(self.previous);
         v
@@ -69,7 +67,7 @@ impl AesState {
 
     /// Whether a document sealed under `gen` may be written: the active
     /// generation, or the previous one until the rotation closes it.
-    pub fn writable(&self, gen: AesGen) -> bool {
+    pub fn writable(&self, gen: u32) -> bool {
         gen == self.active || (self.previous == Some(gen) && !self.closed)
     }
 }
@@ -122,7 +120,7 @@ impl Store {
     /// under `gen` (sealed under another generation, or plaintext).
     pub fn tokens_not_under(
         &self,
-        gen: AesGen,
+        gen: u32,
         after: Option<&str>,
         limit: usize,
     ) -> Result<TokenBatch, StoreError> {
@@ -157,9 +155,7 @@ impl Store {
 
     /// Documents by the generation they are sealed under (`0`: not sealed
     /// by this appliance).
-    pub fn tokens_by_generation(
-        &self,
-    ) -> Result<std::collections::BTreeMap<AesGen, u64>, StoreError> {
+    pub fn tokens_by_generation(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
         let r = self.read()?;
         let mut out = std::collections::BTreeMap::new();
         for row in self.dbs.tokens.iter(&r)? {
@@ -236,63 +232,3 @@ impl Store {
         })
     }
 }
-
-/// The device as the appliance uses it: seals under the store's active
-/// generation, opens unrecorded blobs under any readable one, and tells the
-/// device to drop cached copies of generations another process retired.
-pub struct KeyRing {
-    inner: Backend,
-    store: Store,
-    seen: Mutex<Vec<AesGen>>,
-}
-
-/// Wraps `inner` for use with `store`.
-pub fn keyring(inner: Backend, store: &Store) -> Backend {
-    std::sync::Arc::new(KeyRing {
-        inner,
-        store: store.clone(),
-        seen: Mutex::new(Vec::new()),
-    })
-}
-
-impl KeyRing {
-    fn state(&self) -> Result<AesState, KeyError> {
-        let st = self.store.aes_state().map_err(|e| {
-            tracing::error!(error = %e, "cannot read the AES key state");
-            KeyError::Unavailable
-        })?;
-        let readable = st.readable();
-        if let Ok(mut seen) = self.seen.lock() {
-            if *seen != readable {
-                if seen.iter().any(|g| !readable.contains(g)) {
-                    tracing::info!(keep = ?readable, "AES key generation retired; dropping cached copies");
-                }
-                self.inner.forget_aes_except(&readable);
-                *seen = readable;
-            }
-        }
-        Ok(st)
-    }
-}
-
-impl SealKeys for KeyRing {
-    fn seal_with(&self, gen: AesGen, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
-        self.inner.seal_with(gen, aad, plaintext)
-    }
-    fn open_with(
-        &self,
-        gen: AesGen,
-        aad: &[u8],
-        sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
-        self.inner.open_with(gen, aad, sealed)
-    }
-    fn aes_active(&self) -> Result<AesGen, KeyError> {
-        Ok(self.state()?.active)
-    }
-    fn aes_readable(&self) -> Result<Vec<AesGen>, KeyError> {
-        Ok(self.state()?.readable())
-    }
-}
-
-crate::keys::forward_keys!(KeyRing, inner: base, random, mac, otp, gens);
