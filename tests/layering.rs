@@ -224,3 +224,110 @@ fn the_scanner_sees_paths_uses_and_axum_and_skips_comments() {
     assert_eq!(n.into_iter().collect::<Vec<_>>(), ["axum", "keys", "store"]);
     assert_eq!(without_tests("a\n#[cfg(test)]\nmod tests {}\n"), "a\n");
 }
+
+/// The sibling modules of one room that a file names: `super::m`,
+/// `crate::ROOM::m`, or `m` inside `use super::{…}`.
+fn siblings_named(src: &str, room: &str, siblings: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let code: String = src
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let word = |rest: &str| -> String {
+        rest.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    for prefix in ["super::".to_string(), format!("crate::{room}::")] {
+        let mut rest = code.as_str();
+        while let Some(i) = rest.find(&prefix) {
+            rest = &rest[i + prefix.len()..];
+            if let Some(list) = rest.strip_prefix('{') {
+                let end = list.find('}').unwrap_or(list.len());
+                for part in list[..end].split(',') {
+                    out.insert(word(part.trim()));
+                }
+            } else {
+                out.insert(word(rest));
+            }
+        }
+    }
+    out.retain(|m| siblings.contains(m));
+    out
+}
+
+/// No two files of one room import each other, directly or round a loop
+/// (`mod.rs`, the room's own root, aside).
+#[test]
+fn no_files_of_a_room_import_each_other_in_a_cycle() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut cycles = Vec::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let dir = e.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let room = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut mods: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().to_string())
+            .filter(|m| m != "mod" && m != "tests")
+            .collect();
+        mods.sort();
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for m in &mods {
+            let text = std::fs::read_to_string(dir.join(format!("{m}.rs"))).unwrap();
+            let mut named = siblings_named(without_tests(&text), &room, &mods);
+            named.remove(m);
+            g.insert(m.clone(), named);
+        }
+        fn walk(
+            g: &BTreeMap<String, BTreeSet<String>>,
+            u: &str,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+            out: &mut Vec<String>,
+        ) {
+            path.push(u.to_string());
+            for v in &g[u] {
+                if let Some(i) = path.iter().position(|p| p == v) {
+                    out.push(format!("{} -> {v}", path[i..].join(" -> ")));
+                } else if !done.contains(v) {
+                    walk(g, v, path, done, out);
+                }
+            }
+            path.pop();
+            done.insert(u.to_string());
+        }
+        let mut done = BTreeSet::new();
+        for m in &mods {
+            if !done.contains(m) {
+                let mut found = Vec::new();
+                walk(&g, m, &mut Vec::new(), &mut done, &mut found);
+                cycles.extend(found.into_iter().map(|c| format!("{room}: {c}")));
+            }
+        }
+    }
+    assert!(
+        cycles.is_empty(),
+        "import cycles inside a room: {cycles:#?}"
+    );
+}
+
+#[test]
+fn the_sibling_scanner_sees_paths_and_use_lists() {
+    let mods: Vec<String> = ["fields", "totp", "gcp"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let s = "use super::{fields, totp::Params};\nlet x = crate::custody::gcp::detect(y);\n// super::nothing\n";
+    assert_eq!(
+        siblings_named(s, "custody", &mods)
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["fields", "gcp", "totp"]
+    );
+}

@@ -5,7 +5,7 @@
 
 use super::egress::{EgressPolicy, EgressRefused, PolicyResolver};
 use crate::custody::gcp::Minter;
-use crate::custody::{fields, gcp, ticket, totp};
+use crate::custody::{codes, fields, gcp, ticket};
 use crate::keys::Backend;
 use crate::protocol::document::TokenDocument;
 use crate::protocol::storage::Collection;
@@ -247,8 +247,8 @@ async fn token_value(
     doc: &TokenDocument,
     at: i64,
 ) -> Result<Zeroizing<String>, ApiError> {
-    if totp::answers_with_code(doc) {
-        return Ok(totp::current_code(d.backend, service, doc, at as u64)?.code);
+    if codes::answers_with_code(doc) {
+        return Ok(codes::current_code(d.backend, service, doc, at as u64)?.code);
     }
     let access = fields::open_field(d.backend, service, doc, "accessToken")?;
     if let Some(sa) = gcp::detect(access.as_ref()) {

@@ -1,5 +1,6 @@
 //! Credential custody: tickets, sealed token documents, GCP minting.
 
+pub mod codes;
 pub mod fields;
 pub mod gcp;
 pub mod keyring;

@@ -3,7 +3,7 @@
 use super::auth::read_body;
 use super::AppState;
 use crate::custody::fields::{self, open_fields, reseal, seal_token_data};
-use crate::custody::{gcp, ticket, totp};
+use crate::custody::{codes, gcp, ticket, totp};
 use crate::protocol::document::{public_meta, TokenDocument};
 use crate::protocol::ApiError;
 use crate::store::PutOutcome;
@@ -233,8 +233,8 @@ pub async fn credential(
     };
     ticket::consume(&s.store, &tk, t).await?;
     // TOTP tokens answer a code and nothing else.
-    if totp::answers_with_code(&doc) {
-        let c = totp::current_code(&s.backend, &service, &doc, t as u64)?;
+    if codes::answers_with_code(&doc) {
+        let c = codes::current_code(&s.backend, &service, &doc, t as u64)?;
         return secret_json(&json!({"token": {
             "accessToken": c.code.as_str(),
             "tokenType": "TOTP",
@@ -304,11 +304,11 @@ pub async fn totp_code(
         at: t,
         ..
     } = prelude(&s, q, req, ticket::TOTP_CODE).await?;
-    if !totp::is_totp(&doc) {
+    if !codes::is_totp(&doc) {
         return Err(ApiError::NotTotp);
     }
     ticket::consume(&s.store, &tk, t).await?;
-    let c = totp::current_code(&s.backend, &service, &doc, t as u64)?;
+    let c = codes::current_code(&s.backend, &service, &doc, t as u64)?;
     secret_json(&json!({
         "code": c.code.as_str(),
         "remainingSeconds": c.remaining,
@@ -335,7 +335,7 @@ pub async fn totp_verify(
         at: t,
         ..
     } = prelude(&s, q, req, ticket::TOTP_VERIFY).await?;
-    if !totp::is_totp(&doc) {
+    if !codes::is_totp(&doc) {
         return Err(ApiError::NotTotp);
     }
     let p = totp::params_from_meta(&doc.meta);
@@ -355,7 +355,7 @@ pub async fn totp_verify(
     }
     ticket::consume(&s.store, &tk, t).await?;
     let steps = [step.saturating_sub(1), step, step + 1];
-    let codes = totp::codes_at_steps(&s.backend, &service, &doc, &steps)?;
+    let codes = codes::codes_at_steps(&s.backend, &service, &doc, &steps)?;
     let mut matched = None;
     for (st, c) in steps.iter().zip(codes.iter()) {
         if crate::protocol::signature::mac_eq(c.as_bytes(), code.as_bytes()) {
