@@ -708,23 +708,7 @@ async fn a_full_store_answers_507_loses_nothing_and_recovers_when_space_returns(
     let mut a = Appliance::start_serve(&dir);
     a.bind().await;
     let blob = "x".repeat(16 * 1024);
-    let mut stored = Vec::new();
-    let mut full = None;
-    for i in 0..200 {
-        let svc = format!("fill-{i}");
-        let (st, v) = a
-            .store(&svc, json!({"accessToken": format!("{i}-{blob}")}))
-            .await;
-        match st {
-            200 => stored.push(svc),
-            507 => {
-                full = Some(v);
-                break;
-            }
-            other => panic!("{svc}: {other} {v}"),
-        }
-    }
-    let v = full.expect("the 1 MiB map never filled");
+    let (stored, v) = fill_until_507(&a, "fill", &blob, 200).await;
     assert_eq!(
         (v["error"].as_str(), v["message"].is_string()),
         (Some("insufficient_storage"), true),
@@ -766,6 +750,32 @@ async fn a_full_store_answers_507_loses_nothing_and_recovers_when_space_returns(
         assert_eq!(b.credential(svc, "").await.0, 200, "{svc}");
     }
     assert!(!b.log_text().contains("panicked"));
+}
+
+/// Stores `PREFIX-i` = `"{i}-{blob}"` until one answers 507 (at most `max`
+/// tries): the services stored, and the 507's body. Any other answer fails.
+async fn fill_until_507(
+    a: &Appliance,
+    prefix: &str,
+    blob: &str,
+    max: usize,
+) -> (Vec<String>, Value) {
+    let mut stored = Vec::new();
+    for i in 0..max {
+        let svc = format!("{prefix}-{i}");
+        let (st, v) = a
+            .store(&svc, json!({"accessToken": format!("{i}-{blob}")}))
+            .await;
+        match st {
+            200 => stored.push(svc),
+            507 => return (stored, v),
+            other => panic!("{svc}: {other} {v}\n{}", a.log_text()),
+        }
+    }
+    panic!(
+        "{max} stores of {} bytes never filled the store",
+        blob.len()
+    )
 }
 
 /// A tmpfs the test mounts over a directory, unmounted on drop.
@@ -851,23 +861,7 @@ async fn a_full_disk_answers_507_loses_nothing_and_recovers_without_a_restart() 
     let mut a = Appliance::start_serve(&dir);
     a.bind().await;
     let blob = "y".repeat(16 * 1024);
-    let mut stored = Vec::new();
-    let mut full = None;
-    for i in 0..1000 {
-        let svc = format!("disk-{i}");
-        let (st, v) = a
-            .store(&svc, json!({"accessToken": format!("{i}-{blob}")}))
-            .await;
-        match st {
-            200 => stored.push(svc),
-            507 => {
-                full = Some(v);
-                break;
-            }
-            other => panic!("{svc}: {other} {v}\n{}", a.log_text()),
-        }
-    }
-    let v = full.expect("the 4 MiB file system never filled");
+    let (stored, v) = fill_until_507(&a, "disk", &blob, 1000).await;
     assert_eq!(v["error"], "insufficient_storage", "{v}");
     assert!(stored.len() > 5, "{}", stored.len());
     // While the disk is full a read answers its value, or 507 when the
