@@ -43,30 +43,10 @@ async fn dev_binds_over_https_and_serves_health_and_storage() {
     assert!(ex["webhookId"].as_str().unwrap().starts_with("wh_"));
     assert_eq!(ex["capabilities"], h["capabilities"]);
     // The HTTP-issued code still works once, then is used.
-    let r = a
-        .client
-        .post(a.url("/v1/exchange"))
-        .json(&json!({"code": reg["code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "a second code re-binds (rotates the key)");
-    let v: Value = r.json().await.unwrap();
-    a.secret = Some(
-        base64::engine::general_purpose::STANDARD
-            .decode(v["hmacSecret"].as_str().unwrap())
-            .unwrap(),
-    );
-    let r = a
-        .client
-        .post(a.url("/v1/exchange"))
-        .json(&json!({"code": reg["code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 410);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"], "code_used");
+    let (s, v) = a.exchange(&reg["code"]).await;
+    assert_eq!(s, 200, "a second code re-binds (rotates the key): {v}");
+    let (s, v) = a.exchange(&reg["code"]).await;
+    assert_eq!((s, v["error"].as_str()), (410, Some("code_used")));
 
     let (s, v) = a
         .signed("/v1/health", json!({"requestId":"req_health1"}))

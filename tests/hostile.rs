@@ -282,7 +282,7 @@ async fn parallel_wrong_totp_guesses_are_judged_at_most_the_limit() {
 /// tests do); here the helper listener itself, in `dev`.
 #[tokio::test]
 async fn the_helper_listener_serves_only_the_bind_helpers_and_refuses_forwarded_requests() {
-    let (_t, a) = Appliance::start_configured("[helper]\nlisten = \"127.0.0.1:0\"\n");
+    let (_t, mut a) = Appliance::start_configured("[helper]\nlisten = \"127.0.0.1:0\"\n");
     let helper = a
         .log_text()
         .lines()
@@ -315,14 +315,8 @@ async fn the_helper_listener_serves_only_the_bind_helpers_and_refuses_forwarded_
         .unwrap();
     assert_eq!(r.status(), 404);
     // The code from the helper binds.
-    let r = a
-        .client
-        .post(a.url("/v1/exchange"))
-        .json(&json!({"code": reg["code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (s, v) = a.exchange(&reg["code"]).await;
+    assert_eq!(s, 200, "{v}");
 }
 
 #[tokio::test]
