@@ -136,8 +136,10 @@ pub async fn update_tokens(
             )?,
         );
     }
-    doc.meta
-        .insert("updatedAt".into(), Value::String(fields::now_rfc3339()));
+    doc.meta.insert(
+        "updatedAt".into(),
+        Value::String(crate::clock::rfc3339(d.clock.now())),
+    );
     doc.meta
         .insert("expiryTime".into(), Value::from(t.expiry_ms));
     doc.meta.insert(

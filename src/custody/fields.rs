@@ -44,10 +44,6 @@ fn aad(service: &str, field: &str) -> Vec<u8> {
     a
 }
 
-pub fn now_rfc3339() -> String {
-    crate::clock::rfc3339(crate::clock::system_now())
-}
-
 fn present(v: &Value) -> bool {
     match v {
         Value::String(s) => !s.is_empty(),
