@@ -98,15 +98,24 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
     // Tamper with one record: verify fails and says which.
     let victim = read["seq"].as_u64().unwrap();
     {
-        let store =
-            tokenvault_webhook::store::Store::open(&a.dir.join("state"), 256 << 20).unwrap();
+        // As someone with the disk would: straight into the LMDB file.
+        let mut opts = heed::EnvOpenOptions::new();
+        opts.map_size(256 << 20).max_dbs(16);
+        let env = unsafe { opts.open(a.dir.join("state")) }.unwrap();
+        let wtxn = env.write_txn().unwrap();
+        let trail: heed::Database<heed::types::Bytes, heed::types::Bytes> = env
+            .create_databases_and_commit(wtxn, |wdo, wtxn| {
+                wdo.create_database(wtxn, Some("trail"))
+                    .map(heed::CommitOrAbort::<_, ()>::Commit)
+            })
+            .unwrap()
+            .unwrap_commit();
+        let mut wtxn = env.write_txn().unwrap();
         let mut rec = read.clone();
         rec["service"] = json!("someone-else");
         let raw = serde_json::to_vec(&rec).unwrap();
-        store
-            .write(move |txn, dbs| Ok(dbs.trail.put(txn, &victim.to_be_bytes(), &raw)?))
-            .await
-            .unwrap();
+        trail.put(&mut wtxn, &victim.to_be_bytes(), &raw).unwrap();
+        wtxn.commit().unwrap();
     }
     let out = cli(&["--config", cfg, "audit", "verify"]);
     assert!(!out.status.success(), "a tampered trail verified");

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The layering in ARCHITECTURE.md, checked: every `crate::ROOM` a file
 //! under `src/` names (outside its test module) must be an arrow the table
-//! below allows, and only `server/`, `tls/` and `cli/` may name `axum`.
+//! below allows, only `server/`, `tls/` and `cli/` may name `axum`, and
+//! only `store/` names its storage engine (`heed`, LMDB).
 //! Reads the source as text: no build of anything, no I/O beyond `src/`.
 //!
 //! `KNOWN` lists the crossings that exist today and are being removed
@@ -62,8 +63,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Rooms that may name `axum`.
-const AXUM: &[&str] = &["server", "tls", "cli"];
+/// Crates only some rooms may name: the HTTP framework, and the storage
+/// engine (everything else sees the store's operations, not LMDB).
+const FRAMEWORKS: &[(&str, &[&str])] = &[("axum", &["server", "tls", "cli"]), ("heed", &["store"])];
 
 /// Crossings tolerated while they are removed, `file -> target` (none
 /// left: issue 17 removed the last). The test fails on any crossing not
@@ -103,7 +105,7 @@ fn without_tests(src: &str) -> &str {
 }
 
 /// The rooms a file names: `crate::ROOM` anywhere (use lines, paths), and
-/// `axum` as a path root.
+/// each of [`FRAMEWORKS`] as a path root.
 fn named(src: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for line in src.lines() {
@@ -120,8 +122,12 @@ fn named(src: &str) -> BTreeSet<String> {
             }
             rest = tail;
         }
-        if code.contains("axum::") || code.trim_start().starts_with("use axum") {
-            out.insert("axum".into());
+        for (krate, _) in FRAMEWORKS {
+            if code.contains(&format!("{krate}::"))
+                || code.trim_start().starts_with(&format!("use {krate}"))
+            {
+                out.insert(krate.to_string());
+            }
         }
     }
     out
@@ -156,8 +162,8 @@ fn every_import_follows_the_layering_in_architecture_md() {
             if target == room {
                 continue;
             }
-            let ok = if target == "axum" {
-                AXUM.contains(&room.as_str())
+            let ok = if let Some((_, rooms)) = FRAMEWORKS.iter().find(|(k, _)| *k == target) {
+                rooms.contains(&room.as_str())
             } else {
                 match allowed.get(room.as_str()) {
                     Some(a) => a.contains(&target.as_str()),
@@ -218,10 +224,12 @@ fn protocol_does_no_io() {
 }
 
 #[test]
-fn the_scanner_sees_paths_uses_and_axum_and_skips_comments() {
+fn the_scanner_sees_paths_uses_and_frameworks_and_skips_comments() {
     let s = "use crate::store::Store;\nlet x = crate::keys::Backend::new();\n// crate::cli in a comment\nuse axum::Router;\n";
     let n = named(s);
     assert_eq!(n.into_iter().collect::<Vec<_>>(), ["axum", "keys", "store"]);
+    let n = named("use heed::RwTxn;\nlet e: heed::Env = todo();\n");
+    assert_eq!(n.into_iter().collect::<Vec<_>>(), ["heed"]);
     assert_eq!(without_tests("a\n#[cfg(test)]\nmod tests {}\n"), "a\n");
 }
 

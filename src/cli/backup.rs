@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::custody::fields::open_fields;
 use crate::keys::{Backend, HmacKeyId};
 use crate::protocol::document::TokenDocument;
+use crate::protocol::storage::{Collection, MAX_PAGE};
 use crate::store::backup::stage_restore;
 use crate::store::{Store, META_BOUND_AT, META_HMAC_KEY_ID};
 use anyhow::{anyhow, bail, Result};
@@ -50,7 +51,6 @@ fn check(store: &Store, backend: &Backend) -> Result<Checked> {
     let otp_keys = backend
         .list_otp()
         .map_err(|e| anyhow!("key backend: {e}"))?;
-    let r = store.read()?;
     let mut c = Checked {
         tokens: 0,
         fields: 0,
@@ -59,25 +59,39 @@ fn check(store: &Store, backend: &Backend) -> Result<Checked> {
         bind_codes: 0,
         bound: false,
     };
-    for row in store.dbs().tokens.iter(&r)? {
-        let (k, v) = row?;
-        let service = String::from_utf8_lossy(k).into_owned();
-        let doc: TokenDocument = serde_json::from_slice(v)
-            .map_err(|_| anyhow!("token {service:?}: the document does not parse"))?;
-        let opened = open_fields(backend, &service, &doc).map_err(|e| {
-            anyhow!("token {service:?}: {e} (was the backup taken with other keys?)")
-        })?;
-        c.fields += opened.len() as u64;
-        drop(opened);
-        if let Some(id) = &doc.otp {
-            if !otp_keys.contains(id) {
-                bail!("token {service:?}: its TOTP seed key {id} is not in the key device");
+    let mut after: Option<String> = None;
+    loop {
+        let project =
+            |k: &[u8], v: &[u8]| Ok((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+        let (page, more) = store.list_as(
+            Collection::Tokens,
+            false,
+            Some(MAX_PAGE),
+            after.as_deref(),
+            None,
+            &project,
+        )?;
+        for (service, v) in &page {
+            let doc: TokenDocument = serde_json::from_slice(v)
+                .map_err(|_| anyhow!("token {service:?}: the document does not parse"))?;
+            let opened = open_fields(backend, service, &doc).map_err(|e| {
+                anyhow!("token {service:?}: {e} (was the backup taken with other keys?)")
+            })?;
+            c.fields += opened.len() as u64;
+            drop(opened);
+            if let Some(id) = &doc.otp {
+                if !otp_keys.contains(id) {
+                    bail!("token {service:?}: its TOTP seed key {id} is not in the key device");
+                }
+                c.totp_keys += 1;
             }
-            c.totp_keys += 1;
+            c.tokens += 1;
         }
-        c.tokens += 1;
+        match more.next_cursor {
+            Some(next) => after = Some(next),
+            None => break,
+        }
     }
-    drop(r);
     for raw in store.oauth_all()? {
         let client: crate::broker::oauth::OAuthClient = serde_json::from_slice(&raw)
             .map_err(|_| anyhow!("an OAuth client record does not parse"))?;

@@ -204,18 +204,9 @@ async fn import_tokens(
 
 async fn import_plain(store: &Store, c: Collection, docs: Vec<(String, Value)>) -> Result<Counts> {
     let mut n = Counts::default();
-    let db = store.dbs().collection(c);
     for (key, data) in docs {
         let raw = serde_json::to_vec(&data)?;
-        let stored = store
-            .write(move |txn, _| {
-                if db.get(txn, key.as_bytes())?.is_some() {
-                    return Ok(false);
-                }
-                db.put(txn, key.as_bytes(), &raw)?;
-                Ok(true)
-            })
-            .await?;
+        let stored = store.put_raw(c, key, raw, true).await?;
         if stored {
             n.imported += 1;
         } else {

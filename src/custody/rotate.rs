@@ -382,8 +382,15 @@ mod tests {
     }
 
     fn put(store: &Store, service: &str, doc: &TokenDocument) -> Result<(), StoreError> {
-        let (k, raw) = (service.to_string(), serde_json::to_vec(doc).unwrap());
-        store.write_blocking(move |txn, dbs| dbs.put_token(txn, &k, &raw))
+        let raw = serde_json::to_vec(doc).unwrap();
+        store
+            .put_raw_blocking(
+                crate::protocol::storage::Collection::Tokens,
+                service.into(),
+                raw,
+                false,
+            )
+            .map(|_| ())
     }
 
     fn value(store: &Store, backend: &Backend, service: &str) -> serde_json::Value {

@@ -49,8 +49,8 @@ impl From<KeyError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::MapFull => {
-                tracing::error!("LMDB map is full; raise store.map_size_mib");
+            StoreError::Full => {
+                tracing::error!("the store is full; raise store.map_size_mib");
                 ApiError::InsufficientStorage
             }
             StoreError::KeyRetired => ApiError::KeyRotating,
@@ -62,7 +62,7 @@ impl From<StoreError> for ApiError {
             StoreError::BadCursor => {
                 ApiError::invalid("options.after is not a cursor this listing returned")
             }
-            StoreError::Corrupt(_) | StoreError::Lmdb(_) | StoreError::Closed => {
+            StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Closed => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal
             }

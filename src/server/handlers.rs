@@ -403,36 +403,27 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
                         }
                     }
                     TokenWrite::Meta(meta) => {
+                        let k = key.clone();
                         s.store
-                            .write(move |txn, dbs| {
-                                let mut doc = match dbs.tokens.get(txn, key.as_bytes())? {
-                                    Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
-                                        .map_err(|_| StoreError::Corrupt("token document"))?,
-                                    None => TokenDocument {
-                                        v: 1,
-                                        alg: fields::ALG_NONE.into(),
-                                        enc: None,
-                                        kid: None,
-                                        fields: Default::default(),
-                                        meta: Map::new(),
-                                        otp: None,
-                                    },
-                                };
-                                merge_meta(&mut doc, &meta, &key);
-                                let raw = serde_json::to_vec(&doc)
-                                    .map_err(|_| StoreError::Corrupt("token document"))?;
-                                dbs.put_token(txn, &key, &raw)?;
-                                Ok(())
+                            .update_token(key, move |cur| {
+                                let mut doc = cur.unwrap_or_else(|| TokenDocument {
+                                    v: 1,
+                                    alg: fields::ALG_NONE.into(),
+                                    enc: None,
+                                    kid: None,
+                                    fields: Default::default(),
+                                    meta: Map::new(),
+                                    otp: None,
+                                });
+                                merge_meta(&mut doc, &meta, &k);
+                                doc
                             })
                             .await?
                     }
                 },
                 Collection::ProxyConfigs | Collection::VaultConfig => {
                     let raw = serde_json::to_vec(&data).map_err(|_| ApiError::Internal)?;
-                    let db = s.store.dbs().collection(c);
-                    s.store
-                        .write(move |txn, _| Ok(db.put(txn, key.as_bytes(), &raw)?))
-                        .await?
+                    s.store.put_raw(c, key, raw, false).await?;
                 }
             }
             json!({"status": "ok"})
@@ -446,10 +437,7 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
             if c == Collection::Tokens {
                 super::custody::delete_token(&s, key).await?;
             } else {
-                let db = s.store.dbs().collection(c);
-                s.store
-                    .write(move |txn, _| Ok(db.delete(txn, key.as_bytes())?))
-                    .await?;
+                s.store.delete_raw(c, key).await?;
             }
             json!({"status": "ok"})
         }

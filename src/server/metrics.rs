@@ -260,7 +260,7 @@ impl Metrics {
             &mut o,
             "tvw_store_map_size_bytes",
             "LMDB map size (the store's limit).",
-            u.map_size,
+            u.capacity,
         );
         gauge(&mut o, "tvw_store_used_bytes", "LMDB pages in use.", u.used);
         header(

@@ -590,7 +590,7 @@ async fn tokens_never_leave_with_credentials() {
     let raw = serde_json::to_vec(&doc).unwrap();
     t.state
         .store
-        .write(move |txn, dbs| dbs.put_token(txn, "github", &raw))
+        .put_raw(Collection::Tokens, "github".into(), raw, false)
         .await
         .unwrap();
 
@@ -718,7 +718,7 @@ async fn limits_clamp_and_pages_walk() {
             serde_json::to_vec(&json!({"v":1,"alg":"none","meta":{"serviceName":k}})).unwrap();
         t.state
             .store
-            .write(move |txn, dbs| dbs.put_token(txn, &k, &raw))
+            .put_raw(Collection::Tokens, k, raw, false)
             .await
             .unwrap();
     }
@@ -1590,7 +1590,7 @@ async fn totp_seeds_are_withheld_and_plaintext_docs_resealed() {
     let raw = serde_json::to_vec(&json!({"v":1,"alg":"none","fields":{"accessToken":"plain-tok"},"meta":{"serviceName":"legacy","tokenType":"PlainText"}})).unwrap();
     t.state
         .store
-        .write(move |txn, dbs| dbs.put_token(txn, "legacy", &raw))
+        .put_raw(Collection::Tokens, "legacy".into(), raw, false)
         .await
         .unwrap();
     assert_eq!(
@@ -2021,17 +2021,17 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
     // bare device, no key ring) still seals under 1, like a request that
     // sealed just before the switch and commits after the close.
     t.state.backend.create_aes(2).unwrap();
-    t.state
-        .store
-        .write(|txn, dbs| {
-            let mut st = dbs.aes_state(txn)?;
+    let store = t.state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        store.update_aes_state(|st| {
             st.previous = Some(1);
             st.active = 2;
             st.closed = true;
-            dbs.put_aes_state(txn, &st)
         })
-        .await
-        .unwrap();
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let (s, v, h) = store_req(&t, "gh", json!({"accessToken":"v2"}), json!({})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"], "key_rotating");

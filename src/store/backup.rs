@@ -31,7 +31,7 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .mode(0o600)
         .open(path)
-        .map_err(|e| StoreError::Lmdb(format!("{}: {e}", path.display())))
+        .map_err(|e| StoreError::Engine(format!("{}: {e}", path.display())))
 }
 
 fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
@@ -49,7 +49,7 @@ fn lock(dir: &Path, op: libc::c_int, busy: &str) -> Result<StoreLock, StoreError
 
 fn lock_at(path: &Path, dir: &Path, op: libc::c_int, busy: &str) -> Result<StoreLock, StoreError> {
     let f = lock_file(path)?;
-    flock(&f, op).map_err(|_| StoreError::Lmdb(format!("{} {busy}", dir.display())))?;
+    flock(&f, op).map_err(|_| StoreError::Engine(format!("{} {busy}", dir.display())))?;
     Ok(StoreLock(f))
 }
 
@@ -83,7 +83,7 @@ pub fn lock_exclusive(dir: &Path) -> Result<StoreLock, StoreError> {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
-    move |e| StoreError::Lmdb(format!("{}: {e}", path.display()))
+    move |e| StoreError::Engine(format!("{}: {e}", path.display()))
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -142,7 +142,7 @@ pub fn stage_restore(
     Store::ensure_dir(dir)?;
     let lock = lock_exclusive(dir)?;
     if dir.join(DATA_FILE).exists() && !force {
-        return Err(StoreError::Lmdb(format!(
+        return Err(StoreError::Engine(format!(
             "{} already holds a store; pass --force to replace it (the current one is kept as {}.before-restore-<time>)",
             dir.display(),
             DATA_FILE

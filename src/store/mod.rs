@@ -19,16 +19,18 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
-pub type Db = Database<'static, Bytes, Bytes>;
+pub(in crate::store) type Db = Database<'static, Bytes, Bytes>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    #[error("LMDB map is full")]
-    MapFull,
+    /// The store's configured capacity is reached (LMDB: `store.map_size_mib`).
+    #[error("the store is full")]
+    Full,
     #[error("stored record is corrupt: {0}")]
     Corrupt(&'static str),
-    #[error("LMDB error: {0}")]
-    Lmdb(String),
+    /// The storage engine failed (detail for the log, never for a client).
+    #[error("storage engine error: {0}")]
+    Engine(String),
     #[error("store writer has stopped")]
     Closed,
     /// A token document sealed under an AES generation that is not (or no
@@ -56,20 +58,22 @@ pub const MAX_KEY_BYTES: usize = 511;
 impl From<heed::Error> for StoreError {
     fn from(e: heed::Error) -> Self {
         match e {
-            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull,
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
             heed::Error::Mdb(heed::MdbError::BadValSize) => StoreError::KeyTooLong,
             heed::Error::Io(ref io)
                 if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
             {
                 StoreError::DiskFull
             }
-            e => StoreError::Lmdb(e.to_string()),
+            e => StoreError::Engine(e.to_string()),
         }
     }
 }
 
+/// The LMDB databases. Private to the store: callers see operations, never
+/// a database, a transaction or the map.
 #[derive(Clone, Copy)]
-pub struct Dbs {
+pub(in crate::store) struct Dbs {
     pub tokens: Db,
     pub proxy_configs: Db,
     pub audit: Db,
@@ -234,7 +238,7 @@ impl Store {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| StoreError::Lmdb(e.to_string()))?;
+                .map_err(|e| StoreError::Engine(e.to_string()))?;
         }
         Ok(())
     }
@@ -297,7 +301,7 @@ impl Store {
         }
         dbs.ensure_token_items(&mut wtxn)?;
         wtxn.commit()?;
-        let writer = writer::spawn(env, dbs).map_err(|e| StoreError::Lmdb(e.to_string()))?;
+        let writer = writer::spawn(env, dbs).map_err(|e| StoreError::Engine(e.to_string()))?;
         Ok(Store {
             env,
             dbs,
@@ -308,22 +312,23 @@ impl Store {
         })
     }
 
-    pub fn dbs(&self) -> &Dbs {
+    #[cfg(test)]
+    pub(in crate::store) fn dbs(&self) -> &Dbs {
         &self.dbs
     }
 
-    /// Map size, bytes of pages in use, and the data file's size.
+    /// Capacity, bytes in use, and the data file's size.
     pub fn usage(&self) -> Usage {
         let info = self.env.info();
         let page = self.env.unnamed_database_stat().page_size as u64;
         Usage {
-            map_size: info.map_size as u64,
+            capacity: info.map_size as u64,
             used: (info.last_page_number as u64 + 1) * page,
             file: self.env.real_disk_size().unwrap_or(0),
         }
     }
 
-    pub fn read(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
+    pub(in crate::store) fn read(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
         Ok(self.env.read_txn()?)
     }
 
@@ -356,7 +361,7 @@ impl Store {
     }
 
     /// Runs `f` in the next group commit; resolves once its batch is durable.
-    pub async fn write<T: Send + 'static>(
+    pub(in crate::store) async fn write<T: Send + 'static>(
         &self,
         f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -366,7 +371,7 @@ impl Store {
     }
 
     /// The same, for synchronous callers (CLI); never call from async code.
-    pub fn write_blocking<T: Send + 'static>(
+    pub(in crate::store) fn write_blocking<T: Send + 'static>(
         &self,
         f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -723,6 +728,67 @@ impl Store {
         .await
     }
 
+    /// Writes a document as stored bytes into `c` (a token document also
+    /// gets its listing item, and is refused under a closed generation).
+    /// `create_only`: an existing document is kept and false returned. The
+    /// audit collection is append-only ([`Store::audit_append`]).
+    pub async fn put_raw(
+        &self,
+        c: Collection,
+        key: String,
+        raw: Vec<u8>,
+        create_only: bool,
+    ) -> Result<bool, StoreError> {
+        self.write(put_raw_job(c, key, raw, create_only)).await
+    }
+
+    /// [`Store::put_raw`] for synchronous callers (CLI); never from async code.
+    pub fn put_raw_blocking(
+        &self,
+        c: Collection,
+        key: String,
+        raw: Vec<u8>,
+        create_only: bool,
+    ) -> Result<bool, StoreError> {
+        self.write_blocking(put_raw_job(c, key, raw, create_only))
+    }
+
+    /// Deletes a document of a configuration collection (tokens:
+    /// [`Store::delete_token`]; audit: append-only). Deleting nothing is fine.
+    pub async fn delete_raw(&self, c: Collection, key: String) -> Result<(), StoreError> {
+        if matches!(c, Collection::Audit | Collection::Tokens) {
+            return Err(StoreError::Corrupt("not a configuration collection"));
+        }
+        self.write(move |txn, dbs| {
+            dbs.collection(c).delete(txn, key.as_bytes())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads, changes and writes one token document in one transaction:
+    /// `f` gets the stored document (None: absent) and returns the one to
+    /// store. `createdAt` and the TOTP state are the caller's to keep.
+    pub async fn update_token(
+        &self,
+        service: String,
+        mut f: impl FnMut(Option<TokenDocument>) -> TokenDocument + Send + 'static,
+    ) -> Result<(), StoreError> {
+        self.write(move |txn, dbs| {
+            let cur = match dbs.tokens.get(txn, service.as_bytes())? {
+                Some(raw) => Some(
+                    serde_json::from_slice::<TokenDocument>(raw)
+                        .map_err(|_| StoreError::Corrupt("token document"))?,
+                ),
+                None => None,
+            };
+            let raw =
+                serde_json::to_vec(&f(cur)).map_err(|_| StoreError::Corrupt("token document"))?;
+            dbs.put_token(txn, &service, &raw)
+        })
+        .await
+    }
+
     // ---- collections ----------------------------------------------------
 
     pub fn get_raw(&self, c: Collection, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -900,7 +966,8 @@ impl Store {
 /// What [`Store::usage`] reports.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
-    pub map_size: u64,
+    /// The most the store may hold (LMDB: the map size).
+    pub capacity: u64,
     pub used: u64,
     pub file: u64,
 }
@@ -934,6 +1001,25 @@ pub enum BindOutcome {
     Bound { previous: Option<String> },
     Used,
     Expired,
+}
+
+type WriteJob<T> = Box<dyn FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send>;
+
+fn put_raw_job(c: Collection, key: String, raw: Vec<u8>, create_only: bool) -> WriteJob<bool> {
+    Box::new(move |txn, dbs| {
+        if c == Collection::Audit {
+            return Err(StoreError::Corrupt("the audit collection is append-only"));
+        }
+        let db = dbs.collection(c);
+        if create_only && db.get(txn, key.as_bytes())?.is_some() {
+            return Ok(false);
+        }
+        match c {
+            Collection::Tokens => dbs.put_token(txn, &key, &raw)?,
+            _ => db.put(txn, key.as_bytes(), &raw)?,
+        }
+        Ok(true)
+    })
 }
 
 fn bind_code_kv(code: &str, rec: &BindCode) -> Result<(Vec<u8>, Vec<u8>), StoreError> {

@@ -204,7 +204,7 @@ async fn map_full_fails_cleanly_and_keeps_earlier_data() {
         .write(move |t, dbs| Ok(dbs.vault_config.put(t, b"big", &big)?))
         .await
         .unwrap_err();
-    assert_eq!(err, StoreError::MapFull);
+    assert_eq!(err, StoreError::Full);
     // Small writes still work and the earlier value is intact.
     s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"small", b"{}")?))
         .await
@@ -444,7 +444,7 @@ async fn trail_stays_within_its_share_and_still_verifies() {
 #[test]
 fn trail_budget_never_takes_the_reserve() {
     let b = super::trail::TrailBound {
-        map_size: 1000 << 20,
+        capacity: 1000 << 20,
         share_percent: 20,
         reserve_percent: 10,
     };

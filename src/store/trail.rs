@@ -152,7 +152,7 @@ pub struct TrailQueue {
 /// into the `reserve_percent` of the map kept for the writes that matter.
 #[derive(Debug, Clone, Copy)]
 pub struct TrailBound {
-    pub map_size: u64,
+    pub capacity: u64,
     pub share_percent: u8,
     pub reserve_percent: u8,
 }
@@ -160,8 +160,8 @@ pub struct TrailBound {
 impl TrailBound {
     /// Bytes the trail may use while the rest of the store uses `others`.
     pub fn budget(&self, others: u64) -> u64 {
-        let share = self.map_size / 100 * u64::from(self.share_percent);
-        let open = (self.map_size / 100 * u64::from(100 - self.reserve_percent.min(100)))
+        let share = self.capacity / 100 * u64::from(self.share_percent);
+        let open = (self.capacity / 100 * u64::from(100 - self.reserve_percent.min(100)))
             .saturating_sub(others);
         share.min(open)
     }
@@ -260,7 +260,7 @@ impl Store {
     pub fn set_trail_bound(&self, share_percent: u8, reserve_percent: u8) {
         if let Ok(mut b) = self.trail_queue.bound.lock() {
             *b = Some(TrailBound {
-                map_size: self.usage().map_size,
+                capacity: self.usage().capacity,
                 share_percent,
                 reserve_percent,
             });

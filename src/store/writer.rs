@@ -79,7 +79,7 @@ fn commit_batch(env: &Env<WithoutTls>, dbs: &Dbs, mut batch: Vec<Job>) {
     // LMDB reports a short write as EIO: on a file system with no room
     // left, that is a full disk, not a failing one.
     let outcome = outcome.map_err(|e| match e {
-        StoreError::Lmdb(_) if no_room(env.path()) => StoreError::DiskFull,
+        StoreError::Engine(_) if no_room(env.path()) => StoreError::DiskFull,
         e => e,
     });
     match outcome {
