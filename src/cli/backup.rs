@@ -1,6 +1,7 @@
 //! `backup` and `restore`.
 
-use super::{load_for_run, open_device, refuse_root};
+use super::device::open_device;
+use super::setup::{load_for_run, refuse_root};
 use crate::config::Config;
 use crate::custody::fields::open_fields;
 use crate::keys::{Backend, HmacKeyId};
@@ -19,7 +20,7 @@ pub fn backup(config: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         bail!("{} exists; choose a new file", out.display());
     }
-    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let store = super::setup::open_store(&cfg)?;
     let tokens = store.count(crate::protocol::storage::Collection::Tokens)?;
     let bytes = store.backup_to(out)?;
     println!(

@@ -4,9 +4,11 @@
 //! started and stopped with the appliance), a self-signed certificate,
 //! DIR/config.toml and the store.
 
-use super::{
-    init_logging, open_device, open_store, prepare_module_env, read_secret_file, run_server,
-};
+use super::device::{open_device, tls_key_source};
+use super::init::store_and_id;
+use super::landlock::sandbox;
+use super::serve::run_server;
+use super::setup::{init_logging, prepare_module_env, read_secret_file};
 use crate::config::{Config, KeyBackendKind};
 use crate::keys::pkcs11::{find_softhsm_module, find_token, init_token, open_module};
 use crate::keys::tpm::swtpm;
@@ -249,10 +251,10 @@ pub fn run(
     }
     let device = open_device(&cfg)?;
     device.ensure_aes_key()?;
-    let tls_key = super::tls_key_source(&cfg, &device)?;
+    let tls_key = tls_key_source(&cfg, &device)?;
     let backend = device.backend();
-    super::sandbox(&cfg, listen.unwrap_or(cfg.server.listen), landlock)?;
-    let (store, id) = open_store(&cfg, &backend)?;
+    sandbox(&cfg, listen.unwrap_or(cfg.server.listen), landlock)?;
+    let (store, id) = store_and_id(&cfg, &backend)?;
     eprintln!(
         "tokenvault-webhook dev: {} (webhook id {id})\n  config: {}\n  bind:   tokenvault-webhook --config {} register-url",
         dir.display(),

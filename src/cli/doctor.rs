@@ -1,7 +1,8 @@
 //! `doctor`: checks an installation end to end and prints one line per
 //! finding with its fix. Exits non-zero on any problem.
 
-use super::{open_pkcs11, prepare_module_env, read_pin_for_doctor};
+use super::device::{open_pkcs11, read_pin_for_doctor};
+use super::setup::prepare_module_env;
 use crate::config::{Config, KeyBackendKind};
 use crate::keys::KeyBackendBase;
 use anyhow::{bail, Result};
@@ -282,9 +283,7 @@ fn check_generations(cfg: &Config, device: &dyn crate::keys::KeyBackend, r: &mut
     {
         return;
     }
-    let st = match crate::store::Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)
-        .and_then(|s| s.aes_state())
-    {
+    let st = match super::setup::open_store(cfg).and_then(|s| Ok(s.aes_state()?)) {
         Ok(st) => st,
         Err(e) => return r.warn(&format!("store: {e}"), "check the state dir"),
     };
@@ -312,12 +311,12 @@ fn check_generations(cfg: &Config, device: &dyn crate::keys::KeyBackend, r: &mut
 
 fn check_tpm(cfg: &Config, r: &mut Report) {
     let tcti = cfg.keys.tpm.clone().unwrap_or_default().tcti;
-    match super::open_device(cfg) {
+    match super::device::open_device(cfg) {
         Err(e) => r.fail(
             &format!("key backend: {e:#}"),
             "check keys.tpm (tcti, pcrs), the tss group and the sealed blobs",
         ),
-        Ok(super::Device::Tpm(b)) => {
+        Ok(super::device::Device::Tpm(b)) => {
             r.ok(&format!("TPM reachable via {tcti}"));
             if b.aes_key_present() && b.keys_locked() {
                 r.ok("AES-256 key unsealed from the TPM into locked memory");
@@ -330,7 +329,7 @@ fn check_tpm(cfg: &Config, r: &mut Report) {
                 r.fail("no AES key sealed to the TPM", "run `init`");
             }
             check_generations(cfg, b.as_ref(), r);
-            let dir = super::tpm_blob_dir(cfg);
+            let dir = super::device::tpm_blob_dir(cfg);
             match std::fs::metadata(&dir) {
                 Ok(m) if m.permissions().mode() & 0o077 == 0 => {
                     r.ok(&format!("{} is private", dir.display()))
@@ -353,13 +352,13 @@ fn check_tpm(cfg: &Config, r: &mut Report) {
 /// The TLS key source, or a finding and its fix.
 fn tls_key_for_doctor(cfg: &Config) -> Result<crate::tls::TlsKeySource, (String, String)> {
     if cfg.tls.key_in_hsm {
-        let device = super::open_device(cfg).map_err(|e| {
+        let device = super::device::open_device(cfg).map_err(|e| {
             (
                 format!("HSM for the TLS key: {e:#}"),
                 "check [keys.pkcs11]".to_string(),
             )
         })?;
-        return super::tls_key_source_inner(cfg, &device).map_err(|e| {
+        return super::device::tls_key_source_inner(cfg, &device).map_err(|e| {
             (
                 format!("TLS key: {e:#}"),
                 "tokenvault-webhook tls-key generate --csr FILE (or tls-key import)".to_string(),

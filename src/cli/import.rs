@@ -17,7 +17,8 @@
 //! Existing entries are kept (counted as skipped). Decrypted values are
 //! wiped when freed (the zeroizing allocator) and never printed.
 
-use super::{load_for_run, open_device, refuse_root};
+use super::device::open_device;
+use super::setup::{load_for_run, refuse_root};
 use crate::custody::fields::{merge_meta, seal_token_data};
 use crate::keys::Backend;
 use crate::protocol::document::CREDENTIAL_KEYS;
@@ -243,7 +244,7 @@ pub fn import(config: &Path, from: &Path, kv: &Path) -> Result<()> {
     drop(secrets);
     let kv_doc: Value = serde_json::from_slice(&read_json(kv)?)
         .with_context(|| format!("{} is not JSON", kv.display()))?;
-    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let store = super::setup::open_store(&cfg)?;
     let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
     let now = crate::server::now();
     // Every collection's shape is checked before anything is written: a

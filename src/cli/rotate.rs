@@ -1,8 +1,8 @@
 //! `rotate-key`: see [`crate::custody::rotate`].
 
-use super::{load_for_run, open_device, refuse_root};
+use super::device::open_device;
+use super::setup::{load_for_run, refuse_root};
 use crate::custody::rotate::{self, Options, Progress};
-use crate::store::Store;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use std::path::Path;
@@ -11,7 +11,7 @@ use std::time::Duration;
 pub fn run(config: &Path, status: bool, batch: usize, pause_ms: u64) -> Result<()> {
     let cfg = load_for_run(config)?;
     refuse_root(&cfg)?;
-    let store = Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?;
+    let store = super::setup::open_store(&cfg)?;
     let backend = crate::custody::keyring::keyring(open_device(&cfg)?.backend(), &store);
     if status {
         let st = store.aes_state()?;

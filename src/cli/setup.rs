@@ -1,0 +1,97 @@
+//! What every command does first: load the configuration, export what the
+//! key libraries read from the environment, start logging, refuse root,
+//! read secret files, open the store.
+
+use crate::config::{Config, KeyBackendKind, Profile};
+use crate::store::Store;
+use anyhow::{bail, Context, Result};
+use secrecy::SecretString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+pub fn init_logging(level: &str, json: bool) {
+    // tss-esapi logs every context open and close at info: keep its warnings.
+    let quiet = |f: tracing_subscriber::EnvFilter| match "tss_esapi=warn".parse() {
+        Ok(d) => f.add_directive(d),
+        Err(_) => f,
+    };
+    let filter = quiet(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+    );
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(true);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// Sets what the PKCS#11 module and the TSS libraries read from the
+/// environment. Must run before any thread exists.
+pub fn prepare_module_env(cfg: &Config) {
+    if cfg.keys.backend == KeyBackendKind::Tpm && std::env::var_os("TSS2_LOG").is_none() {
+        // The TSS libraries print their own errors to stderr; ours name the
+        // cause and the fix. TSS2_LOG set by the operator still wins.
+        // SAFETY: called from main before the runtime or any thread starts.
+        unsafe { std::env::set_var("TSS2_LOG", "all+none") };
+    }
+    if let Some(conf) = cfg
+        .keys
+        .pkcs11
+        .as_ref()
+        .and_then(|p| p.softhsm_conf.as_ref())
+    {
+        // SAFETY: called from main before the runtime or any thread starts.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", conf) };
+    }
+}
+
+/// Reads a secret from a file no one but its owner (and group, read-only) can access.
+pub fn read_secret_file(path: &Path) -> Result<SecretString> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // Group read is allowed (0640 root:tokenvault-webhook for operator
+    // commands run as the service user); group write and any access by
+    // others are not.
+    if meta.permissions().mode() & 0o027 != 0 {
+        bail!(
+            "{} is writable by group or accessible by others (mode {:o}); chmod 640 (or 600) it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    let raw = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    let pin = raw.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(SecretString::from(pin.to_string()))
+}
+
+pub fn refuse_root(cfg: &Config) -> Result<()> {
+    if crate::sandbox::is_root() && cfg.profile != Profile::Dev {
+        bail!("refusing to run as root; run as the tokenvault-webhook user (profile = \"dev\" allows root for development)");
+    }
+    Ok(())
+}
+
+/// Loads the config, exports module settings and starts logging: everything
+/// that must happen before any thread exists.
+pub fn load_for_run(path: &Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    prepare_module_env(&cfg);
+    init_logging(&cfg.log.level, cfg.log.json);
+    Ok(cfg)
+}
+
+/// The configured store (LMDB in `store.path`, sized by `store.map_size_mib`).
+pub fn open_store(cfg: &Config) -> Result<Store> {
+    Ok(Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?)
+}
