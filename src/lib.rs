@@ -1,5 +1,6 @@
 //! tokenvault-webhook: a hardware-backed Token Vault webhook appliance.
 
+pub mod app;
 pub mod binding;
 pub mod broker;
 pub mod cli;

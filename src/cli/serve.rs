@@ -4,10 +4,11 @@
 use super::device::{open_device, tls_key_source};
 use super::landlock::sandbox as apply_sandbox;
 use super::setup::{load_for_run, open_store, refuse_root};
+use crate::app::{App, Settings};
 use crate::config::{Config, Profile};
 use crate::keys::Backend;
 use crate::server::listener::{serve, ServeOptions};
-use crate::server::{app, AppState, Settings};
+use crate::server::{app, AppState, HttpSettings};
 use crate::store::{Store, META_WEBHOOK_ID};
 use crate::tls::{load_tls, TlsKeySource};
 use anyhow::{anyhow, bail, Context, Result};
@@ -97,7 +98,7 @@ pub fn run_server(
         let dev = cfg.profile == Profile::Dev;
         let public_url = cfg.public_url(bound_addr);
         let shield = Arc::new(crate::server::shield::Shield::new(shield_settings(&cfg)));
-        let state = AppState::new(
+        let core = App::new(
             dyn_backend,
             store.clone(),
             Settings {
@@ -119,26 +120,31 @@ pub fn run_server(
                             .map_err(|e| anyhow!("refresh HTTP client: {e}"))?,
                     ),
                 },
-                direct: crate::server::direct::DirectSettings {
-                    allowed_origins: cfg.direct_access.allowed_origins.clone(),
-                    deny: cfg.direct_access.deny_cidrs.clone(),
-                    trusted_proxies: cfg.direct_access.trusted_proxies.clone(),
-                    limiter: crate::server::direct::RateLimiter::new(
-                        cfg.direct_access.rate_limit_per_minute,
-                        cfg.direct_access.rate_limit_burst,
-                    ),
-                },
                 minter: crate::custody::gcp::Minter::new(cfg.profile == Profile::Dev)
                     .map_err(|e| anyhow!("HTTP client: {e}"))?,
                 public_url: public_url.clone(),
                 frontend_url: cfg.binding.frontend_url.clone(),
                 code_ttl_secs: cfg.binding.code_ttl_secs,
-                body_limit: cfg.server.body_limit_bytes,
                 webhook_id: webhook_id.clone(),
+            },
+            bound,
+        );
+        let state = AppState::new(
+            core,
+            HttpSettings {
+            direct: crate::server::direct::DirectSettings {
+                allowed_origins: cfg.direct_access.allowed_origins.clone(),
+                deny: cfg.direct_access.deny_cidrs.clone(),
+                trusted_proxies: cfg.direct_access.trusted_proxies.clone(),
+                limiter: crate::server::direct::RateLimiter::new(
+                    cfg.direct_access.rate_limit_per_minute,
+                    cfg.direct_access.rate_limit_burst,
+                ),
+            },
+                body_limit: cfg.server.body_limit_bytes,
                 shield: shield.clone(),
                 helpers_on_public: dev,
             },
-            bound,
         );
         if dev {
             tracing::info!("dev: /v1/register-url and /bind are also served on this listener, to loopback peers without forwarding headers");

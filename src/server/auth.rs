@@ -48,7 +48,7 @@ pub async fn read_body(
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
-    let shield = &s.settings.shield;
+    let shield = &s.http.shield;
     let declared = parts
         .headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -158,7 +158,7 @@ impl FromRequest<AppState> for Signed {
         if state.store.replay_seen(ReplayNs::RequestId, &rid, t)? {
             return Err(ApiError::AuthFailed("Request id already used"));
         }
-        let body = read_body(state, &parts, body, state.settings.body_limit).await?;
+        let body = read_body(state, &parts, body, state.http.body_limit).await?;
         let expected = state
             .backend
             .hmac_sha256(&sig::signing_payload(&ts_str, &body))?;

@@ -34,14 +34,12 @@ fn helper_only(s: &AppState, req: &Parts) -> Result<(), ApiError> {
         .extensions
         .get::<PeerAddr>()
         .is_some_and(PeerAddr::is_loopback);
-    let reachable = on_helper || (s.settings.helpers_on_public && loopback);
+    let reachable = on_helper || (s.http.helpers_on_public && loopback);
     if !reachable {
         return Err(ApiError::NotFound);
     }
     if forwarded(&req.headers) {
-        s.settings
-            .shield
-            .count(super::shield::Event::HelperForwarded);
+        s.http.shield.count(super::shield::Event::HelperForwarded);
         tracing::warn!("bind helper refused: the request carries forwarding headers");
         return Err(ApiError::Forbidden);
     }

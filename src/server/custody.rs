@@ -94,7 +94,7 @@ struct StoreBody {
 
 pub async fn store(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let raw = read_body(&s, &parts, body, s.settings.body_limit).await?;
+    let raw = read_body(&s, &parts, body, s.http.body_limit).await?;
     let b: StoreBody = serde_json::from_slice(&raw)
         .map_err(|_| ApiError::invalid("Request body must be a JSON object"))?;
     drop(raw);

@@ -73,7 +73,7 @@ fn body_request_id(signed: &Signed) -> Option<String> {
 
 pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let client = super::shield::client_of(&s, &req);
-    s.settings
+    s.http
         .shield
         .exchange_allowed(client)
         .map_err(ApiError::RateLimited)?;

@@ -11,15 +11,13 @@ pub mod listener;
 pub mod metrics;
 pub mod shield;
 
-use crate::keys::Backend;
-use crate::store::Store;
+use crate::app::App;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,15 +42,11 @@ impl PeerAddr {
 #[derive(Debug, Clone, Copy)]
 pub struct CarriedSecret;
 
-pub struct Settings {
+/// The HTTP layer's own settings: browser origins and limits, body size,
+/// the hostile-network shield, where the bind helpers are served.
+pub struct HttpSettings {
     pub direct: direct::DirectSettings,
-    pub broker: crate::broker::Broker,
-    pub minter: crate::custody::gcp::Minter,
-    pub public_url: String,
-    pub frontend_url: String,
-    pub code_ttl_secs: i64,
     pub body_limit: usize,
-    pub webhook_id: String,
     /// Hostile-network limits (connections, bodies, failures, log lines).
     pub shield: Arc<shield::Shield>,
     /// `dev` only: the bind helpers are also served on the public listener
@@ -61,47 +55,30 @@ pub struct Settings {
     pub helpers_on_public: bool,
 }
 
+/// What a handler gets: the application core (through `Deref`) and the
+/// HTTP layer's settings.
 #[derive(Clone)]
 pub struct AppState {
-    /// The key backend, counted into `metrics`.
-    pub backend: Backend,
-    pub store: Store,
-    pub settings: Arc<Settings>,
-    pub started: Instant,
-    bound: Arc<AtomicBool>,
+    pub app: App,
+    pub http: Arc<HttpSettings>,
     /// The serving certificate (expiry in health), once the listener has one.
     tls: Arc<std::sync::OnceLock<Arc<crate::tls::TlsState>>>,
-    metrics: Arc<metrics::Metrics>,
-    /// What signed requests, tickets and document times are judged by.
-    pub clock: crate::clock::Clock,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.app
+    }
 }
 
 impl AppState {
-    pub fn new(backend: Backend, store: Store, settings: Settings, bound: bool) -> Self {
-        let metrics = Arc::new(metrics::Metrics::default());
-        let backend: Backend = Arc::new(metrics::Metered {
-            inner: backend,
-            metrics: metrics.clone(),
-        });
+    pub fn new(app: App, http: HttpSettings) -> Self {
         AppState {
-            backend,
-            metrics,
-            store,
-            settings: Arc::new(settings),
-            started: Instant::now(),
-            bound: Arc::new(AtomicBool::new(bound)),
+            app,
+            http: Arc::new(http),
             tls: Arc::new(std::sync::OnceLock::new()),
-            clock: crate::clock::Clock::system(),
         }
-    }
-
-    /// Unix seconds by this state's clock.
-    pub fn now(&self) -> i64 {
-        self.clock.now()
-    }
-
-    pub fn metrics(&self) -> &metrics::Metrics {
-        &self.metrics
     }
 
     /// Lets health report the serving certificate's expiry.
@@ -112,16 +89,11 @@ impl AppState {
     /// Seconds until the serving certificate expires (None: unknown).
     pub fn tls_seconds_left(&self) -> Option<i64> {
         let t = self.tls.get()?.not_after();
-        (t > 0).then(|| t - now())
+        (t > 0).then(|| t - self.now())
     }
+
     pub fn direct(&self) -> &direct::DirectSettings {
-        &self.settings.direct
-    }
-    pub fn is_bound(&self) -> bool {
-        self.bound.load(Ordering::Acquire)
-    }
-    pub fn set_bound(&self) {
-        self.bound.store(true, Ordering::Release);
+        &self.http.direct
     }
 }
 
@@ -156,7 +128,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/refresh-notify", post(broker::refresh_notify))
         .route("/v1/refresh", post(broker::tv_refresh))
         .route("/v1/exchange", post(handlers::exchange));
-    if state.settings.helpers_on_public {
+    if state.http.helpers_on_public {
         router = router.merge(helper_routes());
     }
     // CORS outermost: every answer of a browser route carries it, the deny
@@ -235,14 +207,14 @@ async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Resp
         .map(str::to_string);
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
     let client = shield::client_of(&s, &req);
-    let shield = &s.settings.shield;
-    let route = metrics::route_label(&path);
+    let shield = &s.http.shield;
+    let route = crate::app::metrics::route_label(&path);
     if let Some(wait) = client.and_then(|c| shield.failure_blocked(c)) {
         shield.count(shield::Event::FailureLimited);
         let resp = axum::response::IntoResponse::into_response(
             crate::protocol::ApiError::RateLimited(wait),
         );
-        s.metrics
+        s.metrics()
             .request(&path, resp.status().as_u16(), start.elapsed());
         if shield.log_line() {
             tracing::info!(target: "access", method = %method, path = %path, status = 429, client = %client.map(|c| c.to_string()).unwrap_or_default(), "failure budget spent");
@@ -251,7 +223,7 @@ async fn access_log(State(s): State<AppState>, req: Request, next: Next) -> Resp
     }
     let (resp, note) = crate::store::trail::with_note(next.run(req)).await;
     let status = resp.status().as_u16();
-    s.metrics.request(&path, status, start.elapsed());
+    s.metrics().request(&path, status, start.elapsed());
     let unproven = !note.authenticated && resp.status().is_client_error();
     let log = if unproven {
         shield.rejected(client, route, status)

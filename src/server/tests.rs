@@ -1,9 +1,12 @@
 //! Handler tests with `oneshot` (test-only software key backend, real LMDB).
 
 use super::*;
+use crate::app::{App, Settings};
 use crate::keys::soft::SoftBackend;
+use crate::keys::Backend;
 use crate::protocol::storage::Collection;
 use crate::store::BindCode;
+use crate::store::Store;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use base64::Engine;
@@ -28,16 +31,21 @@ fn test_broker() -> crate::broker::Broker {
     }
 }
 
-fn test_settings(body_limit: usize) -> Settings {
+fn test_settings() -> Settings {
     Settings {
         broker: test_broker(),
-        direct: direct::DirectSettings::permissive_for_tests(),
         minter: crate::custody::gcp::Minter::new(true).unwrap(),
         public_url: "https://hook.example.com".into(),
         frontend_url: "https://tokenvault.uk".into(),
         code_ttl_secs: 300,
-        body_limit,
         webhook_id: "wh_test".into(),
+    }
+}
+
+fn test_http(body_limit: usize) -> HttpSettings {
+    HttpSettings {
+        direct: direct::DirectSettings::permissive_for_tests(),
+        body_limit,
         shield: Arc::new(shield::Shield::unlimited()),
         helpers_on_public: true,
     }
@@ -53,7 +61,10 @@ fn state_with(map_mib: usize, body_limit: usize) -> T {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), map_mib << 20).unwrap();
     let backend: Backend = Arc::new(SoftBackend::new());
-    let state = AppState::new(backend, store, test_settings(body_limit), false);
+    let state = AppState::new(
+        App::new(backend, store, test_settings(), false),
+        test_http(body_limit),
+    );
     T {
         _dir: dir,
         state,
@@ -179,7 +190,7 @@ async fn health_get_head_and_shape() {
     assert_eq!(v, Value::Null);
     // keyConfigured reflects the backend.
     let mut t2 = state_with(16, 1 << 20);
-    t2.state.backend = Arc::new(SoftBackend::without_aes());
+    t2.state.app.backend = Arc::new(SoftBackend::without_aes());
     let (_, v, _) = send(&t2, req(Method::GET, "/v1/health", None, vec![])).await;
     assert_eq!(v["keyConfigured"], false);
 }
@@ -1072,7 +1083,7 @@ async fn hsm_outage_is_503_and_degraded_then_recovers() {
         inner: SoftBackend::new(),
         down: false.into(),
     });
-    t.state.backend = flaky.clone();
+    t.state.app.backend = flaky.clone();
     bind(&mut t).await;
     assert_eq!(call(&t, "/v1/health", json!({})).await.0, StatusCode::OK);
     flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1289,7 +1300,7 @@ async fn tickets_are_single_use_and_purpose_bound() {
 #[tokio::test]
 async fn store_modes_and_creation_ids() {
     let mut t = state_with(16, 1 << 20);
-    t.state.clock = crate::clock::Clock::fixed(now());
+    t.state.app.clock = crate::clock::Clock::fixed(now());
     bind(&mut t).await;
     assert_eq!(
         store_tok(
@@ -1412,11 +1423,11 @@ async fn cors_is_exact_and_never_reflected() {
 
 /// `t`'s store and keys behind other direct-access and shield settings.
 fn with_limits(t: &T, direct: direct::DirectSettings, shield: shield::Shield) -> T {
-    let mut settings = test_settings(1 << 20);
-    settings.direct = direct;
-    settings.shield = Arc::new(shield);
+    let mut http = test_http(1 << 20);
+    http.direct = direct;
+    http.shield = Arc::new(shield);
     let mut st = t.state.clone();
-    st.settings = Arc::new(settings);
+    st.http = Arc::new(http);
     T {
         _dir: tempfile::tempdir().unwrap(),
         state: st,
@@ -2043,7 +2054,7 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
         "nothing written"
     );
     // Through the key ring (what `serve` installs) the retry seals under 2.
-    t.state.backend = crate::custody::keyring::keyring(t.state.backend.clone(), &t.state.store);
+    t.state.app.backend = crate::custody::keyring::keyring(t.state.backend.clone(), &t.state.store);
     let (s, v) = store_tok(&t, "gh", json!({"accessToken":"v2"}), json!({})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let raw = t
@@ -2063,9 +2074,9 @@ async fn a_write_sealed_under_a_closed_key_generation_is_503_key_rotating() {
 #[tokio::test]
 async fn outside_dev_the_public_listener_has_no_bind_helpers() {
     let mut t = state_with(16, 1 << 20);
-    let mut settings = test_settings(1 << 20);
-    settings.helpers_on_public = false;
-    t.state.settings = Arc::new(settings);
+    let mut http = test_http(1 << 20);
+    http.helpers_on_public = false;
+    t.state.http = Arc::new(http);
     for (m, p) in [
         (Method::GET, "/v1/register-url"),
         (Method::GET, "/bind"),
