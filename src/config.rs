@@ -38,6 +38,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub helper: HelperConfig,
+    #[serde(default)]
+    pub refresh: RefreshConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -289,6 +291,80 @@ pub struct ProxyConfig {
     pub timeout_secs: Option<u64>,
     /// Largest upstream response body passed through, bytes.
     pub max_response_bytes: Option<u64>,
+}
+
+/// `[refresh]`: Token Vault's own refresh, `POST /v1/refresh`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshConfig {
+    /// Whether `/v1/refresh` hands a service's refresh token to Token Vault
+    /// (and takes its refreshed tokens back): `"on"`, `"off"` (the default),
+    /// or a list of services. Token Vault's built-in Google and GitHub
+    /// refresh needs it; whoever holds the HMAC secret can then read those
+    /// refresh tokens. `/v1/refresh-notify` (this appliance refreshes with
+    /// its own OAuth client) needs nothing handed out.
+    #[serde(default)]
+    pub tv_refresh: ServiceSwitch,
+}
+
+/// On, off, or only for the listed services.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ServiceSwitch {
+    On,
+    #[default]
+    Off,
+    Only(std::collections::BTreeSet<String>),
+}
+
+impl<'de> Deserialize<'de> for ServiceSwitch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            List(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "on" => Ok(ServiceSwitch::On),
+            Raw::Word(w) if w == "off" => Ok(ServiceSwitch::Off),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "expected \"on\", \"off\" or a list of services, found {w:?}"
+            ))),
+            Raw::List(l) => Ok(ServiceSwitch::Only(l.into_iter().collect())),
+        }
+    }
+}
+
+impl ServiceSwitch {
+    pub fn allows(&self, service: &str) -> bool {
+        match self {
+            ServiceSwitch::On => true,
+            ServiceSwitch::Off => false,
+            ServiceSwitch::Only(s) => s.contains(service),
+        }
+    }
+
+    /// Whether any service is on (the capability is advertised).
+    pub fn any(&self) -> bool {
+        match self {
+            ServiceSwitch::On => true,
+            ServiceSwitch::Off => false,
+            ServiceSwitch::Only(s) => !s.is_empty(),
+        }
+    }
+
+    /// For `doctor` and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            ServiceSwitch::On => "on for every service".into(),
+            ServiceSwitch::Off => "off".into(),
+            ServiceSwitch::Only(s) if s.is_empty() => "off (empty list)".into(),
+            ServiceSwitch::Only(s) => format!(
+                "on for {}",
+                s.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
 }
 
 /// Landlock (see SECURITY.md).

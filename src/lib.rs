@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod custody;
+pub mod egress;
 pub mod fsutil;
 pub mod keys;
 pub mod netaddr;

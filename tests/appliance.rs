@@ -14,10 +14,13 @@ async fn dev_binds_over_https_and_serves_health_and_storage() {
     let h = a.health().await;
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["keyConfigured"], true);
-    assert_eq!(
-        h["capabilities"],
-        json!(tokenvault_webhook::protocol::CAPABILITIES)
-    );
+    // Every capability of the build but tv-refresh, which is off by default.
+    let expected: Vec<&str> = tokenvault_webhook::protocol::CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != "tv-refresh")
+        .collect();
+    assert_eq!(h["capabilities"], json!(expected));
     let r = a.client.head(a.url("/v1/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     // Signed endpoints refuse before the exchange.
@@ -395,6 +398,11 @@ async fn dev_dir_configtest_passes() {
     };
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(expected),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("refresh.tv_refresh off"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

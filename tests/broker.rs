@@ -2,141 +2,14 @@
 //! Brokering over real HTTPS on SoftHSM2, against an upstream API and an
 //! OAuth provider running in this test process on loopback.
 
+mod fakes;
 mod harness;
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
 use base64::Engine;
+use fakes::*;
 use harness::*;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-#[derive(Clone, Default)]
-struct Upstream {
-    hits: Arc<Mutex<HashMap<String, usize>>>,
-    sse_go: Arc<tokio::sync::Notify>,
-}
-
-fn count(u: &Upstream, p: &str) {
-    *u.hits.lock().unwrap().entry(p.to_string()).or_default() += 1;
-}
-
-impl Upstream {
-    fn hits(&self, path: &str) -> usize {
-        *self.hits.lock().unwrap().get(path).unwrap_or(&0)
-    }
-    fn total(&self) -> usize {
-        self.hits.lock().unwrap().values().sum()
-    }
-}
-
-async fn serve(app: axum::Router) -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-async fn upstream() -> (String, Upstream) {
-    let u = Upstream::default();
-    let app = axum::Router::new()
-        .route(
-            "/api/echo",
-            any(move |State(u): State<Upstream>, req: Request| async move {
-                count(&u, "/api/echo");
-                let (parts, body) = req.into_parts();
-                let body = axum::body::to_bytes(body, 1 << 20).await.unwrap();
-                let headers: HashMap<String, String> = parts.headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
-                let mut r = axum::Json(json!({"method": parts.method.as_str(), "path": parts.uri.to_string(), "headers": headers, "body": base64::engine::general_purpose::STANDARD.encode(&body)})).into_response();
-                r.headers_mut().insert("x-echo", "yes".parse().unwrap());
-                r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
-                r
-            }),
-        )
-        .route("/api/missing", get(|State(u): State<Upstream>| async move { count(&u, "/api/missing"); (StatusCode::NOT_FOUND, "nope") }))
-        .route("/api/redirect", get(|State(u): State<Upstream>| async move {
-            count(&u, "/api/redirect");
-            (StatusCode::FOUND, [("location", "http://127.0.0.1:1/elsewhere")], "")
-        }))
-        .route("/api/slow", get(|State(u): State<Upstream>| async move {
-            count(&u, "/api/slow");
-            // Never answers: the proxy's own timeout is what ends the call.
-            std::future::pending::<()>().await;
-            "never"
-        }))
-        .route("/api/big", get(|State(u): State<Upstream>| async move { count(&u, "/api/big"); vec![b'x'; 2 << 20] }))
-        .route("/api/sse", get(|State(u): State<Upstream>| async move {
-            count(&u, "/api/sse");
-            let go = u.sse_go.clone();
-            let stream = async_stream(go);
-            Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(stream)).unwrap()
-        }))
-        .with_state(u.clone());
-    (serve(app).await, u)
-}
-
-/// First event at once; the second only after the test has seen the first.
-fn async_stream(
-    go: Arc<tokio::sync::Notify>,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::unfold(0u8, move |n| {
-        let go = go.clone();
-        async move {
-            match n {
-                0 => Some((Ok(Bytes::from_static(b"data: first\n\n")), 1)),
-                1 => {
-                    go.notified().await;
-                    Some((Ok(Bytes::from_static(b"data: second\n\n")), 2))
-                }
-                _ => None,
-            }
-        }
-    })
-}
-
-async fn bound(extra: &str) -> (tempfile::TempDir, Appliance) {
-    let (tmp, mut a) = Appliance::start_configured(extra);
-    a.bind().await;
-    (tmp, a)
-}
-
-async fn proxy(
-    a: &Appliance,
-    svc: &str,
-    pid: Option<&str>,
-    up: Value,
-    templates: Value,
-) -> reqwest::Response {
-    let extra = match pid {
-        Some(p) => json!({"pid": p}),
-        None => json!({}),
-    };
-    let body = json!({"requestId": new_rid(), "ticket": a.ticket("proxy", svc, extra), "service": svc, "upstream": up, "headerTemplates": templates});
-    let raw = serde_json::to_vec(&body).unwrap();
-    let ts = now().to_string();
-    a.client
-        .post(a.url("/v1/proxy"))
-        .header("content-type", "application/json")
-        .header(
-            "x-tokenvault-signature",
-            sign(a.secret.as_ref().unwrap(), &ts, &raw),
-        )
-        .header("x-tokenvault-timestamp", &ts)
-        .header("x-tokenvault-request-id", new_rid())
-        .body(raw)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn pin(a: &Appliance, pid: &str, upstream_url: &str, svc: &str) {
-    a.storage(json!({"operation":"set","collection":"proxy_configs","key":pid,"data":{"name":"test","upstreamUrl":upstream_url,"serviceName":svc,"headerTemplates":{"Authorization":"Bearer ${TOKEN}"}}})).await;
-}
+use std::sync::atomic::Ordering;
 
 #[tokio::test]
 async fn proxy_injects_credentials_and_passes_responses_through() {
@@ -144,12 +17,14 @@ async fn proxy_injects_credentials_and_passes_responses_through() {
     let (_t, a) = bound("").await;
     a.store_ok("gh", json!({"accessToken":"ghp_proxy_secret"}))
         .await;
-    pin(&a, "p1", &format!("{base}/api"), "gh").await;
+    let templates =
+        json!({"Authorization":"Bearer ${TOKEN}","X-Api-Key":"${TOKEN}","X-Both":"a ${TOKEN} b"});
+    pin_with(&a, "p1", &format!("{base}/api"), "gh", templates.clone()).await;
     let r = proxy(&a, "gh", Some("p1"), json!({
         "url": format!("{base}/api/echo?q=1"), "method": "POST",
         "headers": {"Content-Type":"application/json","Connection":"x-drop","X-Drop":"1","Host":"evil.example","X-Keep":"k"},
         "body": base64::engine::general_purpose::STANDARD.encode(br#"{"a":1}"#)
-    }), json!({"Authorization":"Bearer ${TOKEN}","X-Api-Key":"${TOKEN}","X-Both":"a ${TOKEN} b"})).await;
+    }), templates).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-upstream-status"], "200");
     assert_eq!(r.headers()["x-echo"], "yes");
@@ -218,16 +93,31 @@ async fn proxy_injects_credentials_and_passes_responses_through() {
             json!({"url": format!("{base}/api/echo"), "headers": {"X-Bad": "a\r\nInjected: 1"}}),
             json!({}),
         ),
-        (
-            json!({"url": format!("{base}/api/echo")}),
-            json!({"X-Evil": "${TOKEN}\r\nX-Other: 1"}),
-        ),
         (json!({"url": "ftp://x/api"}), json!({})),
     ] {
         let r = proxy(&a, "gh", Some("p1"), upd, tmpl).await;
         assert_eq!(r.status(), 400);
         assert!(!r.text().await.unwrap().contains("ghp_proxy_secret"));
     }
+    // A stored template that would inject a line break: 400 too.
+    pin_with(
+        &a,
+        "p2",
+        &format!("{base}/api"),
+        "gh",
+        json!({"X-Evil": "${TOKEN}\r\nX-Other: 1"}),
+    )
+    .await;
+    let r = proxy(
+        &a,
+        "gh",
+        Some("p2"),
+        json!({"url": format!("{base}/api/echo")}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert!(!r.text().await.unwrap().contains("ghp_proxy_secret"));
     assert_eq!(up.total(), before);
     assert!(!a.log_text().contains("ghp_proxy_secret"));
 }
@@ -390,7 +280,14 @@ async fn totp_token_is_injected_as_its_current_code() {
     let (_t, a) = bound("").await;
     a.store_ok("otp", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
         .await;
-    pin(&a, "p1", &format!("{base}/api"), "otp").await;
+    pin_with(
+        &a,
+        "p1",
+        &format!("{base}/api"),
+        "otp",
+        json!({"X-TOTP":"${TOKEN}"}),
+    )
+    .await;
     let t0 = now();
     let r = proxy(
         &a,
@@ -411,116 +308,18 @@ async fn totp_token_is_injected_as_its_current_code() {
 
 // ---- refresh ----------------------------------------------------------------
 
-#[derive(Clone)]
-struct Provider {
-    calls: Arc<AtomicUsize>,
-    evil: Arc<AtomicUsize>,
-    last_auth: Arc<Mutex<Option<String>>>,
-    last_form: Arc<Mutex<HashMap<String, String>>>,
-    /// `/token-gated` answers only once a permit is added here.
-    gate: Arc<tokio::sync::Semaphore>,
-}
-
-impl Default for Provider {
-    fn default() -> Self {
-        Provider {
-            calls: Default::default(),
-            evil: Default::default(),
-            last_auth: Default::default(),
-            last_form: Default::default(),
-            gate: Arc::new(tokio::sync::Semaphore::new(0)),
-        }
-    }
-}
-
-async fn provider() -> (String, Provider) {
-    let p = Provider::default();
-    let handle = |mode: &'static str| {
-        move |State(p): State<Provider>, headers: HeaderMap, body: String| async move {
-            p.calls.fetch_add(1, Ordering::SeqCst);
-            let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
-                .into_owned()
-                .collect();
-            *p.last_auth.lock().unwrap() = headers
-                .get("authorization")
-                .map(|v| v.to_str().unwrap().to_string());
-            *p.last_form.lock().unwrap() = form.clone();
-            if form.get("grant_type").map(String::as_str) != Some("refresh_token")
-                || form.get("refresh_token").map(String::as_str) != Some("rt-old")
-            {
-                return (
-                    StatusCode::BAD_REQUEST,
-                    axum::Json(json!({"error":"invalid_grant"})),
-                );
-            }
-            match mode {
-                "gated" => {
-                    p.gate.acquire().await.unwrap().forget();
-                    (
-                        StatusCode::OK,
-                        axum::Json(
-                            json!({"access_token":"at-new","refresh_token":"rt-new","expires_in":7200}),
-                        ),
-                    )
-                }
-                "norotate" => (StatusCode::OK, axum::Json(json!({"access_token":"at-new"}))),
-                "error" => (
-                    StatusCode::BAD_REQUEST,
-                    axum::Json(json!({"error":"invalid_grant"})),
-                ),
-                "noaccess" => (StatusCode::OK, axum::Json(json!({"token_type":"Bearer"}))),
-                _ => (
-                    StatusCode::OK,
-                    axum::Json(
-                        json!({"access_token":"at-new","refresh_token":"rt-new","expires_in":7200}),
-                    ),
-                ),
-            }
-        }
-    };
-    let evil = |State(p): State<Provider>| async move {
-        p.evil.fetch_add(1, Ordering::SeqCst);
-        (StatusCode::OK, axum::Json(json!({"access_token":"stolen"})))
-    };
-    let app = axum::Router::new()
-        .route("/token", post(handle("ok")))
-        .route("/token-gated", post(handle("gated")))
-        .route("/token-norotate", post(handle("norotate")))
-        .route("/token-error", post(handle("error")))
-        .route("/token-noaccess", post(handle("noaccess")))
-        .route("/evil", post(evil))
-        .with_state(p.clone());
-    (serve(app).await, p)
-}
-
-fn add_client(a: &Appliance, name: &str, url: &str, auth: &str) {
-    a.add_oauth_client(name, url, &["--auth", auth]);
-}
-
-async fn notify(a: &Appliance, svc: &str, provider: &str, hinted: &str) -> Value {
-    let (s, v) = a.signed("/v1/refresh-notify", json!({"requestId": new_rid(), "service": svc, "reason": "token_expiring", "expiresAt": "2026-02-17T15:30:00Z", "refreshHint": {"provider": provider, "tokenUrl": hinted, "clientId": "cid-1"}})).await;
-    assert_eq!(s, 200, "{v}");
-    v
-}
-
-async fn seed_oauth_token(a: &Appliance, svc: &str) {
-    let body = json!({"ticket": a.ticket("store", svc, json!({"cid":"creation-1"})), "service": svc, "tokenData": {"accessToken":"at-old","refreshToken":"rt-old","tokenType":"JWT","scope":"repo","certificateData":"cert-keep"}});
-    let r = a
-        .client
-        .post(a.url("/v1/store"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
 #[tokio::test]
 async fn refresh_notify_with_a_local_client() {
     let (purl, prov) = provider().await;
     let (_t, a) = bound("").await;
     // Registered while the server runs; list never shows the secret.
-    add_client(&a, "MyProvider", &format!("{purl}/token"), "post");
+    add_client(
+        &a,
+        "MyProvider",
+        &format!("{purl}/token"),
+        "post",
+        &["svc", "norefresh"],
+    );
     let out = cli(&[
         "--config",
         a.config().to_str().unwrap(),
@@ -531,7 +330,9 @@ async fn refresh_notify_with_a_local_client() {
     assert!(
         listed.contains("myprovider")
             && listed.contains("cid-1")
-            && !listed.contains("client-secret-xyz")
+            && listed.contains("norefresh,svc")
+            && !listed.contains("client-secret-xyz"),
+        "{listed}"
     );
     seed_oauth_token(&a, "svc").await;
     let before = a
@@ -586,10 +387,14 @@ async fn refresh_notify_with_a_local_client() {
         notify(&a, "norefresh", "myprovider", "").await["status"],
         "no_refresh_token"
     );
+    // The hint never picks the client: the service's own is called (the
+    // fake provider takes only the first refresh token, so this one fails).
+    let calls = prov.calls.load(Ordering::SeqCst);
     assert_eq!(
         notify(&a, "svc", "unknown-provider", "").await["status"],
-        "acknowledged"
+        "refresh_failed"
     );
+    assert_eq!(prov.calls.load(Ordering::SeqCst), calls + 1);
     let out = cli(&[
         "--config",
         a.config().to_str().unwrap(),
@@ -609,32 +414,46 @@ async fn refresh_notify_with_a_local_client() {
 async fn refresh_failures_keep_the_old_document() {
     let (purl, prov) = provider().await;
     let (_t, a) = bound("").await;
-    add_client(&a, "bad", &format!("{purl}/token-error"), "post");
-    add_client(&a, "noaccess", &format!("{purl}/token-noaccess"), "post");
-    add_client(&a, "norotate", &format!("{purl}/token-norotate"), "basic");
-    add_client(&a, "down", "http://127.0.0.1:1/token", "post");
-    seed_oauth_token(&a, "svc").await;
-    let raw_before = a
-        .storage(json!({"operation":"get","collection":"tokens","key":"svc"}))
-        .await["data"]
-        .clone();
+    // One client per service (each named like its service).
+    add_client(&a, "bad", &format!("{purl}/token-error"), "post", &[]);
+    add_client(
+        &a,
+        "noaccess",
+        &format!("{purl}/token-noaccess"),
+        "post",
+        &[],
+    );
+    add_client(
+        &a,
+        "norotate",
+        &format!("{purl}/token-norotate"),
+        "basic",
+        &["svc"],
+    );
+    add_client(&a, "down", "http://127.0.0.1:1/token", "post", &[]);
     for p in ["bad", "noaccess", "down"] {
+        seed_oauth_token(&a, p).await;
+        let raw_before = a
+            .storage(json!({"operation":"get","collection":"tokens","key":p}))
+            .await["data"]
+            .clone();
         assert_eq!(
-            notify(&a, "svc", p, "").await["status"],
+            notify(&a, p, p, "").await["status"],
             "refresh_failed",
             "{p}"
         );
         assert_eq!(
-            a.storage(json!({"operation":"get","collection":"tokens","key":"svc"}))
+            a.storage(json!({"operation":"get","collection":"tokens","key":p}))
                 .await["data"],
             raw_before,
             "{p}: unchanged"
         );
+        assert_eq!(
+            a.credential(p, "").await.1["token"]["accessToken"],
+            "at-old"
+        );
     }
-    assert_eq!(
-        a.credential("svc", "").await.1["token"]["accessToken"],
-        "at-old"
-    );
+    seed_oauth_token(&a, "svc").await;
     // No rotation: the old refresh token is kept. Basic auth used.
     assert_eq!(
         notify(&a, "svc", "norotate", "").await["status"],
@@ -660,7 +479,13 @@ async fn refresh_failures_keep_the_old_document() {
 async fn concurrent_notifies_are_a_single_flight() {
     let (purl, prov) = provider().await;
     let (_t, a) = bound("[metrics]\nlisten = \"127.0.0.1:0\"\n").await;
-    add_client(&a, "gated", &format!("{purl}/token-gated"), "post");
+    add_client(
+        &a,
+        "gated",
+        &format!("{purl}/token-gated"),
+        "post",
+        &["svc"],
+    );
     seed_oauth_token(&a, "svc").await;
     // The provider holds its answer until all 20 notifications are in:
     // the first one's call has arrived and the other 19 have joined it.
@@ -686,7 +511,7 @@ async fn concurrent_notifies_are_a_single_flight() {
 
 #[tokio::test]
 async fn tv_mediated_refresh() {
-    let (_t, a) = bound("").await;
+    let (_t, a) = bound("[refresh]\ntv_refresh = \"on\"\n").await;
     seed_oauth_token(&a, "google").await;
     let (s, v) = a
         .signed(

@@ -558,7 +558,7 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
     // Parsers, not abuse handling, are under test: the per-address limits
     // (tests/hostile.rs) would answer most of these 429 within a minute.
     let (_tmp, mut a) = Appliance::start_configured(
-        "[direct_access]\nrate_limit_per_minute = 0\n[limits]\nfailures_per_minute = 0\nexchange_per_minute = 0\n",
+        "[direct_access]\nrate_limit_per_minute = 0\n[limits]\nfailures_per_minute = 0\nexchange_per_minute = 0\n[refresh]\ntv_refresh = \"on\"\n",
     );
     a.bind().await;
     let up = upstream().await;
@@ -593,7 +593,7 @@ async fn mutations_from_succeeding_requests_reach_deep_branches_never_5xx_and_th
         .as_str()
         .expect("an audit cursor")
         .to_string();
-    a.add_oauth_client("prov", &format!("{up}/token"), &[]);
+    a.add_oauth_client("prov", &format!("{up}/token"), &["--service", "oauth"]);
     let mut ctx = Ctx {
         secret: a.secret.clone().unwrap(),
         upstream: up,

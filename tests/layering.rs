@@ -23,6 +23,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fsutil", &[]),
     ("sandbox", &[]),
     ("config", &["netaddr"]),
+    // Outbound calls on a caller's word pass one policy.
+    ("egress", &["netaddr"]),
     // Devices and records: neither knows the other, nor anything above.
     ("keys", &["protocol", "fsutil", "clock"]),
     ("store", &["protocol", "fsutil", "clock"]),
@@ -30,11 +32,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("binding", &["keys", "store", "protocol", "clock"]),
     (
         "custody",
-        &["keys", "store", "protocol", "clock", "fsutil", "binding"],
+        &[
+            "keys", "store", "protocol", "clock", "fsutil", "binding", "egress",
+        ],
     ),
     (
         "broker",
-        &["keys", "store", "protocol", "clock", "netaddr", "custody"],
+        &[
+            "keys", "store", "protocol", "clock", "netaddr", "custody", "egress",
+        ],
     ),
     // The application core and certificate serving.
     (
@@ -50,7 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "server",
         &[
             "app", "custody", "broker", "binding", "keys", "store", "protocol", "tls", "netaddr",
-            "clock", "config",
+            "clock", "config", "egress",
         ],
     ),
     // The command line: everything.
@@ -58,7 +64,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "app", "server", "tls", "custody", "broker", "binding", "keys", "store", "protocol",
-            "config", "sandbox", "fsutil", "netaddr", "clock",
+            "config", "sandbox", "fsutil", "netaddr", "clock", "egress",
         ],
     ),
 ];

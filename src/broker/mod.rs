@@ -1,7 +1,6 @@
 //! Brokering: using credentials on the caller's behalf (the MCP proxy) and
 //! keeping them fresh (both refresh flows).
 
-pub mod egress;
 pub mod oauth;
 pub mod proxy;
 pub mod refresh;

@@ -27,6 +27,12 @@ pub struct OAuthClient {
     pub token_url: String,
     pub auth: ClientAuth,
     sealed_secret: String,
+    /// The services this client may refresh (`oauth-client add --service`).
+    /// Empty (and in clients stored before the field existed): the service
+    /// of the client's own name. A refresh token goes only to the client
+    /// registered for its service, whatever a caller's hint names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 fn aad(name: &str) -> Vec<u8> {
@@ -75,7 +81,37 @@ impl OAuthClient {
             token_url: token_url.into(),
             auth,
             sealed_secret: base64::engine::general_purpose::STANDARD.encode(sealed),
+            services: Vec::new(),
         })
+    }
+
+    /// The same client, for these services (none: its own name's).
+    pub fn with_services(mut self, services: Vec<String>) -> Result<Self, String> {
+        if services.iter().any(|s| s.is_empty() || s.len() > 256) {
+            return Err("a service name must be 1-256 characters".into());
+        }
+        self.services = services;
+        self.services.sort();
+        self.services.dedup();
+        Ok(self)
+    }
+
+    /// Whether this client may refresh `service`.
+    pub fn refreshes(&self, service: &str) -> bool {
+        if self.services.is_empty() {
+            key(service) == self.name
+        } else {
+            self.services.iter().any(|s| s == service)
+        }
+    }
+
+    /// The services it refreshes, as `oauth-client list` shows them.
+    pub fn services_label(&self) -> String {
+        if self.services.is_empty() {
+            format!("{} (its name)", self.name)
+        } else {
+            self.services.join(",")
+        }
     }
 
     pub fn secret(&self, backend: &Backend) -> Result<Zeroizing<String>, ApiError> {
@@ -157,9 +193,30 @@ pub fn all(store: &Store) -> Vec<OAuthClient> {
         .collect()
 }
 
-/// By provider hint (case-insensitive), then by service name.
-pub fn find(store: &Store, provider: Option<&str>, service: &str) -> Option<OAuthClient> {
-    provider
-        .and_then(|p| get(store, p))
-        .or_else(|| get(store, service))
+/// The client registered for `service` (`oauth-client add` refuses a
+/// second client for a service, so there is at most one; if a store holds
+/// two anyway, the first by name).
+pub fn for_service(store: &Store, service: &str) -> Option<OAuthClient> {
+    all(store).into_iter().find(|c| c.refreshes(service))
+}
+
+/// Another registered client that already refreshes one of `c`'s services.
+pub fn overlap(store: &Store, c: &OAuthClient) -> Option<(String, String)> {
+    let effective = |x: &OAuthClient| -> Vec<String> {
+        if x.services.is_empty() {
+            vec![x.name.clone()]
+        } else {
+            x.services.clone()
+        }
+    };
+    all(store)
+        .into_iter()
+        .filter(|o| o.name != c.name)
+        .find_map(|o| {
+            let shared = effective(c)
+                .into_iter()
+                .find(|s| o.refreshes(s))
+                .or_else(|| effective(&o).into_iter().find(|s| c.refreshes(s)));
+            shared.map(|s| (o.name.clone(), s))
+        })
 }

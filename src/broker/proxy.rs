@@ -3,9 +3,9 @@
 //! the credential; the upstream is pinned to what the vault owner stored and
 //! must pass the egress policy.
 
-use super::egress::{EgressPolicy, EgressRefused, PolicyResolver};
 use crate::custody::gcp::Minter;
 use crate::custody::{codes, fields, gcp, ticket};
+use crate::egress::{self, EgressPolicy};
 use crate::keys::Backend;
 use crate::protocol::document::TokenDocument;
 use crate::protocol::storage::Collection;
@@ -47,15 +47,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(
-        policy: EgressPolicy,
+        policy: Arc<EgressPolicy>,
         require_config: bool,
         timeout: Duration,
         max_bytes: u64,
     ) -> Result<Self, String> {
-        let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
-            .dns_resolver(Arc::new(PolicyResolver(policy.clone())))
-            .redirect(reqwest::redirect::Policy::none())
+        let client = egress::client_builder(&policy)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
@@ -212,6 +209,76 @@ fn hop_by_hop(h: &HeaderMap) -> Vec<String> {
     out
 }
 
+/// Headers upstreams commonly echo back (in bodies, error pages, logs a
+/// caller can read): `${TOKEN}` is never put into one, whoever asks.
+const ECHOED: &[&str] = &[
+    "origin",
+    "referer",
+    "user-agent",
+    "x-request-id",
+    "x-correlation-id",
+    "x-amzn-trace-id",
+    "traceparent",
+    "tracestate",
+    "forwarded",
+    "via",
+];
+
+fn echoed(name: &str) -> bool {
+    ECHOED.contains(&name) || name.starts_with("x-forwarded-")
+}
+
+/// The header templates a call may use: the stored proxy config's (the
+/// owner's), never the request's. A request that names other templates is
+/// refused rather than silently narrowed, so a caller sees why; one that
+/// names none uses the stored ones. Without a stored config (only when
+/// `proxy.require_config = false`) the request's own are used.
+fn templates(
+    stored: Option<&Map<String, Value>>,
+    requested: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let chosen = match stored {
+        None => requested.clone(),
+        Some(cfg) => {
+            let mut own = BTreeMap::new();
+            match cfg.get("headerTemplates") {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(m)) => {
+                    for (k, v) in m {
+                        let v = v.as_str().ok_or(ApiError::ProxyNotAllowed(
+                            "The stored proxy config's headerTemplates are not strings",
+                        ))?;
+                        own.insert(k.to_ascii_lowercase(), v.to_string());
+                    }
+                }
+                Some(_) => {
+                    return Err(ApiError::ProxyNotAllowed(
+                        "The stored proxy config's headerTemplates is not an object",
+                    ))
+                }
+            }
+            let asked: BTreeMap<String, String> = requested
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect();
+            if !asked.is_empty() && asked != own {
+                return Err(ApiError::ProxyNotAllowed(
+                    "headerTemplates differ from the stored proxy config",
+                ));
+            }
+            own
+        }
+    };
+    for (k, v) in &chosen {
+        if v.contains("${TOKEN}") && echoed(&k.to_ascii_lowercase()) {
+            return Err(ApiError::ProxyNotAllowed(
+                "${TOKEN} cannot go into a header upstreams echo back",
+            ));
+        }
+    }
+    Ok(chosen)
+}
+
 /// Is `url` under the stored `upstreamUrl` (same scheme, host, port; path prefix at a segment)?
 pub fn under(url: &url::Url, base: &str) -> bool {
     let Ok(b) = url::Url::parse(base) else {
@@ -226,17 +293,6 @@ pub fn under(url: &url::Url, base: &str) -> bool {
     let prefix = b.path().trim_end_matches('/');
     let path = url.path();
     prefix.is_empty() || path == prefix || path.starts_with(&format!("{prefix}/"))
-}
-
-fn refused(e: &reqwest::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = src {
-        if s.downcast_ref::<EgressRefused>().is_some() {
-            return true;
-        }
-        src = s.source();
-    }
-    false
 }
 
 /// The value `${TOKEN}` stands for: the access token, a minted GCP token, or
@@ -306,10 +362,14 @@ pub async fn call(d: Deps<'_>, body: bytes::Bytes, at: i64) -> Result<Proxied, A
         Some(pid) => d.store.get_raw(Collection::ProxyConfigs, pid)?,
         None => None,
     };
-    match config {
+    let stored: Option<Map<String, Value>> = match config {
         Some(raw) => {
-            let cfg: Map<String, Value> =
-                serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("proxy config"))?;
+            Some(serde_json::from_slice(&raw).map_err(|_| StoreError::Corrupt("proxy config"))?)
+        }
+        None => None,
+    };
+    match &stored {
+        Some(cfg) => {
             let base = cfg.get("upstreamUrl").and_then(Value::as_str).unwrap_or("");
             let svc_ok = cfg.get("serviceName").and_then(Value::as_str) == Some(service.as_str());
             if !svc_ok || !under(&url, base) {
@@ -326,30 +386,18 @@ pub async fn call(d: Deps<'_>, body: bytes::Bytes, at: i64) -> Result<Proxied, A
         }
         None => {}
     }
-    // Egress policy on IP literals (names are checked by the resolver).
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => {
-            if let Some(why) = p.policy.refuse_ip(ip.into()) {
-                tracing::warn!(service = %service, why, "proxy upstream refused by egress policy");
-                return Err(ApiError::EgressDenied);
-            }
-        }
-        Some(url::Host::Ipv6(ip)) => {
-            if let Some(why) = p.policy.refuse_ip(ip.into()) {
-                tracing::warn!(service = %service, why, "proxy upstream refused by egress policy");
-                return Err(ApiError::EgressDenied);
-            }
-        }
-        Some(url::Host::Domain(d)) if p.policy.refuse_host(d) => {
-            return Err(ApiError::EgressDenied)
-        }
-        _ => {}
+    let header_templates = templates(stored.as_ref(), &call.header_templates)?;
+    // Egress policy on IP literals and denied names (the addresses a name
+    // resolves to are checked by the resolver).
+    if let Some(why) = p.policy.refuse_url(&url) {
+        tracing::warn!(service = %service, why, "proxy upstream refused by egress policy");
+        return Err(ApiError::EgressDenied);
     }
     // The credential, only now.
     let (_, doc) = ticket::load_document(d.store, &tk)?;
     ticket::consume(d.store, &tk, at).await?;
     let token = token_value(&d, &service, &doc, at).await?;
-    for (k, tmpl) in &call.header_templates {
+    for (k, tmpl) in &header_templates {
         let value = Zeroizing::new(tmpl.replace("${TOKEN}", &token));
         let (n, mut v) = valid_header(k, &value)?;
         if HOP_BY_HOP.contains(&n.as_str()) {
@@ -369,7 +417,7 @@ pub async fn call(d: Deps<'_>, body: bytes::Bytes, at: i64) -> Result<Proxied, A
             tracing::warn!(service = %service, host = ?url.host_str(), "upstream timed out");
             return Err(ApiError::UpstreamTimeout);
         }
-        Ok(Err(e)) if refused(&e) => {
+        Ok(Err(e)) if egress::refused(&e) => {
             tracing::warn!(service = %service, host = ?url.host_str(), "proxy upstream refused by egress policy");
             return Err(ApiError::EgressDenied);
         }
@@ -438,6 +486,61 @@ mod tests {
             "https://api.github.com/"
         ));
         assert!(!under(&u("https://api.github.com/mcp"), "not a url"));
+    }
+
+    #[test]
+    fn templates_are_the_stored_configs_and_never_go_into_echoed_headers() {
+        let stored: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "upstreamUrl": "https://api.example.com/",
+            "serviceName": "gh",
+            "headerTemplates": {"Authorization": "Bearer ${TOKEN}"}
+        }))
+        .unwrap();
+        let own: BTreeMap<String, String> =
+            [("authorization".to_string(), "Bearer ${TOKEN}".to_string())].into();
+        let ask = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // None asked: the stored ones; the same asked (any case): the same.
+        assert_eq!(templates(Some(&stored), &ask(&[])).unwrap(), own);
+        assert_eq!(
+            templates(Some(&stored), &ask(&[("AUTHORIZATION", "Bearer ${TOKEN}")])).unwrap(),
+            own
+        );
+        // Other or extra templates: refused, naming why.
+        for bad in [
+            ask(&[("Origin", "${TOKEN}")]),
+            ask(&[
+                ("Authorization", "Bearer ${TOKEN}"),
+                ("X-Request-Id", "${TOKEN}"),
+            ]),
+            ask(&[("Authorization", "token ${TOKEN}")]),
+        ] {
+            let e = templates(Some(&stored), &bad).unwrap_err();
+            assert!(
+                matches!(e, ApiError::ProxyNotAllowed(m) if m.contains("differ")),
+                "{bad:?}"
+            );
+        }
+        // A stored config (it is written through /v1/storage) cannot put the
+        // token into an echoed header either; nor can a request without one.
+        let mut evil = stored.clone();
+        evil.insert(
+            "headerTemplates".into(),
+            serde_json::json!({"Referer": "https://x/?t=${TOKEN}"}),
+        );
+        assert!(matches!(
+            templates(Some(&evil), &ask(&[])).unwrap_err(),
+            ApiError::ProxyNotAllowed(m) if m.contains("echo")
+        ));
+        assert!(templates(None, &ask(&[("X-Forwarded-For", "${TOKEN}")])).is_err());
+        assert_eq!(
+            templates(None, &ask(&[("X-Api-Key", "${TOKEN}")])).unwrap(),
+            ask(&[("X-Api-Key", "${TOKEN}")])
+        );
     }
 
     #[test]

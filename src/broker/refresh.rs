@@ -245,7 +245,13 @@ async fn run_refresh(
             return outcome("error");
         }
     }
-    let Some(client) = oauth::find(&d.store, provider, service) else {
+    let client = oauth::for_service(&d.store, service);
+    if let Some(p) = provider.filter(|p| client.as_ref().is_none_or(|c| oauth::key(p) != c.name)) {
+        // The hint never chooses the client: a refresh token goes only to
+        // the client registered for its service.
+        tracing::warn!(service, hinted = %p, "refresh-notify: refreshHint.provider names another client than the service's; ignored");
+    }
+    let Some(client) = client else {
         tracing::info!(
             service,
             "refresh-notify: no local OAuth client; acknowledged"

@@ -209,6 +209,16 @@ fn check_limits(cfg: &Config, r: &mut Report) {
         "audit trail bounded to {} % of the {} MiB map, {} % of the map reserved for documents and once-only records",
         cfg.audit.max_share_percent, cfg.store.map_size_mib, cfg.store.reserve_percent
     ));
+    // Token Vault's own refresh hands refresh tokens to whoever signs.
+    match &cfg.refresh.tv_refresh {
+        crate::config::ServiceSwitch::Off => r.ok(
+            "refresh.tv_refresh off: no refresh token leaves the box (refresh-notify with an `oauth-client` refreshes here)",
+        ),
+        t => r.ok(&format!(
+            "refresh.tv_refresh {}: whoever holds the HMAC secret can read those services' refresh tokens (Token Vault's built-in Google/GitHub refresh needs it)",
+            t.describe()
+        )),
+    }
     let mut helpers = Vec::new();
     if let Some(h) = cfg.helper.listen {
         helpers.push(format!("http://{h}"));

@@ -167,7 +167,7 @@ pub enum TlsKeyAction {
 pub enum OauthAction {
     /// Register a client; its secret is sealed under the HSM key.
     Add {
-        /// Provider name, matched case-insensitively against refreshHint.provider, then the service.
+        /// The client's name (letters, digits, '-', '_', '.'; stored lower-case).
         name: String,
         #[arg(long)]
         client_id: String,
@@ -180,6 +180,12 @@ pub enum OauthAction {
         /// Client authentication: post (client_secret_post) or basic (client_secret_basic).
         #[arg(long, default_value = "post")]
         auth: String,
+        /// A service whose refresh token this client may refresh (repeat).
+        /// Default: the service named like the client. refresh-notify uses
+        /// only the client registered for the service; refreshHint.provider
+        /// never picks another.
+        #[arg(long = "service")]
+        services: Vec<String>,
     },
     /// List registered clients (never their secrets).
     List,

@@ -19,6 +19,7 @@ pub fn run(config: &Path, action: OauthAction) -> Result<()> {
             client_secret_file,
             token_url,
             auth,
+            services,
         } => {
             let auth = match auth.as_str() {
                 "post" => oauth::ClientAuth::Post,
@@ -36,16 +37,31 @@ pub fn run(config: &Path, action: OauthAction) -> Result<()> {
                 auth,
                 cfg.profile == Profile::Dev,
             )
+            .and_then(|c| c.with_services(services))
             .map_err(|e| anyhow!(e))?;
+            if let Some((other, service)) = oauth::overlap(&store, &c) {
+                bail!("service {service:?} is already refreshed by OAuth client {other}: remove it there first (a service has one client)");
+            }
             oauth::save(&store, &c).map_err(|e| anyhow!(e))?;
             println!(
-                "added OAuth client {} (client id {}, token URL {}, auth {:?})",
-                c.name, c.client_id, c.token_url, c.auth
+                "added OAuth client {} (client id {}, token URL {}, auth {:?}, refreshes {})",
+                c.name,
+                c.client_id,
+                c.token_url,
+                c.auth,
+                c.services_label()
             );
         }
         OauthAction::List => {
             for c in oauth::all(&store) {
-                println!("{}\t{}\t{}\t{:?}", c.name, c.client_id, c.token_url, c.auth);
+                println!(
+                    "{}\t{}\t{}\t{:?}\t{}",
+                    c.name,
+                    c.client_id,
+                    c.token_url,
+                    c.auth,
+                    c.services_label()
+                );
             }
         }
         OauthAction::Remove { name } => {

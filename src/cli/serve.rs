@@ -98,18 +98,20 @@ pub fn run_server(
         let dev = cfg.profile == Profile::Dev;
         let public_url = cfg.public_url(bound_addr);
         let shield = Arc::new(crate::server::shield::Shield::new(shield_settings(&cfg)));
+        // One egress policy for every call made on a caller's word.
+        let egress = Arc::new(crate::egress::EgressPolicy {
+            allow_loopback: cfg.proxy.allow_loopback.unwrap_or(dev),
+            deny_hosts: cfg.proxy.deny_hosts.clone(),
+            deny_cidrs: cfg.proxy.deny_cidrs.clone(),
+            allow_cidrs: cfg.proxy.allow_cidrs.clone(),
+        });
         let core = App::new(
             dyn_backend,
             store.clone(),
             Settings {
                 broker: crate::broker::Broker {
                     proxy: crate::broker::proxy::Proxy::new(
-                        crate::broker::egress::EgressPolicy {
-                            allow_loopback: cfg.proxy.allow_loopback.unwrap_or(dev),
-                            deny_hosts: cfg.proxy.deny_hosts.clone(),
-                            deny_cidrs: cfg.proxy.deny_cidrs.clone(),
-                            allow_cidrs: cfg.proxy.allow_cidrs.clone(),
-                        },
+                        egress.clone(),
                         cfg.proxy.require_config.unwrap_or(!dev),
                         Duration::from_secs(cfg.proxy.timeout_secs.unwrap_or(30)),
                         cfg.proxy.max_response_bytes.unwrap_or(32 << 20),
@@ -120,7 +122,7 @@ pub fn run_server(
                             .map_err(|e| anyhow!("refresh HTTP client: {e}"))?,
                     ),
                 },
-                minter: crate::custody::gcp::Minter::new(cfg.profile == Profile::Dev)
+                minter: crate::custody::gcp::Minter::new(dev, egress.clone())
                     .map_err(|e| anyhow!("HTTP client: {e}"))?,
                 public_url: public_url.clone(),
                 frontend_url: cfg.binding.frontend_url.clone(),
@@ -144,6 +146,7 @@ pub fn run_server(
                 body_limit: cfg.server.body_limit_bytes,
                 shield: shield.clone(),
                 helpers_on_public: dev,
+                tv_refresh: cfg.refresh.tv_refresh.clone(),
             },
         );
         if dev {

@@ -92,6 +92,9 @@ type CacheKey = (String, String, String);
 pub struct Minter {
     http: reqwest::Client,
     allow_http: bool,
+    /// The proxy's egress policy: a stored key's `token_uri` is a caller's
+    /// word (it arrived through `/v1/store`), like a proxy upstream.
+    policy: std::sync::Arc<crate::egress::EgressPolicy>,
     cache: std::sync::Arc<Mutex<HashMap<CacheKey, Cached>>>,
 }
 
@@ -100,10 +103,14 @@ fn b64url(data: &[u8]) -> String {
 }
 
 impl Minter {
-    pub fn new(allow_http: bool) -> Result<Self, String> {
-        let http = reqwest::Client::builder()
+    /// `allow_http`: plain-http token URIs too (the `dev` profile, whose
+    /// tests run a local token endpoint); otherwise only https.
+    pub fn new(
+        allow_http: bool,
+        policy: std::sync::Arc<crate::egress::EgressPolicy>,
+    ) -> Result<Self, String> {
+        let http = crate::egress::client_builder(&policy)
             .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
             .https_only(!allow_http)
             // No idle connections: their buffers would keep the last
             // token endpoint answer (an access token) in memory.
@@ -113,6 +120,7 @@ impl Minter {
         Ok(Minter {
             http,
             allow_http,
+            policy,
             cache: std::sync::Arc::new(Mutex::new(HashMap::new())),
         })
     }
@@ -186,6 +194,10 @@ impl Minter {
             "http" if self.allow_http => {}
             _ => return Err(ApiError::GcpMintFailed("token_uri must be https")),
         }
+        if let Some(why) = self.policy.refuse_url(&uri) {
+            tracing::warn!(service, why, "GCP token_uri refused by the egress policy");
+            return Err(ApiError::EgressDenied);
+        }
         let assertion = Self::sign_assertion(sa, scopes, now)?;
         let form = Zeroizing::new(format!(
             "grant_type={}&assertion={}",
@@ -200,6 +212,10 @@ impl Minter {
             .send()
             .await
             .map_err(|e| {
+                if crate::egress::refused(&e) {
+                    tracing::warn!(service, "GCP token_uri refused by the egress policy");
+                    return ApiError::EgressDenied;
+                }
                 tracing::warn!(service, error = %e, "GCP token endpoint unreachable");
                 ApiError::GcpMintFailed("token endpoint unreachable")
             })?;
@@ -294,14 +310,53 @@ mod tests {
         assert!(parse_scopes(Some("a b\n")).is_err());
     }
 
+    fn policy() -> std::sync::Arc<crate::egress::EgressPolicy> {
+        std::sync::Arc::new(crate::egress::EgressPolicy::default())
+    }
+
+    #[tokio::test]
+    async fn token_uri_must_pass_the_egress_policy_before_anything_is_signed() {
+        // The key is not even PEM: a refusal here comes before any signing.
+        for uri in [
+            "https://169.254.169.254/token",
+            "https://10.0.0.7/token",
+            "https://[::1]:8443/token",
+        ] {
+            let sa = detect(Some(&json!(format!(r#"{{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"{uri}"}}"#)))).unwrap();
+            let m = Minter::new(false, policy()).unwrap();
+            assert_eq!(
+                m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap(),
+                ApiError::EgressDenied,
+                "{uri}"
+            );
+        }
+        // Loopback only where the policy allows it (dev).
+        let sa = detect(Some(&json!(r#"{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"http://127.0.0.1:9/token"}"#))).unwrap();
+        let m = Minter::new(true, policy()).unwrap();
+        assert_eq!(
+            m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap(),
+            ApiError::EgressDenied
+        );
+        let dev = std::sync::Arc::new(crate::egress::EgressPolicy {
+            allow_loopback: true,
+            ..Default::default()
+        });
+        let m = Minter::new(true, dev).unwrap();
+        assert_eq!(
+            m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap(),
+            ApiError::GcpMintFailed("service-account private key is not PEM"),
+            "past the policy"
+        );
+    }
+
     #[tokio::test]
     async fn token_uri_must_be_https_outside_dev() {
         let sa = detect(Some(&json!(r#"{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"http://127.0.0.1:9/token"}"#))).unwrap();
-        let m = Minter::new(false).unwrap();
+        let m = Minter::new(false, policy()).unwrap();
         let e = m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap();
         assert_eq!(e, ApiError::GcpMintFailed("token_uri must be https"));
         let sa = detect(Some(&json!(r#"{"type":"service_account","client_email":"a@b","private_key":"x","token_uri":"file:///etc/passwd"}"#))).unwrap();
-        let m = Minter::new(true).unwrap();
+        let m = Minter::new(true, policy()).unwrap();
         assert_eq!(
             m.mint("s", &sa, DEFAULT_SCOPE, 0).await.err().unwrap(),
             ApiError::GcpMintFailed("token_uri must be https")

@@ -42,6 +42,9 @@ pub enum ApiError {
     UpstreamTimeout,
     /// 403: this client address may not use direct access.
     Forbidden,
+    /// 403: the appliance owner's rules refuse this use (a policy set on
+    /// the box, or a switch in its configuration); no signed request lifts it.
+    PolicyDenied(&'static str),
     /// 409: `mode=create` on a service that already has a token.
     AlreadyExists(String),
     /// 409: the ticket's creation id is not the stored token's.
@@ -60,7 +63,7 @@ pub enum ApiError {
     RequestTimeout,
     /// 503: the appliance's budget for buffered request bodies is spent.
     Busy,
-    /// 507: the LMDB map is full; nothing was written.
+    /// 507: the store is full; nothing was written.
     InsufficientStorage,
     /// 500: anything else. Detail is logged, not returned.
     Internal,
@@ -98,6 +101,7 @@ impl ApiError {
             ApiError::UpstreamError(_) => "upstream_error",
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Forbidden => "forbidden",
+            ApiError::PolicyDenied(_) => "policy_denied",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::StaleCreation => "stale_creation",
             ApiError::RateLimited(_) => "rate_limited",
@@ -121,7 +125,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => 405,
             ApiError::CodeExpired | ApiError::CodeUsed => 410,
             ApiError::PayloadTooLarge => 413,
-            ApiError::Forbidden | ApiError::ProxyNotAllowed(_) | ApiError::EgressDenied => 403,
+            ApiError::Forbidden
+            | ApiError::ProxyNotAllowed(_)
+            | ApiError::EgressDenied
+            | ApiError::PolicyDenied(_) => 403,
             ApiError::UpstreamError(_) => 502,
             ApiError::UpstreamTimeout => 504,
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => 409,
@@ -152,6 +159,7 @@ impl ApiError {
             ApiError::UpstreamError(m) => format!("Upstream request failed: {m}"),
             ApiError::UpstreamTimeout => "Upstream request timed out".into(),
             ApiError::Forbidden => "This client may not access credentials".into(),
+            ApiError::PolicyDenied(m) => (*m).to_string(),
             ApiError::AlreadyExists(s) => format!("A token already exists for service: {s}"),
             ApiError::StaleCreation => {
                 "The stored token is not the one this ticket was issued for".into()

@@ -73,6 +73,12 @@ pub async fn tv_refresh(State(s): State<AppState>, signed: Signed) -> Result<Res
         .service
         .filter(|x| !x.is_empty())
         .ok_or_else(|| ApiError::invalid("Missing required field: service"))?;
+    if !s.http.tv_refresh.allows(&service) {
+        tracing::warn!(service = %service, "tv-refresh refused: [refresh] tv_refresh does not allow this service");
+        return Err(ApiError::PolicyDenied(
+            "Token Vault refresh (tv-refresh) is off for this service on this appliance",
+        ));
+    }
     let d = refresh_deps(&s);
     let status = |st: &str| Ok(Json(json!({"requestId": rid, "status": st})).into_response());
     match req.action.as_deref() {

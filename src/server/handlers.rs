@@ -6,7 +6,7 @@ use crate::binding;
 use crate::custody::fields::{self, merge_meta, seal_token_data};
 use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
-use crate::protocol::{ApiError, CAPABILITIES, VERSION};
+use crate::protocol::{ApiError, VERSION};
 use crate::store::{PutOutcome, StoreError};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -37,7 +37,7 @@ fn health_body(s: &AppState) -> Value {
         "status": status,
         "version": VERSION,
         "keyConfigured": s.backend.aes_key_present(),
-        "capabilities": CAPABILITIES,
+        "capabilities": s.capabilities(),
         "uptime": s.started.elapsed().as_secs(),
         "tokenCount": token_count.unwrap_or(0),
     });
@@ -100,7 +100,7 @@ pub async fn exchange(State(s): State<AppState>, req: Request) -> Result<Respons
         "hmacSecret": secret_b64.as_str(),
         "webhookId": s.settings.webhook_id,
         "version": VERSION,
-        "capabilities": CAPABILITIES,
+        "capabilities": s.capabilities(),
     }))
 }
 

@@ -53,6 +53,8 @@ pub struct HttpSettings {
     /// (to loopback peers without forwarding headers). Outside `dev` they
     /// exist only on the helper listener/socket ([`helper_app`]).
     pub helpers_on_public: bool,
+    /// `[refresh] tv_refresh`: which services `/v1/refresh` serves.
+    pub tv_refresh: crate::config::ServiceSwitch,
 }
 
 /// What a handler gets: the application core (through `Deref`) and the
@@ -94,6 +96,16 @@ impl AppState {
 
     pub fn direct(&self) -> &direct::DirectSettings {
         &self.http.direct
+    }
+
+    /// The capabilities this appliance advertises: the build's, less
+    /// `tv-refresh` while `[refresh] tv_refresh` is off.
+    pub fn capabilities(&self) -> Vec<&'static str> {
+        crate::protocol::CAPABILITIES
+            .iter()
+            .copied()
+            .filter(|c| *c != "tv-refresh" || self.http.tv_refresh.any())
+            .collect()
     }
 }
 

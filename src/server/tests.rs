@@ -18,10 +18,10 @@ use tower::ServiceExt;
 fn test_broker() -> crate::broker::Broker {
     crate::broker::Broker {
         proxy: crate::broker::proxy::Proxy::new(
-            crate::broker::egress::EgressPolicy {
+            std::sync::Arc::new(crate::egress::EgressPolicy {
                 allow_loopback: true,
                 ..Default::default()
-            },
+            }),
             false,
             std::time::Duration::from_secs(5),
             1 << 20,
@@ -34,7 +34,14 @@ fn test_broker() -> crate::broker::Broker {
 fn test_settings() -> Settings {
     Settings {
         broker: test_broker(),
-        minter: crate::custody::gcp::Minter::new(true).unwrap(),
+        minter: crate::custody::gcp::Minter::new(
+            true,
+            std::sync::Arc::new(crate::egress::EgressPolicy {
+                allow_loopback: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap(),
         public_url: "https://hook.example.com".into(),
         frontend_url: "https://tokenvault.uk".into(),
         code_ttl_secs: 300,
@@ -48,6 +55,7 @@ fn test_http(body_limit: usize) -> HttpSettings {
         body_limit,
         shield: Arc::new(shield::Shield::unlimited()),
         helpers_on_public: true,
+        tv_refresh: crate::config::ServiceSwitch::On,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Egress policy for upstream calls: which addresses the appliance may
-//! connect to. Enforced in the DNS resolver handed to the HTTP client, so the
+//! Egress policy for every outbound call made on a caller's word (proxy
+//! upstreams, GCP token URIs from stored service-account keys): which
+//! addresses the appliance may connect to. Enforced in the DNS resolver handed to the HTTP client, so the
 //! check applies to exactly the addresses the client then connects to (no
 //! DNS-rebinding gap), and on IP literals before any request.
 
@@ -79,6 +80,41 @@ impl EgressPolicy {
 /// addresses; none left is an error, so the client never connects.
 pub struct PolicyResolver(pub Arc<EgressPolicy>);
 
+impl EgressPolicy {
+    /// Why `url`'s host may not be called, checked before any connection:
+    /// IP literals and denied names here; the addresses a name resolves to
+    /// are checked by [`PolicyResolver`], on exactly those connected to.
+    pub fn refuse_url(&self, url: &url::Url) -> Option<&'static str> {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.refuse_ip(ip.into()),
+            Some(url::Host::Ipv6(ip)) => self.refuse_ip(ip.into()),
+            Some(url::Host::Domain(d)) if self.refuse_host(d) => Some("host denied"),
+            Some(url::Host::Domain(_)) => None,
+            None => Some("no host"),
+        }
+    }
+}
+
+/// An HTTP client builder whose every connection passes `policy`, and
+/// which follows no redirect (a redirect would leave the policy's reach).
+pub fn client_builder(policy: &Arc<EgressPolicy>) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .dns_resolver(Arc::new(PolicyResolver(policy.clone())))
+        .redirect(reqwest::redirect::Policy::none())
+}
+
+/// Whether a client error is the policy refusing the connection.
+pub fn refused(e: &reqwest::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<EgressRefused>().is_some() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("egress refused: {0}")]
 pub struct EgressRefused(pub String);
@@ -157,5 +193,18 @@ mod tests {
         assert!(custom.refuse_ip("10.8.1.1".parse().unwrap()).is_some());
         assert!(custom.refuse_ip("8.8.8.8".parse().unwrap()).is_some());
         assert!(custom.refuse_host("EVIL.example."));
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            custom.refuse_url(&u("https://evil.example/x")),
+            Some("host denied")
+        );
+        assert!(custom
+            .refuse_url(&u("https://169.254.169.254/token"))
+            .is_some());
+        assert!(custom.refuse_url(&u("https://[::1]:8443/")).is_some());
+        assert_eq!(
+            custom.refuse_url(&u("https://oauth2.googleapis.com/token")),
+            None
+        );
     }
 }

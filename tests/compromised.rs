@@ -1,0 +1,182 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! A compromised Token Vault: the attacker holds the HMAC secret (every
+//! request here is correctly signed, every ticket correctly made) and
+//! nothing else. Each test starts from a request that succeeds and shows
+//! what the appliance still refuses to hand over.
+
+mod fakes;
+mod harness;
+
+use fakes::*;
+use harness::*;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+#[tokio::test]
+async fn it_cannot_move_the_token_into_an_echoed_header() {
+    let (base, up) = upstream().await;
+    let (_t, a) = bound("").await;
+    a.store_ok("gh", json!({"accessToken":"ghp_echo_secret"}))
+        .await;
+    pin(&a, "p1", &format!("{base}/api"), "gh").await;
+    let url = json!({"url": format!("{base}/api/echo")});
+    // The owner's template: the token goes into Authorization only.
+    let r = proxy(&a, "gh", Some("p1"), url.clone(), json!({})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["authorization"], "Bearer ghp_echo_secret");
+    let others: Vec<_> = v["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| *k != "authorization" && v.as_str().unwrap().contains("ghp_echo_secret"))
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+    assert_eq!(up.hits("/api/echo"), 1);
+    // Templates of its own, beside or instead of the owner's: refused before
+    // anything goes upstream.
+    for templates in [
+        json!({"Authorization":"Bearer ${TOKEN}","Origin":"${TOKEN}"}),
+        json!({"X-Request-Id":"${TOKEN}"}),
+        json!({"Authorization":"${TOKEN}"}),
+    ] {
+        let r = proxy(&a, "gh", Some("p1"), url.clone(), templates.clone()).await;
+        assert_eq!(r.status(), 403, "{templates}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "proxy_not_allowed", "{templates}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("stored proxy config"),
+            "{v}"
+        );
+    }
+    // Rewriting the stored config (it can: /v1/storage is signed) to echo
+    // the token does not work either.
+    for h in ["Referer", "Origin", "X-Forwarded-Host", "User-Agent"] {
+        let v = a.storage(json!({"operation":"set","collection":"proxy_configs","key":"p1","data":{"name":"t","upstreamUrl":format!("{base}/api"),"serviceName":"gh","headerTemplates":{h: "x ${TOKEN}"}}})).await;
+        assert_eq!(v["status"], "ok");
+        let r = proxy(&a, "gh", Some("p1"), url.clone(), json!({})).await;
+        assert_eq!(r.status(), 403, "{h}");
+        assert!(r.json::<Value>().await.unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("echo"));
+    }
+    assert_eq!(up.hits("/api/echo"), 1, "nothing more went upstream");
+    assert!(!a.log_text().contains("ghp_echo_secret"));
+}
+
+#[tokio::test]
+async fn it_cannot_make_refresh_notify_send_a_token_to_another_clients_url() {
+    let (purl, prov) = provider().await;
+    let (_t, a) = bound("").await;
+    // The owner registered one client per service on the box.
+    add_client(&a, "alpha", &format!("{purl}/token"), "post", &["a"]);
+    add_client(&a, "beta", &format!("{purl}/evil"), "post", &["b"]);
+    seed_oauth_token(&a, "a").await;
+    // Service a's refresh, hinting client beta and beta's URL: a's own
+    // client refreshes it at its own URL; beta's URL gets nothing.
+    let v = notify(&a, "a", "beta", &format!("{purl}/evil")).await;
+    assert_eq!(v["status"], "refreshed", "{v}");
+    assert_eq!(
+        prov.evil.load(Ordering::SeqCst),
+        0,
+        "beta's URL got nothing"
+    );
+    assert_eq!(prov.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(prov.last_form.lock().unwrap()["refresh_token"], "rt-old");
+    assert!(a
+        .log_text()
+        .contains("refreshHint.provider names another client"));
+    // A service no client is registered for is not refreshed by any.
+    seed_oauth_token(&a, "c").await;
+    let v = notify(&a, "c", "alpha", "").await;
+    assert_eq!(v["status"], "acknowledged", "{v}");
+    assert_eq!(prov.calls.load(Ordering::SeqCst), 1);
+    // And the owner cannot register a second client for a service by mistake.
+    let f = a.dir.join("gamma.secret");
+    std::fs::write(&f, "s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = cli(&[
+        "--config",
+        a.config().to_str().unwrap(),
+        "oauth-client",
+        "add",
+        "gamma",
+        "--client-id",
+        "x",
+        "--client-secret-file",
+        f.to_str().unwrap(),
+        "--token-url",
+        "https://oauth.example/token",
+        "--service",
+        "a",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already refreshed by OAuth client alpha")
+    );
+}
+
+#[tokio::test]
+async fn it_cannot_get_a_refresh_token_while_tv_refresh_is_off_and_only_listed_ones_when_on() {
+    // Default: not advertised, and neither action is served.
+    let (_t, a) = bound("").await;
+    seed_oauth_token(&a, "google").await;
+    let caps = a.health().await["capabilities"].clone();
+    assert!(
+        caps.as_array().unwrap().iter().all(|c| c != "tv-refresh"),
+        "{caps}"
+    );
+    assert!(
+        caps.as_array().unwrap().iter().any(|c| c == "refresh"),
+        "{caps}"
+    );
+    for body in [
+        json!({"action":"get","service":"google"}),
+        json!({"action":"update","service":"google","tokens":{"accessToken":"ya29.evil"}}),
+    ] {
+        let (s, v) = a.signed("/v1/refresh", body).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (403, Some("policy_denied")),
+            "{v}"
+        );
+        assert!(!v.to_string().contains("rt-old"));
+    }
+    assert_eq!(
+        a.credential("google", "").await.1["token"]["accessToken"],
+        "at-old",
+        "the refused update changed nothing"
+    );
+    drop(a);
+    // A list: advertised, served for the listed service only.
+    let (_t, a) = bound("[refresh]\ntv_refresh = [\"google\"]\n").await;
+    seed_oauth_token(&a, "google").await;
+    seed_oauth_token(&a, "github").await;
+    let caps = a.health().await["capabilities"].clone();
+    assert!(
+        caps.as_array().unwrap().iter().any(|c| c == "tv-refresh"),
+        "{caps}"
+    );
+    let (s, v) = a
+        .signed("/v1/refresh", json!({"action":"get","service":"google"}))
+        .await;
+    assert_eq!(
+        (s, v["refreshToken"].as_str()),
+        (200, Some("rt-old")),
+        "{v}"
+    );
+    let (s, v) = a
+        .signed("/v1/refresh", json!({"action":"get","service":"github"}))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("policy_denied")),
+        "{v}"
+    );
+    assert!(!v.to_string().contains("rt-old"));
+}
