@@ -40,6 +40,8 @@ pub struct Config {
     pub helper: HelperConfig,
     #[serde(default)]
     pub refresh: RefreshConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
     /// The file this was loaded from.
     #[serde(skip)]
     pub source: PathBuf,
@@ -305,6 +307,41 @@ pub struct RefreshConfig {
     /// its own OAuth client) needs nothing handed out.
     #[serde(default)]
     pub tv_refresh: ServiceSwitch,
+}
+
+/// `[policy]`: how the owner's approvals behave (the rules themselves are
+/// set with `tokenvault-webhook policy set`, not here).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Seconds an approval request may be decided, and an approval used.
+    #[serde(default = "d_approval_ttl")]
+    pub approval_ttl_secs: i64,
+    /// Seconds a request waits for the owner's answer before it is answered
+    /// 403 approval_required (0: at once).
+    #[serde(default)]
+    pub approval_wait_secs: u64,
+    /// Pending approvals beyond which new ones are refused (429).
+    #[serde(default = "d_max_pending")]
+    pub max_pending_approvals: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            approval_ttl_secs: d_approval_ttl(),
+            approval_wait_secs: 0,
+            max_pending_approvals: d_max_pending(),
+        }
+    }
+}
+
+fn d_approval_ttl() -> i64 {
+    600
+}
+
+fn d_max_pending() -> usize {
+    64
 }
 
 /// On, off, or only for the listed services.
@@ -796,8 +833,26 @@ impl Config {
             }
         }
         self.validate_limits()?;
+        self.validate_policy()?;
         if !(60..=3600).contains(&self.binding.code_ttl_secs) {
             return Err("binding.code_ttl_secs must be 60-3600".into());
+        }
+        Ok(())
+    }
+
+    fn validate_policy(&self) -> Result<(), String> {
+        let p = &self.policy;
+        if !(10..=86_400).contains(&p.approval_ttl_secs) {
+            return Err("policy.approval_ttl_secs must be between 10 and 86400".into());
+        }
+        if p.approval_wait_secs > 300 || p.approval_wait_secs as i64 >= p.approval_ttl_secs {
+            return Err(
+                "policy.approval_wait_secs must be at most 300 and below policy.approval_ttl_secs"
+                    .into(),
+            );
+        }
+        if !(1..=10_000).contains(&p.max_pending_approvals) {
+            return Err("policy.max_pending_approvals must be between 1 and 10000".into());
         }
         Ok(())
     }

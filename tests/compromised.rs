@@ -180,3 +180,169 @@ async fn it_cannot_get_a_refresh_token_while_tv_refresh_is_off_and_only_listed_o
     );
     assert!(!v.to_string().contains("rt-old"));
 }
+
+#[tokio::test]
+async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
+    let (base, up) = upstream().await;
+    let (_t, a) = bound("").await;
+    a.store_ok("gated", json!({"accessToken":"ghp_gated_secret"}))
+        .await;
+    a.store_ok("sealed", json!({"accessToken":"ghp_noreveal_secret"}))
+        .await;
+    a.store_ok("otp", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
+        .await;
+    a.cli_ok(&["policy", "set", "gated", "--approval"]);
+    a.cli_ok(&["policy", "set", "sealed", "--no-reveal"]);
+    a.cli_ok(&["policy", "set", "otp", "--no-reveal"]);
+    // Gated: every way in asks the owner, whoever the ticket says it is.
+    for (path, pur) in [
+        ("/v1/credential", "agent_credential"),
+        ("/v1/credential", "user_reveal"),
+    ] {
+        for claims in [json!({}), json!({"sub":"owner","aid":"admin"})] {
+            let (s, v) = a.read_as(path, pur, "gated", claims).await;
+            assert_eq!(
+                (s, v["error"].as_str()),
+                (403, Some("approval_required")),
+                "{pur}: {v}"
+            );
+            assert!(!v.to_string().contains("ghp_gated_secret"));
+        }
+    }
+    a.store_ok("otp-gated", json!({"totpSecret":"JBSWY3DPEHPK3PXP"}))
+        .await;
+    a.cli_ok(&["policy", "set", "otp-gated", "--approval"]);
+    let (s, v) = a
+        .read_as("/v1/totp-code", "totp_code", "otp-gated", json!({}))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("approval_required")),
+        "{v}"
+    );
+    pin(&a, "pg", &format!("{base}/api"), "gated").await;
+    let r = proxy(
+        &a,
+        "gated",
+        Some("pg"),
+        json!({"url": format!("{base}/api/echo")}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "approval_required"
+    );
+    assert_eq!(up.total(), 0, "nothing went upstream");
+    // No-reveal: never the plaintext, by read or reveal...
+    for pur in ["agent_credential", "user_reveal"] {
+        let (s, v) = a.read_as("/v1/credential", pur, "sealed", json!({})).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (403, Some("policy_denied")),
+            "{pur}: {v}"
+        );
+        assert!(!v.to_string().contains("ghp_noreveal_secret"));
+    }
+    // ...but usable through the proxy, and a TOTP token still gives codes.
+    pin(&a, "ps", &format!("{base}/api"), "sealed").await;
+    let r = proxy(
+        &a,
+        "sealed",
+        Some("ps"),
+        json!({"url": format!("{base}/api/echo")}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["authorization"], "Bearer ghp_noreveal_secret");
+    let (s, v) = a
+        .read_as("/v1/totp-code", "totp_code", "otp", json!({}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["code"].as_str().unwrap().len(), 6);
+    let (s, v) = a
+        .read_as("/v1/totp-code", "user_reveal", "otp", json!({}))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("policy_denied")),
+        "{v}"
+    );
+    // The upstreams rule holds whatever the stored proxy config says.
+    a.cli_ok(&[
+        "policy",
+        "set",
+        "sealed",
+        "--no-reveal",
+        "--upstream",
+        "api.example.com",
+    ]);
+    let r = proxy(
+        &a,
+        "sealed",
+        Some("ps"),
+        json!({"url": format!("{base}/api/echo")}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "policy_denied");
+    assert_eq!(up.hits("/api/echo"), 1);
+    assert!(
+        !a.log_text().contains("ghp_gated_secret") && !a.log_text().contains("ghp_noreveal_secret")
+    );
+}
+
+#[tokio::test]
+async fn it_cannot_change_or_remove_a_policy() {
+    let (_t, a) = bound("").await;
+    a.store_ok("gh", json!({"accessToken":"ghp_kept_secret"}))
+        .await;
+    a.cli_ok(&["policy", "set", "gh", "--approval"]);
+    // No collection reaches the policies.
+    for op in [
+        json!({"operation":"set","collection":"policies","key":"gh","data":{}}),
+        json!({"operation":"delete","collection":"policies","key":"gh"}),
+        json!({"operation":"get","collection":"policies","key":"gh"}),
+        json!({"operation":"list","collection":"approvals"}),
+    ] {
+        let (s, v) = a.signed("/v1/storage", op.clone()).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{op}: {v}"
+        );
+    }
+    // Replacing, rewriting or deleting the credential leaves the rule on
+    // the service.
+    a.store_ok("gh", json!({"accessToken":"ghp_replaced"}))
+        .await;
+    let v = a.storage(json!({"operation":"set","collection":"tokens","key":"gh","data":{"meta":{"note":"x"}}})).await;
+    assert_eq!(v["status"], "ok", "{v}");
+    let (s, v) = a
+        .read_as("/v1/credential", "agent_credential", "gh", json!({}))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("approval_required")),
+        "{v}"
+    );
+    let v = a
+        .storage(json!({"operation":"delete","collection":"tokens","key":"gh"}))
+        .await;
+    assert_eq!(v["status"], "ok");
+    a.store_ok("gh", json!({"accessToken":"ghp_new"})).await;
+    let (s, v) = a
+        .read_as("/v1/credential", "agent_credential", "gh", json!({}))
+        .await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("approval_required")),
+        "{v}"
+    );
+    let shown: Value = serde_json::from_str(&a.cli_ok(&["policy", "show", "gh"])).unwrap();
+    assert_eq!(shown["gh"], json!({"approval": true}));
+}

@@ -101,6 +101,16 @@ impl Appliance {
     /// A dev dir provisioned by `dev`, then `extra` appended to its config and
     /// served with `serve --config`.
     pub fn start_configured(extra: &str) -> (tempfile::TempDir, Appliance) {
+        Self::start_configured_env(extra, &[])
+    }
+
+    /// [`Appliance::start_configured`] with a clock frozen at `at` (unix
+    /// seconds; the `dev` profile honours `TVW_TEST_FROZEN_CLOCK`).
+    pub fn start_frozen(extra: &str, at: i64) -> (tempfile::TempDir, Appliance) {
+        Self::start_configured_env(extra, &[("TVW_TEST_FROZEN_CLOCK", &at.to_string())])
+    }
+
+    fn start_configured_env(extra: &str, env: &[(&str, &str)]) -> (tempfile::TempDir, Appliance) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("appliance");
         let mut a = Appliance::start_dev(&dir);
@@ -109,7 +119,15 @@ impl Appliance {
         cfg.push('\n');
         cfg.push_str(extra);
         std::fs::write(dir.join("config.toml"), cfg).unwrap();
-        (tmp, Appliance::start_serve(&dir))
+        let swtpm = start_swtpm_for(&dir);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("serve");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        (tmp, Self::spawn(cmd, &dir, swtpm))
     }
 
     /// `serve --config DIR/config.toml` on an existing dev dir.
@@ -393,6 +411,39 @@ impl Appliance {
     pub async fn store_ok(&self, svc: &str, token_data: Value) {
         let (s, v) = self.store(svc, token_data).await;
         assert_eq!(s, 200, "setup store of {svc}: {v}");
+    }
+
+    /// `GET path` (`/v1/credential`, `/v1/totp-code`) with a fresh ticket
+    /// for `pur` carrying `claims` (e.g. `{"aid": …}`).
+    pub async fn read_as(&self, path: &str, pur: &str, svc: &str, claims: Value) -> (u16, Value) {
+        let tk = self.ticket(pur, svc, claims);
+        let url = format!("{}?ticket={tk}&service={svc}", self.url(path));
+        let r = self.client.get(url).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// This appliance's CLI (`--config` given); must succeed; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let cfg = self.config();
+        let mut all = vec!["--config", cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The same, expected to fail; its stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let cfg = self.config();
+        let mut all = vec!["--config", cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     pub async fn credential(&self, svc: &str, query: &str) -> (u16, Value) {

@@ -292,6 +292,20 @@ impl Metrics {
             "Size of the LMDB data file.",
             u.file,
         );
+        let now = crate::clock::system_now();
+        gauge(
+            &mut o,
+            "tvw_approvals_pending",
+            "Uses waiting for the owner's approval (`approvals list --pending`).",
+            store.approval_all().map_or(0, |all| {
+                all.iter()
+                    .filter(|a| {
+                        a.state == crate::store::policy::ApprovalState::Pending
+                            && a.expires_at > now
+                    })
+                    .count()
+            }),
+        );
         gauge(
             &mut o,
             "tvw_tokens",

@@ -20,6 +20,8 @@ pub struct Settings {
     pub frontend_url: String,
     pub code_ttl_secs: i64,
     pub webhook_id: String,
+    /// How the owner's approvals behave.
+    pub policy: crate::custody::policy::Settings,
 }
 
 #[derive(Clone)]
@@ -56,6 +58,16 @@ impl App {
     /// Unix seconds by this state's clock.
     pub fn now(&self) -> i64 {
         self.clock.now()
+    }
+
+    /// What a use of a credential is checked with (the owner's policy).
+    pub fn gate(&self) -> crate::custody::policy::Gate<'_> {
+        crate::custody::policy::Gate {
+            store: &self.store,
+            backend: &self.backend,
+            settings: &self.settings.policy,
+            clock: &self.clock,
+        }
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {

@@ -323,6 +323,8 @@ pub struct Deps<'a> {
     pub store: &'a Store,
     pub proxy: &'a Proxy,
     pub minter: &'a Minter,
+    /// The owner's policy for each use.
+    pub gate: crate::custody::policy::Gate<'a>,
 }
 
 /// The upstream's answer, ready to stream back: its status, its headers
@@ -387,6 +389,25 @@ pub async fn call(d: Deps<'_>, body: bytes::Bytes, at: i64) -> Result<Proxied, A
         None => {}
     }
     let header_templates = templates(stored.as_ref(), &call.header_templates)?;
+    // The owner's rules, then the hosts the owner lets this credential go to
+    // (whatever the stored config says: Token Vault writes that).
+    let policy = d
+        .gate
+        .admit(
+            &service,
+            crate::custody::policy::Use::Proxy,
+            tk.sub.as_deref(),
+            tk.aid.as_deref(),
+        )
+        .await?;
+    let host = url.host_str().unwrap_or("");
+    if !policy.as_ref().is_none_or(|p| p.allows_upstream(host)) {
+        crate::store::trail::note(|n| n.policy = Some("denied: upstream not allowed".into()));
+        tracing::warn!(service = %service, host, "proxy upstream outside the owner's policy");
+        return Err(ApiError::PolicyDenied(
+            "The owner's policy does not let this credential go to that host",
+        ));
+    }
     // Egress policy on IP literals and denied names (the addresses a name
     // resolves to are checked by the resolver).
     if let Some(why) = p.policy.refuse_url(&url) {

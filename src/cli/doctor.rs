@@ -219,6 +219,11 @@ fn check_limits(cfg: &Config, r: &mut Report) {
             t.describe()
         )),
     }
+    r.ok(&format!(
+        "owner approvals: decidable for {} s, requests wait {} s, at most {} pending (`policy show` lists the rules)",
+        cfg.policy.approval_ttl_secs, cfg.policy.approval_wait_secs, cfg.policy.max_pending_approvals
+    ));
+    check_policies(cfg, r);
     let mut helpers = Vec::new();
     if let Some(h) = cfg.helper.listen {
         helpers.push(format!("http://{h}"));
@@ -279,6 +284,61 @@ fn check_pkcs11(cfg: &Config, r: &mut Report) {
                 check_generations(cfg, b.as_ref(), r);
             }
         }
+    }
+}
+
+/// The owner's policies (which services, which rules) and the approvals
+/// waiting for the owner.
+fn check_policies(cfg: &Config, r: &mut Report) {
+    if !cfg
+        .store
+        .path
+        .join(crate::store::backup::DATA_FILE)
+        .exists()
+    {
+        return;
+    }
+    let store = match super::setup::open_store(cfg) {
+        Ok(s) => s,
+        Err(e) => return r.warn(&format!("store: {e}"), "check the state dir"),
+    };
+    match store.policy_all() {
+        Ok(all) if all.is_empty() => r.ok("owner policy: none set (every signed use is obeyed)"),
+        Ok(all) => {
+            let mut shown = Vec::new();
+            for (service, raw) in all {
+                match serde_json::from_slice::<crate::custody::policy::Policy>(&raw) {
+                    Ok(p) => shown.push(format!(
+                        "{service} {}",
+                        serde_json::to_string(&p).unwrap_or_default()
+                    )),
+                    Err(_) => r.fail(
+                        &format!("owner policy of {service} does not parse"),
+                        "set it again with `policy set`",
+                    ),
+                }
+            }
+            r.ok(&format!(
+                "owner policy on {} service(s): {}",
+                shown.len(),
+                shown.join("; ")
+            ));
+        }
+        Err(e) => r.warn(&format!("owner policies: {e}"), "check the state dir"),
+    }
+    let now = crate::clock::system_now();
+    let waiting = store.approval_all().map(|all| {
+        all.into_iter()
+            .filter(|a| {
+                a.state == crate::store::policy::ApprovalState::Pending && a.expires_at > now
+            })
+            .count()
+    });
+    if let Some(n) = waiting.ok().filter(|n| *n > 0) {
+        r.warn(
+            &format!("{n} use(s) waiting for the owner's approval"),
+            "see `approvals list --pending`, then `approve ID` or `deny ID`",
+        );
     }
 }
 

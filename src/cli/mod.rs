@@ -11,6 +11,7 @@ pub mod import;
 pub mod init;
 pub mod landlock;
 pub mod oauth_client;
+pub mod policy;
 pub mod register_url;
 pub mod rotate;
 pub mod serve;
@@ -121,10 +122,76 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
     },
+    /// The owner's rules for a service, enforced on every use; no signed
+    /// request can read or change them.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Approve a pending use (see `approvals list`): once, or for more uses
+    /// or minutes (a standing approval).
+    Approve {
+        id: String,
+        /// Uses this approval allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Minutes it stays usable (default: policy.approval_ttl_secs).
+        #[arg(long)]
+        minutes: Option<i64>,
+    },
+    /// Deny a pending use.
+    Deny { id: String },
+    /// Approvals asked for, given, denied or expired.
+    Approvals {
+        #[command(subcommand)]
+        action: ApprovalsAction,
+    },
     /// The appliance's own audit trail (hash-chained, head signed).
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyAction {
+    /// Set SERVICE's rules (replacing any it had). With no rule given, the
+    /// policy allows everything (and is removed).
+    Set {
+        service: String,
+        /// Each use needs `approve ID` by the owner.
+        #[arg(long)]
+        approval: bool,
+        /// Only this agent (a ticket's aid or sub; repeat).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+        /// At most N uses per agent: N/minute or N/hour.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Allowed UTC hours, HH:MM-HH:MM (repeat).
+        #[arg(long)]
+        hours: Vec<String>,
+        /// Never returned in plaintext: proxy injection, TOTP codes and
+        /// minted tokens only.
+        #[arg(long)]
+        no_reveal: bool,
+        /// A host /v1/proxy may inject it into (repeat).
+        #[arg(long = "upstream")]
+        upstreams: Vec<String>,
+    },
+    /// Show one service's policy, or every policy (JSON).
+    Show { service: Option<String> },
+    /// Remove SERVICE's policy.
+    Clear { service: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsAction {
+    /// Every approval still kept, oldest first (JSON lines).
+    List {
+        /// Only the pending ones.
+        #[arg(long)]
+        pending: bool,
     },
 }
 
@@ -216,6 +283,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Restore { from, force } => backup::restore(&cli.config, &from, force),
         Command::Import { from, kv } => import::import(&cli.config, &from, &kv),
         Command::Audit { action } => audit::run(&cli.config, action),
+        Command::Policy { action } => policy::run(&cli.config, action),
+        Command::Approve { id, uses, minutes } => {
+            policy::decide(&cli.config, &id, Some((uses, minutes)))
+        }
+        Command::Deny { id } => policy::decide(&cli.config, &id, None),
+        Command::Approvals { action } => policy::approvals(&cli.config, action),
         Command::RotateKey {
             status,
             batch,

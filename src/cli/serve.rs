@@ -105,7 +105,7 @@ pub fn run_server(
             deny_cidrs: cfg.proxy.deny_cidrs.clone(),
             allow_cidrs: cfg.proxy.allow_cidrs.clone(),
         });
-        let core = App::new(
+        let mut core = App::new(
             dyn_backend,
             store.clone(),
             Settings {
@@ -128,9 +128,27 @@ pub fn run_server(
                 frontend_url: cfg.binding.frontend_url.clone(),
                 code_ttl_secs: cfg.binding.code_ttl_secs,
                 webhook_id: webhook_id.clone(),
+                policy: crate::custody::policy::Settings {
+                    approval_ttl_secs: cfg.policy.approval_ttl_secs,
+                    approval_wait_secs: cfg.policy.approval_wait_secs,
+                    max_pending: cfg.policy.max_pending_approvals,
+                },
             },
             bound,
         );
+        // Tests of time-bound rules (rates, hours) freeze the clock: `dev`
+        // profile only, and said loudly.
+        if let Some(t) = std::env::var("TVW_TEST_FROZEN_CLOCK")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            if dev {
+                tracing::warn!(at = t, "TEST CLOCK: time is frozen (TVW_TEST_FROZEN_CLOCK, dev profile)");
+                core.clock = crate::clock::Clock::fixed(t);
+            } else {
+                tracing::warn!("TVW_TEST_FROZEN_CLOCK ignored: only the dev profile honours it");
+            }
+        }
         let state = AppState::new(
             core,
             HttpSettings {
@@ -219,10 +237,35 @@ pub fn run_server(
                 // Reading the key state drops cached copies of an AES
                 // generation `rotate-key` retired, on a server that only reads.
                 let _ = keys.aes_readable();
-                match pruner.prune(crate::server::now()).await {
+                let t = crate::server::now();
+                match pruner.prune(t).await {
                     Ok(n) if n > 0 => tracing::debug!(removed = n, "pruned replay memory"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "pruning failed"),
+                }
+                // Approvals not decided (or not used) in time: expired, in
+                // the trail; settled ones are kept a day for `approvals list`.
+                match pruner.approvals_sweep(t, 86_400).await {
+                    Ok(lapsed) => {
+                        for a in lapsed {
+                            tracing::info!(approval = %a.id, service = %a.service, "approval expired");
+                            pruner.trail_append(crate::store::trail::TrailEvent {
+                                ts: t,
+                                event: "approval_expired",
+                                status: 200,
+                                note: crate::store::trail::TrailNote {
+                                    service: Some(a.service.clone()),
+                                    aid: Some(a.agent.clone()),
+                                    purpose: Some(a.purpose.clone()),
+                                    policy: Some(format!("expired {}", a.id)),
+                                    authenticated: true,
+                                    ..Default::default()
+                                },
+                                peer: None,
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "approval sweep failed"),
                 }
             }
         });

@@ -45,6 +45,9 @@ pub enum ApiError {
     /// 403: the appliance owner's rules refuse this use (a policy set on
     /// the box, or a switch in its configuration); no signed request lifts it.
     PolicyDenied(&'static str),
+    /// 403: the owner's approval is needed for this use: the answer names
+    /// the approval the owner decides (`tokenvault-webhook approve ID`).
+    ApprovalRequired(String),
     /// 409: `mode=create` on a service that already has a token.
     AlreadyExists(String),
     /// 409: the ticket's creation id is not the stored token's.
@@ -69,11 +72,14 @@ pub enum ApiError {
     Internal,
 }
 
-/// The spec's error shape: `{"error": code, "message": text}`.
+/// The spec's error shape: `{"error": code, "message": text}`, plus the
+/// approval's id when one is needed.
 #[derive(Serialize)]
 pub struct ErrorBody<'a> {
     pub error: &'a str,
     pub message: &'a str,
+    #[serde(rename = "approvalId", skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<&'a str>,
 }
 
 impl ApiError {
@@ -102,6 +108,7 @@ impl ApiError {
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::Forbidden => "forbidden",
             ApiError::PolicyDenied(_) => "policy_denied",
+            ApiError::ApprovalRequired(_) => "approval_required",
             ApiError::AlreadyExists(_) => "already_exists",
             ApiError::StaleCreation => "stale_creation",
             ApiError::RateLimited(_) => "rate_limited",
@@ -128,7 +135,8 @@ impl ApiError {
             ApiError::Forbidden
             | ApiError::ProxyNotAllowed(_)
             | ApiError::EgressDenied
-            | ApiError::PolicyDenied(_) => 403,
+            | ApiError::PolicyDenied(_)
+            | ApiError::ApprovalRequired(_) => 403,
             ApiError::UpstreamError(_) => 502,
             ApiError::UpstreamTimeout => 504,
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => 409,
@@ -160,6 +168,9 @@ impl ApiError {
             ApiError::UpstreamTimeout => "Upstream request timed out".into(),
             ApiError::Forbidden => "This client may not access credentials".into(),
             ApiError::PolicyDenied(m) => (*m).to_string(),
+            ApiError::ApprovalRequired(_) => {
+                "The owner's approval is needed for this use; retry with a new ticket once approved".into()
+            }
             ApiError::AlreadyExists(s) => format!("A token already exists for service: {s}"),
             ApiError::StaleCreation => {
                 "The stored token is not the one this ticket was issued for".into()
@@ -181,6 +192,14 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// The approval this answer names, if any.
+    pub fn approval_id(&self) -> Option<&str> {
+        match self {
+            ApiError::ApprovalRequired(id) => Some(id),
+            _ => None,
+        }
+    }
+
     /// Seconds for `Retry-After`, where the answer invites a retry.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

@@ -21,6 +21,7 @@ pub async fn proxy(State(s): State<AppState>, signed: Signed) -> Result<Response
         store: &s.store,
         proxy: &s.settings.broker.proxy,
         minter: &s.settings.minter,
+        gate: s.gate(),
     };
     let p = proxy::call(deps, signed.body, s.now()).await?;
     let mut out = Response::builder()

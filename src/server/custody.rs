@@ -3,6 +3,7 @@
 use super::auth::read_body;
 use super::AppState;
 use crate::custody::fields::{self, open_fields, reseal, seal_token_data};
+use crate::custody::policy::{self, Use};
 use crate::custody::{codes, gcp, ticket, totp};
 use crate::protocol::document::{public_meta, TokenDocument};
 use crate::protocol::ApiError;
@@ -231,9 +232,19 @@ pub async fn credential(
         Some(sc) => gcp::parse_scopes(Some(sc))?,
         None => scopes,
     };
+    let code = codes::answers_with_code(&doc);
+    let what = match (tk.pur.as_str(), code) {
+        ("user_reveal", _) => Use::Reveal,
+        (_, true) => Use::TotpCode,
+        _ => Use::Credential,
+    };
+    let policy = s
+        .gate()
+        .admit(&service, what, tk.sub.as_deref(), tk.aid.as_deref())
+        .await?;
     ticket::consume(&s.store, &tk, t).await?;
     // TOTP tokens answer a code and nothing else.
-    if codes::answers_with_code(&doc) {
+    if code {
         let c = codes::current_code(&s.backend, &service, &doc, t as u64)?;
         return secret_json(&json!({"token": {
             "accessToken": c.code.as_str(),
@@ -279,6 +290,9 @@ pub async fn credential(
             "gcpMinted": true,
         }}));
     }
+    // The plaintext itself: refused under no-reveal (after the nonce, like
+    // any answer this ticket got).
+    policy::reveals(policy.as_ref(), true)?;
     // Seeds never leave, whatever the token's type.
     fields.remove(fields::TOTP_FIELD);
     let mut token: Map<String, Value> = public_meta(doc.meta);
@@ -307,6 +321,14 @@ pub async fn totp_code(
     if !codes::is_totp(&doc) {
         return Err(ApiError::NotTotp);
     }
+    let what = if tk.pur == "user_reveal" {
+        Use::Reveal
+    } else {
+        Use::TotpCode
+    };
+    s.gate()
+        .admit(&service, what, tk.sub.as_deref(), tk.aid.as_deref())
+        .await?;
     ticket::consume(&s.store, &tk, t).await?;
     let c = codes::current_code(&s.backend, &service, &doc, t as u64)?;
     secret_json(&json!({

@@ -16,6 +16,7 @@ impl IntoResponse for ApiError {
         let body = crate::protocol::error::ErrorBody {
             error: self.code(),
             message: &msg,
+            approval_id: self.approval_id(),
         };
         let status =
             StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

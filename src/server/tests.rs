@@ -46,6 +46,7 @@ fn test_settings() -> Settings {
         frontend_url: "https://tokenvault.uk".into(),
         code_ttl_secs: 300,
         webhook_id: "wh_test".into(),
+        policy: Default::default(),
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod backup;
 pub mod generations;
+pub mod policy;
 pub mod trail;
 mod writer;
 
@@ -88,6 +89,11 @@ pub(in crate::store) struct Dbs {
     pub token_items: Db,
     /// The appliance's own audit trail (see [`trail`]).
     pub trail: Db,
+    /// The owner's policies by service, approvals by id, and per-agent use
+    /// counts (see [`policy`]). No protocol collection reaches them.
+    pub policies: Db,
+    pub approvals: Db,
+    pub policy_uses: Db,
 }
 
 impl Dbs {
@@ -102,7 +108,7 @@ impl Dbs {
 
     /// Every database but the audit trail (the trail's size bound weighs
     /// the rest of the store).
-    pub fn all_but_trail(&self) -> [Db; 10] {
+    pub fn all_but_trail(&self) -> [Db; 13] {
         [
             self.tokens,
             self.proxy_configs,
@@ -114,6 +120,9 @@ impl Dbs {
             self.totp_state,
             self.oauth_clients,
             self.token_items,
+            self.policies,
+            self.approvals,
+            self.policy_uses,
         ]
     }
 
@@ -254,7 +263,7 @@ impl Store {
         // processes (the CLI). It lives for the rest of the process (database
         // handles borrow it), so it is leaked deliberately.
         let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 11] = [
+        const NAMES: [&str; 14] = [
             "tokens",
             "proxy_configs",
             "audit",
@@ -266,15 +275,18 @@ impl Store {
             "oauth_clients",
             "token_items",
             "trail",
+            "policies",
+            "approvals",
+            "policy_uses",
         ];
         let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items, trail] =
+        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items, trail, policies, approvals, policy_uses] =
             env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
                 let mut out = Vec::with_capacity(NAMES.len());
                 for name in NAMES {
                     out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
                 }
-                let arr: [Database<'_, Bytes, Bytes>; 11] = out
+                let arr: [Database<'_, Bytes, Bytes>; 14] = out
                     .try_into()
                     .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
                 Ok(CommitOrAbort::<_, ()>::Commit(arr))
@@ -292,6 +304,9 @@ impl Store {
             oauth_clients,
             token_items,
             trail,
+            policies,
+            approvals,
+            policy_uses,
         };
         let mut wtxn = env.write_txn()?;
         match dbs.meta.get(&wtxn, META_SCHEMA)? {

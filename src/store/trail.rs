@@ -28,6 +28,9 @@ pub struct TrailNote {
     pub aid: Option<String>,
     pub purpose: Option<String>,
     pub result: Option<String>,
+    /// The owner policy's decision (allowed, denied and why, approval asked
+    /// or spent), when a policy applied.
+    pub policy: Option<String>,
     /// The request proved something (a valid signature, ticket or bind
     /// code). Only such requests are recorded; failures that proved nothing
     /// are counted in memory instead, so they cost no durable bytes.
@@ -71,6 +74,8 @@ pub struct TrailRecord {
     pub result: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     pub prev: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
@@ -238,6 +243,7 @@ fn append_one(
         aid: ev.note.aid,
         purpose: ev.note.purpose,
         result: ev.note.result,
+        policy: ev.note.policy,
         peer: ev.peer,
         prev: head.hash,
         hash: String::new(),
