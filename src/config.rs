@@ -458,6 +458,21 @@ pub struct AuditConfig {
     /// oldest records are dropped (the anchor keeps the chain verifiable).
     #[serde(default = "d_trail_share")]
     pub max_share_percent: u8,
+    /// Stream every trail record to the local syslog (journald reads it)
+    /// as RFC 5424 lines with the record as JSON.
+    #[serde(default)]
+    pub syslog: bool,
+    /// The syslog socket (a unix datagram socket).
+    #[serde(default = "d_syslog_socket")]
+    pub syslog_socket: PathBuf,
+    /// Also append every record, as a JSON line, to this file (created
+    /// 0600; its directory must be writable by the service).
+    #[serde(default)]
+    pub export_file: Option<PathBuf>,
+}
+
+fn d_syslog_socket() -> PathBuf {
+    PathBuf::from("/dev/log")
 }
 
 fn d_trail_share() -> u8 {
@@ -585,6 +600,9 @@ impl Default for AuditConfig {
             retention_days: d_retention_days(),
             sign_every_secs: d_sign_every(),
             max_share_percent: d_trail_share(),
+            syslog: false,
+            syslog_socket: d_syslog_socket(),
+            export_file: None,
         }
     }
 }

@@ -122,3 +122,106 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("record {victim}: altered")), "{err}");
 }
+
+#[tokio::test]
+async fn the_trail_streams_to_syslog_and_a_file_and_a_failing_sink_holds_nothing_up() {
+    let out = tempfile::tempdir().unwrap();
+    let sock_path = out.path().join("log.sock");
+    let file = out.path().join("export").join("audit.jsonl");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let (_tmp, mut a) = Appliance::start_configured(&format!(
+        "[audit]\nsyslog = true\nsyslog_socket = {:?}\nexport_file = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        sock_path.to_str().unwrap(),
+        file.to_str().unwrap()
+    ));
+    let since = now();
+    a.bind().await;
+    a.store_ok("github", json!({"accessToken": "gho_export_canary"}))
+        .await;
+    assert_eq!(a.credential("github", "").await.0, 200);
+    // The event: bind, store and read exported.
+    a.wait_metrics("three records exported", |m| {
+        metric(m, "tvw_audit_exported_total") >= 3
+    })
+    .await;
+    let lines: Vec<Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let read = lines
+        .iter()
+        .find(|r| r["event"] == "credential_read")
+        .expect("the read in the file")
+        .clone();
+    assert_eq!(read["service"], "github");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The same records as RFC 5424 datagrams, the record as JSON.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while got.len() < lines.len() {
+        let n = sock.recv(&mut buf).unwrap();
+        got.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+    }
+    let syslog_read = got
+        .iter()
+        .find(|l| l.contains(" credential_read "))
+        .expect("the read in syslog");
+    assert!(syslog_read.starts_with("<86>1 "), "{syslog_read}");
+    assert!(syslog_read.contains(&format!("seq=\"{}\"", read["seq"])));
+    let json: Value =
+        serde_json::from_str(&syslog_read[syslog_read.find("] {").unwrap() + 2..]).unwrap();
+    assert_eq!(json, read);
+    for l in got.iter().chain(std::fs::read_to_string(&file).iter()) {
+        assert!(!l.contains("gho_export_canary"));
+    }
+    // The syslog socket goes away: requests are served as before, the
+    // failure is counted; records wait and go once it is back.
+    drop(sock);
+    std::fs::remove_file(&sock_path).unwrap();
+    assert_eq!(a.credential("github", "").await.0, 200);
+    a.wait_metrics("a failed export", |m| {
+        metric(m, "tvw_audit_export_failures_total") >= 1
+    })
+    .await;
+    assert_eq!(a.credential("github", "").await.0, 200);
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut reads = 0;
+    while reads < 2 {
+        let n = sock.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains(" credential_read ") {
+            reads += 1;
+        }
+    }
+    // audit export: the trail since a time, from the store, as JSON lines.
+    let exported = a.cli_ok(&["audit", "export", "--since", &since.to_string()]);
+    let recs: Vec<Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(recs.iter().all(|r| r["ts"].as_i64().unwrap() >= since));
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r["event"] == "credential_read")
+            .count(),
+        3,
+        "{exported}"
+    );
+    assert!(recs
+        .windows(2)
+        .all(|w| w[1]["seq"].as_u64() > w[0]["seq"].as_u64()));
+    let later = a.cli_ok(&["audit", "export", "--since", "2999-01-01T00:00:00Z"]);
+    assert!(later.is_empty());
+    assert!(a
+        .cli_err(&["audit", "export", "--since", "yesterday"])
+        .contains("RFC 3339"));
+}

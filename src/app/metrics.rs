@@ -78,6 +78,8 @@ pub struct Metrics {
     key_errors: Vec<AtomicU64>,
     verify_accepted: AtomicU64,
     verify_rejected: AtomicU64,
+    /// The audit trail's copy off the box ([`super::export`]).
+    pub export: super::export::ExportCounters,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,7 @@ impl Default for Metrics {
             key_errors: OPS.iter().map(|_| AtomicU64::new(0)).collect(),
             verify_accepted: AtomicU64::new(0),
             verify_rejected: AtomicU64::new(0),
+            export: Default::default(),
         }
     }
 }
@@ -291,6 +294,28 @@ impl Metrics {
             "tvw_store_file_bytes",
             "Size of the LMDB data file.",
             u.file,
+        );
+        header(
+            &mut o,
+            "tvw_audit_exported_total",
+            "counter",
+            "Audit-trail records sent off the box (syslog, export file).",
+        );
+        let _ = writeln!(
+            o,
+            "tvw_audit_exported_total {}",
+            self.export.sent.load(Ordering::Relaxed)
+        );
+        header(
+            &mut o,
+            "tvw_audit_export_failures_total",
+            "counter",
+            "Audit export attempts that failed (retried; requests are never held).",
+        );
+        let _ = writeln!(
+            o,
+            "tvw_audit_export_failures_total {}",
+            self.export.failures.load(Ordering::Relaxed)
         );
         let now = crate::clock::system_now();
         gauge(

@@ -4,6 +4,7 @@
 //! settings (origins, limits, body size); the domain (`custody`, `broker`,
 //! `binding`) is called with plain parts of it.
 
+pub mod export;
 pub mod metrics;
 
 use crate::keys::Backend;
@@ -68,6 +69,11 @@ impl App {
             settings: &self.settings.policy,
             clock: &self.clock,
         }
+    }
+
+    /// The metrics, to hand to a background task.
+    pub fn metrics_handle(&self) -> Arc<metrics::Metrics> {
+        self.metrics.clone()
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {

@@ -11,6 +11,24 @@ pub fn run(config: &Path, action: AuditAction) -> Result<()> {
     refuse_root(&cfg)?;
     let store = open_store(&cfg)?;
     match action {
+        AuditAction::Export { since } => {
+            let from = parse_time(&since)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut after = 0;
+            loop {
+                let batch = store.trail_after(after, 1000)?;
+                let Some(last) = batch.last().map(|r| r.seq) else {
+                    break;
+                };
+                for r in batch.iter().filter(|r| r.ts >= from) {
+                    serde_json::to_writer(&mut out, r)?;
+                    std::io::Write::write_all(&mut out, b"\n")?;
+                }
+                after = last;
+            }
+            std::io::Write::flush(&mut out)?;
+            Ok(())
+        }
         AuditAction::Tail { lines } => {
             for r in store.trail_tail(lines)? {
                 println!("{}", serde_json::to_string(&r)?);
@@ -54,4 +72,14 @@ pub fn run(config: &Path, action: AuditAction) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// RFC 3339 or unix seconds.
+fn parse_time(s: &str) -> Result<i64> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| anyhow!("--since {s:?}: give RFC 3339 (2026-12-01T00:00:00Z) or unix seconds"))
 }

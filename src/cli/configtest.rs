@@ -22,14 +22,24 @@ pub fn run(config: &Path) -> Result<()> {
             );
         }
     }
-    if let Some(dir) = cfg.helper.socket.as_ref().and_then(|p| p.parent()) {
-        if !dir.is_dir() {
+    for (what, dir) in [
+        ("helper.socket", cfg.helper.socket.as_ref()),
+        ("audit.export_file", cfg.audit.export_file.as_ref()),
+    ] {
+        if let Some(dir) = dir.and_then(|p| p.parent()).filter(|d| !d.is_dir()) {
             eprintln!(
-                "{}: warning: helper.socket's directory {} does not exist yet",
+                "{}: warning: {what}'s directory {} does not exist yet",
                 config.display(),
                 dir.display()
             );
         }
+    }
+    if cfg.audit.syslog && !cfg.audit.syslog_socket.exists() {
+        eprintln!(
+            "{}: warning: audit.syslog is on but {} does not exist",
+            config.display(),
+            cfg.audit.syslog_socket.display()
+        );
     }
     println!(
         "{}: configuration OK (run `doctor` for keys, TLS and files)",

@@ -224,6 +224,34 @@ fn check_limits(cfg: &Config, r: &mut Report) {
         cfg.policy.approval_ttl_secs, cfg.policy.approval_wait_secs, cfg.policy.max_pending_approvals
     ));
     check_policies(cfg, r);
+    if cfg.audit.syslog {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(&cfg.audit.syslog_socket) {
+            Ok(m) if m.file_type().is_socket() => r.ok(&format!(
+                "audit trail streamed to syslog at {}",
+                cfg.audit.syslog_socket.display()
+            )),
+            _ => r.warn(
+                &format!(
+                    "audit.syslog is on but {} is not a socket",
+                    cfg.audit.syslog_socket.display()
+                ),
+                "set audit.syslog_socket to the syslog/journald socket (/dev/log, /run/systemd/journal/dev-log)",
+            ),
+        }
+    }
+    if let Some(f) = &cfg.audit.export_file {
+        match f.parent().map(|d| d.is_dir()) {
+            Some(true) => r.ok(&format!("audit trail appended to {}", f.display())),
+            _ => r.warn(
+                &format!(
+                    "audit.export_file's directory for {} does not exist",
+                    f.display()
+                ),
+                "create it, writable by the service user (the package's unit has LogsDirectory=)",
+            ),
+        }
+    }
     let mut helpers = Vec::new();
     if let Some(h) = cfg.helper.listen {
         helpers.push(format!("http://{h}"));

@@ -90,6 +90,10 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
     }
     ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
     rw.extend(cfg.sandbox.extra_read_write.iter().cloned());
+    // The audit export file is created (and appended to) in its directory.
+    if let Some(dir) = cfg.audit.export_file.as_ref().and_then(|p| p.parent()) {
+        rw.push(dir.to_path_buf());
+    }
     // The helper socket is created (and replaced) in its directory.
     if let Some(dir) = cfg.helper.socket.as_ref().and_then(|p| p.parent()) {
         rw.push(dir.to_path_buf());

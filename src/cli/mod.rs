@@ -199,6 +199,13 @@ pub enum ApprovalsAction {
 pub enum AuditAction {
     /// Check every link and hash of the chain and the signature of its head.
     Verify,
+    /// Write every record since a time as JSON lines (for a SIEM), oldest
+    /// first.
+    Export {
+        /// RFC 3339 (2026-12-01T00:00:00Z) or unix seconds.
+        #[arg(long)]
+        since: String,
+    },
     /// Print the newest events, one JSON object per line.
     Tail {
         #[arg(short = 'n', long, default_value_t = 20)]

@@ -229,6 +229,23 @@ pub fn run_server(
                 }
             });
         }
+        // The audit trail off the box.
+        let mut sinks = Vec::new();
+        if cfg.audit.syslog {
+            sinks.push(crate::app::export::Sink::Syslog(cfg.audit.syslog_socket.clone()));
+        }
+        if let Some(f) = &cfg.audit.export_file {
+            sinks.push(crate::app::export::Sink::File(f.clone()));
+        }
+        if !sinks.is_empty() {
+            tracing::info!(sinks = ?sinks, "audit trail exported as it lands");
+            tokio::spawn(crate::app::export::run(
+                store.clone(),
+                sinks,
+                state.metrics_handle(),
+                Duration::from_millis(500),
+            ));
+        }
         let (pruner, keys) = (store.clone(), state.backend.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));

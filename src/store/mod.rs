@@ -550,6 +550,12 @@ impl Store {
         })
     }
 
+    /// Sets a metadata value (durable when this resolves).
+    pub async fn meta_set(&self, key: &'static [u8], value: Vec<u8>) -> Result<(), StoreError> {
+        self.write(move |txn, dbs| Ok(dbs.meta.put(txn, key, &value)?))
+            .await
+    }
+
     /// Removes a metadata value (durable when this returns).
     pub fn meta_delete_blocking(&self, key: &'static [u8]) -> Result<(), StoreError> {
         self.write_blocking(move |txn, dbs| {

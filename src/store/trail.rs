@@ -342,6 +342,27 @@ impl Store {
         }
     }
 
+    /// Up to `limit` records after sequence `after`, oldest first (what an
+    /// export sends next). Records retention already dropped are skipped:
+    /// the first one returned may be later than `after + 1`.
+    pub fn trail_after(&self, after: u64, limit: usize) -> Result<Vec<TrailRecord>, StoreError> {
+        let r = self.read()?;
+        let lo = (after.saturating_add(1)).to_be_bytes();
+        let range = (
+            std::ops::Bound::Included(&lo[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let mut out = Vec::new();
+        for row in self.dbs.trail.range(&r, &range)? {
+            let (_, v) = row?;
+            out.push(serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// The newest `n` records, oldest first.
     pub fn trail_tail(&self, n: usize) -> Result<Vec<TrailRecord>, StoreError> {
         let r = self.read()?;
