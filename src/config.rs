@@ -324,6 +324,9 @@ pub struct PolicyConfig {
     /// Pending approvals beyond which new ones are refused (429).
     #[serde(default = "d_max_pending")]
     pub max_pending_approvals: usize,
+    /// POSTed a JSON body (no secret) for each new approval request.
+    #[serde(default)]
+    pub notify_url: Option<String>,
 }
 
 impl Default for PolicyConfig {
@@ -332,6 +335,7 @@ impl Default for PolicyConfig {
             approval_ttl_secs: d_approval_ttl(),
             approval_wait_secs: 0,
             max_pending_approvals: d_max_pending(),
+            notify_url: None,
         }
     }
 }
@@ -869,6 +873,14 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(u) = &p.notify_url {
+            let ok = url::Url::parse(u).is_ok_and(|u| {
+                u.scheme() == "https" || (u.scheme() == "http" && self.profile == Profile::Dev)
+            });
+            if !ok {
+                return Err("policy.notify_url must be an https URL (http only in dev)".into());
+            }
+        }
         if !(1..=10_000).contains(&p.max_pending_approvals) {
             return Err("policy.max_pending_approvals must be between 1 and 10000".into());
         }
@@ -951,6 +963,52 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.version, 1);
         assert_eq!(c.server.body_limit_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn policy_refresh_and_audit_export_settings_are_checked() {
+        let with = |from: &str, to: &str| {
+            let text = REFERENCE_CONFIG.replace(from, to);
+            assert_ne!(text, REFERENCE_CONFIG, "{from}");
+            Config::parse(&text).and_then(|c| c.validate().map(|_| c))
+        };
+        let c = Config::parse(REFERENCE_CONFIG).unwrap();
+        assert_eq!(c.refresh.tv_refresh, ServiceSwitch::Off);
+        assert!(!c.audit.syslog && c.audit.export_file.is_none());
+        let c = with("tv_refresh = \"off\"", "tv_refresh = [\"github\"]").unwrap();
+        assert!(c.refresh.tv_refresh.allows("github") && !c.refresh.tv_refresh.allows("gmail"));
+        assert!(with("tv_refresh = \"off\"", "tv_refresh = \"sometimes\"")
+            .unwrap_err()
+            .contains("expected \"on\""));
+        for (from, to, why) in [
+            (
+                "# notify_url = \"https://ntfy.sh/your-private-topic\"",
+                "notify_url = \"http://ntfy.example/t\"",
+                "notify_url",
+            ),
+            (
+                "approval_ttl_secs = 600",
+                "approval_ttl_secs = 5",
+                "approval_ttl_secs",
+            ),
+            (
+                "approval_wait_secs = 0",
+                "approval_wait_secs = 900",
+                "approval_wait_secs",
+            ),
+            (
+                "max_pending_approvals = 64",
+                "max_pending_approvals = 0",
+                "max_pending_approvals",
+            ),
+        ] {
+            assert!(with(from, to).unwrap_err().contains(why), "{to}");
+        }
+        assert!(with(
+            "# notify_url = \"https://ntfy.sh/your-private-topic\"",
+            "notify_url = \"https://ntfy.sh/t\""
+        )
+        .is_ok());
     }
 
     #[test]

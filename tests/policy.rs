@@ -3,6 +3,7 @@
 //! decided with the CLI while the server runs, agents, rates and hours on a
 //! frozen clock, every decision in the audit trail.
 
+mod fakes;
 mod harness;
 
 use harness::*;
@@ -326,4 +327,58 @@ async fn agents_hours_and_rates_are_enforced_on_a_frozen_clock() {
     assert!(a
         .cli_err(&["policy", "set", "x", "--hours", "25:00-26:00"])
         .contains("HH:MM"));
+}
+
+#[tokio::test]
+async fn a_new_approval_request_is_announced_to_the_owners_hook_without_a_secret() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(v).unwrap();
+                "ok"
+            }
+        }),
+    );
+    let hook = fakes::serve(app).await;
+    let (_t, mut a) = Appliance::start_configured(&format!(
+        "[policy]\nnotify_url = \"{hook}/hook\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+    ));
+    a.bind().await;
+    a.store_ok("gh", json!({"accessToken":"ghp_hooked"})).await;
+    a.cli_ok(&["policy", "set", "gh", "--approval"]);
+    let (_, v) = a
+        .read_as(CRED, "agent_credential", "gh", json!({"aid":"bot"}))
+        .await;
+    let id = v["approvalId"].as_str().unwrap().to_string();
+    // The event: the hook's POST.
+    let got = rx.recv().await.unwrap();
+    assert_eq!(
+        (
+            got["event"].as_str(),
+            got["approvalId"].as_str(),
+            got["service"].as_str(),
+            got["agent"].as_str()
+        ),
+        (
+            Some("approval_required"),
+            Some(id.as_str()),
+            Some("gh"),
+            Some("bot")
+        )
+    );
+    assert_eq!(got["approve"], format!("tokenvault-webhook approve {id}"));
+    assert!(!got.to_string().contains("ghp_hooked"));
+    // Asking again while pending announces nothing new.
+    let (_, v) = a
+        .read_as(CRED, "agent_credential", "gh", json!({"aid":"bot"}))
+        .await;
+    assert_eq!(v["approvalId"], id.as_str());
+    a.wait_metrics("one announcement sent", |m| {
+        metric(m, "tvw_approval_notify_sent_total") == 1
+    })
+    .await;
+    assert!(rx.try_recv().is_err());
 }

@@ -132,6 +132,13 @@ pub fn run_server(
                     approval_ttl_secs: cfg.policy.approval_ttl_secs,
                     approval_wait_secs: cfg.policy.approval_wait_secs,
                     max_pending: cfg.policy.max_pending_approvals,
+                    notify: match &cfg.policy.notify_url {
+                        Some(u) => Some(Arc::new(
+                            crate::custody::policy::Notifier::new(u, dev, &egress)
+                                .map_err(|e| anyhow!(e))?,
+                        )),
+                        None => None,
+                    },
                 },
             },
             bound,

@@ -169,6 +169,84 @@ pub struct Settings {
     pub approval_wait_secs: u64,
     /// Pending approvals beyond which new ones are refused (429).
     pub max_pending: usize,
+    /// Where a new approval request is announced (`[policy] notify_url`).
+    pub notify: Option<std::sync::Arc<Notifier>>,
+}
+
+/// POSTs each new approval request, without any secret in it, to the
+/// owner's hook (ntfy, a chat webhook): fire and forget, through the
+/// egress policy. Failures are counted and logged.
+#[derive(Debug)]
+pub struct Notifier {
+    client: reqwest::Client,
+    url: url::Url,
+    pub failures: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+}
+
+impl Notifier {
+    pub fn new(
+        url: &str,
+        allow_http: bool,
+        policy: &std::sync::Arc<crate::egress::EgressPolicy>,
+    ) -> Result<Notifier, String> {
+        let url = url::Url::parse(url).map_err(|e| format!("policy.notify_url: {e}"))?;
+        if url.scheme() != "https" && !(allow_http && url.scheme() == "http") {
+            return Err("policy.notify_url must be https".into());
+        }
+        let client = crate::egress::client_builder(policy)
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        if let Some(why) = policy.refuse_url(&url) {
+            return Err(format!(
+                "policy.notify_url refused by the egress policy: {why}"
+            ));
+        }
+        Ok(Notifier {
+            client,
+            url,
+            failures: Default::default(),
+            sent: Default::default(),
+        })
+    }
+
+    /// Announces `a` in the background.
+    pub fn announce(self: &std::sync::Arc<Self>, a: &Approval) {
+        use std::sync::atomic::Ordering;
+        let body = serde_json::json!({
+            "event": "approval_required",
+            "approvalId": a.id,
+            "service": a.service,
+            "purpose": a.purpose,
+            "agent": a.agent,
+            "expiresAt": crate::clock::rfc3339(a.expires_at),
+            "approve": format!("tokenvault-webhook approve {}", a.id),
+            "deny": format!("tokenvault-webhook deny {}", a.id),
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.client.post(me.url.clone()).json(&body).send().await {
+                Ok(r) if r.status().is_success() => {
+                    me.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(r) => {
+                    me.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        status = r.status().as_u16(),
+                        "approval notify: the hook refused"
+                    );
+                }
+                Err(e) => {
+                    me.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        refused = crate::egress::refused(&e),
+                        "approval notify failed"
+                    );
+                }
+            }
+        });
+    }
 }
 
 impl Default for Settings {
@@ -177,6 +255,7 @@ impl Default for Settings {
             approval_ttl_secs: 600,
             approval_wait_secs: 0,
             max_pending: 64,
+            notify: None,
         }
     }
 }
@@ -288,6 +367,9 @@ pub async fn admit(
         }
         Ask::Pending(a, new) => {
             if new {
+                if let Some(n) = &settings.notify {
+                    n.announce(&a);
+                }
                 tracing::warn!(approval = %a.id, service = %a.service, purpose = %a.purpose, agent = %a.agent, "approval needed: run `tokenvault-webhook approve {}` (or deny)", a.id);
             }
             note(format!("approval required: {}", a.id));

@@ -26,6 +26,24 @@ pub fn router(state: AppState) -> axum::Router {
             "tvw_refresh_joined_total {}",
             s.settings.broker.refresher.joined()
         );
+        if let Some(n) = &s.settings.policy.notify {
+            use std::sync::atomic::Ordering;
+            for (name, help, v) in [
+                (
+                    "tvw_approval_notify_sent_total",
+                    "Approval requests announced to policy.notify_url.",
+                    n.sent.load(Ordering::Relaxed),
+                ),
+                (
+                    "tvw_approval_notify_failures_total",
+                    "Approval announcements that failed (the request is answered regardless).",
+                    n.failures.load(Ordering::Relaxed),
+                ),
+            ] {
+                header(&mut body, name, "counter", help);
+                let _ = writeln!(body, "{name} {v}");
+            }
+        }
         (
             [(
                 axum::http::header::CONTENT_TYPE,
