@@ -10,7 +10,7 @@ use crate::store::trail::TrailRecord;
 use crate::store::Store;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const META_EXPORTED: &[u8] = b"audit_exported_seq";
@@ -24,13 +24,6 @@ pub enum Sink {
     Syslog(PathBuf),
     /// A file records are appended to.
     File(PathBuf),
-}
-
-/// What the exporter did, for the metrics.
-#[derive(Debug, Default)]
-pub struct ExportCounters {
-    pub sent: AtomicU64,
-    pub failures: AtomicU64,
 }
 
 /// One RFC 5424 line: `<PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG`,

@@ -71,6 +71,13 @@ struct Histogram {
     sum_us: AtomicU64,
 }
 
+/// What the audit exporter did.
+#[derive(Debug, Default)]
+pub struct ExportCounters {
+    pub sent: AtomicU64,
+    pub failures: AtomicU64,
+}
+
 pub struct Metrics {
     requests: Mutex<BTreeMap<(usize, u16), u64>>,
     latency: Vec<Histogram>,
@@ -78,8 +85,8 @@ pub struct Metrics {
     key_errors: Vec<AtomicU64>,
     verify_accepted: AtomicU64,
     verify_rejected: AtomicU64,
-    /// The audit trail's copy off the box ([`super::export`]).
-    pub export: super::export::ExportCounters,
+    /// The audit trail's copy off the box (`app::export`).
+    pub export: ExportCounters,
 }
 
 impl Default for Metrics {

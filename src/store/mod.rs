@@ -232,11 +232,22 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the store in `dir`, holding the directory's shared
     /// lock for as long as the process keeps it.
+    /// A second open of the same directory in one process returns the
+    /// store already open (LMDB allows one environment per file and
+    /// process).
     pub fn open(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
+        static OPEN: std::sync::Mutex<Vec<(std::path::PathBuf, Store)>> =
+            std::sync::Mutex::new(Vec::new());
         Self::ensure_dir(dir)?;
+        let key = std::fs::canonicalize(dir).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let mut open = OPEN.lock().map_err(|_| StoreError::Closed)?;
+        if let Some((_, s)) = open.iter().find(|(p, _)| *p == key) {
+            return Ok(s.clone());
+        }
         let lock = backup::lock_shared(dir)?;
         let mut store = Self::open_unlocked(dir, map_size_bytes)?;
         store._lock = Some(Arc::new(lock));
+        open.push((key, store.clone()));
         Ok(store)
     }
 
