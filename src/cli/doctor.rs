@@ -315,20 +315,30 @@ fn check_pkcs11(cfg: &Config, r: &mut Report) {
     }
 }
 
-/// The owner's policies (which services, which rules) and the approvals
-/// waiting for the owner.
-fn check_policies(cfg: &Config, r: &mut Report) {
+/// The store, if one exists (a warning if it does not open).
+fn existing_store(cfg: &Config, r: &mut Report) -> Option<crate::store::Store> {
     if !cfg
         .store
         .path
         .join(crate::store::backup::DATA_FILE)
         .exists()
     {
-        return;
+        return None;
     }
-    let store = match super::setup::open_store(cfg) {
-        Ok(s) => s,
-        Err(e) => return r.warn(&format!("store: {e}"), "check the state dir"),
+    match super::setup::open_store(cfg) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            r.warn(&format!("store: {e}"), "check the state dir");
+            None
+        }
+    }
+}
+
+/// The owner's policies (which services, which rules) and the approvals
+/// waiting for the owner.
+fn check_policies(cfg: &Config, r: &mut Report) {
+    let Some(store) = existing_store(cfg, r) else {
+        return;
     };
     match store.policy_all() {
         Ok(all) if all.is_empty() => r.ok("owner policy: none set (every signed use is obeyed)"),
@@ -373,15 +383,10 @@ fn check_policies(cfg: &Config, r: &mut Report) {
 /// The store's active AES generation is in the device; no rotation is
 /// left half-way.
 fn check_generations(cfg: &Config, device: &dyn crate::keys::KeyBackend, r: &mut Report) {
-    if !cfg
-        .store
-        .path
-        .join(crate::store::backup::DATA_FILE)
-        .exists()
-    {
+    let Some(store) = existing_store(cfg, r) else {
         return;
-    }
-    let st = match super::setup::open_store(cfg).and_then(|s| Ok(s.aes_state()?)) {
+    };
+    let st = match store.aes_state() {
         Ok(st) => st,
         Err(e) => return r.warn(&format!("store: {e}"), "check the state dir"),
     };
