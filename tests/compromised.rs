@@ -140,11 +140,7 @@ async fn it_cannot_get_a_refresh_token_while_tv_refresh_is_off_and_only_listed_o
         json!({"action":"update","service":"google","tokens":{"accessToken":"ya29.evil"}}),
     ] {
         let (s, v) = a.signed("/v1/refresh", body).await;
-        assert_eq!(
-            (s, v["error"].as_str()),
-            (403, Some("policy_denied")),
-            "{v}"
-        );
+        assert_refused(s, &v, 403, "policy_denied");
         assert!(!v.to_string().contains("rt-old"));
     }
     assert_eq!(
@@ -173,11 +169,7 @@ async fn it_cannot_get_a_refresh_token_while_tv_refresh_is_off_and_only_listed_o
     let (s, v) = a
         .signed("/v1/refresh", json!({"action":"get","service":"github"}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("policy_denied")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "policy_denied");
     assert!(!v.to_string().contains("rt-old"));
 }
 
@@ -201,11 +193,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
     ] {
         for claims in [json!({}), json!({"sub":"owner","aid":"admin"})] {
             let (s, v) = a.read_as(path, pur, "gated", claims).await;
-            assert_eq!(
-                (s, v["error"].as_str()),
-                (403, Some("approval_required")),
-                "{pur}: {v}"
-            );
+            assert_refused(s, &v, 403, "approval_required");
             assert!(!v.to_string().contains("ghp_gated_secret"));
         }
     }
@@ -215,11 +203,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
     let (s, v) = a
         .read_as("/v1/totp-code", "totp_code", "otp-gated", json!({}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("approval_required")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "approval_required");
     pin(&a, "pg", &format!("{base}/api"), "gated").await;
     let r = proxy(
         &a,
@@ -238,11 +222,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
     // No-reveal: never the plaintext, by read or reveal...
     for pur in ["agent_credential", "user_reveal"] {
         let (s, v) = a.read_as("/v1/credential", pur, "sealed", json!({})).await;
-        assert_eq!(
-            (s, v["error"].as_str()),
-            (403, Some("policy_denied")),
-            "{pur}: {v}"
-        );
+        assert_refused(s, &v, 403, "policy_denied");
         assert!(!v.to_string().contains("ghp_noreveal_secret"));
     }
     // ...but usable through the proxy, and a TOTP token still gives codes.
@@ -266,11 +246,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
     let (s, v) = a
         .read_as("/v1/totp-code", "user_reveal", "otp", json!({}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("policy_denied")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "policy_denied");
     // The upstreams rule holds whatever the stored proxy config says.
     a.cli_ok(&[
         "policy",
@@ -310,11 +286,7 @@ async fn it_cannot_change_or_remove_a_policy() {
         json!({"operation":"list","collection":"approvals"}),
     ] {
         let (s, v) = a.signed("/v1/storage", op.clone()).await;
-        assert_eq!(
-            (s, v["error"].as_str()),
-            (400, Some("invalid_request")),
-            "{op}: {v}"
-        );
+        assert_refused(s, &v, 400, "invalid_request");
     }
     // Replacing, rewriting or deleting the credential leaves the rule on
     // the service.
@@ -325,11 +297,7 @@ async fn it_cannot_change_or_remove_a_policy() {
     let (s, v) = a
         .read_as("/v1/credential", "agent_credential", "gh", json!({}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("approval_required")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "approval_required");
     let v = a
         .storage(json!({"operation":"delete","collection":"tokens","key":"gh"}))
         .await;
@@ -338,11 +306,89 @@ async fn it_cannot_change_or_remove_a_policy() {
     let (s, v) = a
         .read_as("/v1/credential", "agent_credential", "gh", json!({}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("approval_required")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "approval_required");
     let shown: Value = serde_json::from_str(&a.cli_ok(&["policy", "show", "gh"])).unwrap();
     assert_eq!(shown["gh"], json!({"approval": true}));
+}
+
+#[tokio::test]
+async fn it_sees_that_a_policy_exists_but_not_what_it_allows() {
+    let (_t, a) = bound("").await;
+    a.store_ok("gh", json!({"accessToken":"ghp_listed_secret"}))
+        .await;
+    a.store_ok("free", json!({"accessToken":"ghp_free_secret"}))
+        .await;
+    a.cli_ok(&[
+        "policy",
+        "set",
+        "gh",
+        "--approval",
+        "--agent",
+        "agent-seven",
+        "--rate",
+        "5/minute",
+        "--hours",
+        "08:00-18:00",
+        "--upstream",
+        "api.github.example",
+    ]);
+    let flag = |v: &Value, key: &str| -> Option<Value> {
+        let items = v["items"].as_array().unwrap();
+        let item = items.iter().find(|i| i["key"] == key).unwrap();
+        item["meta"].get("ownerPolicy").cloned()
+    };
+    let rules = [
+        "agent-seven",
+        "api.github.example",
+        "08:00",
+        "approval",
+        "minute",
+    ];
+    let list = a
+        .storage(json!({"operation":"list","collection":"tokens"}))
+        .await;
+    assert_eq!(flag(&list, "gh"), Some(json!(true)), "{list}");
+    assert_eq!(flag(&list, "free"), None, "{list}");
+    let got = a
+        .storage(json!({"operation":"get","collection":"tokens","key":"gh"}))
+        .await;
+    assert_eq!(got["data"]["meta"]["ownerPolicy"], true, "{got}");
+    // Filtered and batch listings say the same; a filter finds the gated.
+    let only = a.storage(json!({"operation":"list","collection":"tokens","options":{"filters":{"ownerPolicy":true}}})).await;
+    assert_eq!(only["items"].as_array().unwrap().len(), 1, "{only}");
+    assert_eq!(flag(&only, "gh"), Some(json!(true)));
+    let batch = a
+        .storage(json!({"operation":"list_batch","collections":["tokens"]}))
+        .await;
+    assert_eq!(
+        flag(&batch["results"]["tokens"], "gh"),
+        Some(json!(true)),
+        "{batch}"
+    );
+    for answer in [&list, &got, &only, &batch] {
+        let text = answer.to_string();
+        for rule in rules {
+            assert!(!text.contains(rule), "{rule} in {text}");
+        }
+    }
+    // Its own writes can neither hide the flag nor fake it.
+    for (key, value) in [("gh", false), ("free", true)] {
+        let v = a.storage(json!({"operation":"set","collection":"tokens","key":key,"data":{"meta":{"ownerPolicy":value}}})).await;
+        assert_eq!(v["status"], "ok", "{v}");
+    }
+    let list = a
+        .storage(json!({"operation":"list","collection":"tokens"}))
+        .await;
+    assert_eq!(flag(&list, "gh"), Some(json!(true)), "{list}");
+    assert_eq!(flag(&list, "free"), None, "{list}");
+    // The owner clears the policy: the flag goes with it.
+    a.cli_ok(&["policy", "clear", "gh"]);
+    let list = a
+        .storage(json!({"operation":"list","collection":"tokens"}))
+        .await;
+    assert_eq!(flag(&list, "gh"), None, "{list}");
+    let got = a
+        .storage(json!({"operation":"get","collection":"tokens","key":"gh"}))
+        .await;
+    assert!(got["data"]["meta"].get("ownerPolicy").is_none(), "{got}");
 }

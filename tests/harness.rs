@@ -645,6 +645,16 @@ pub fn mappings_holding(pid: u32, needle: &[u8]) -> Vec<(String, bool)> {
     out
 }
 
+/// Asserts an answer is the spec's JSON error `code` with `status`.
+#[track_caller]
+pub fn assert_refused(status: u16, answer: &Value, want_status: u16, code: &str) {
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (want_status, Some(code)),
+        "{answer}"
+    );
+}
+
 /// The series' value in a Prometheus text page (panics if absent).
 pub fn metric(text: &str, series: &str) -> u64 {
     text.lines()

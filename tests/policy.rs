@@ -43,11 +43,7 @@ async fn an_approval_is_single_use_bound_to_service_use_and_agent() {
     );
     a.cli_ok(&["policy", "set", "gh", "--approval"]);
     let (s, v) = a.read_as(CRED, "agent_credential", "gh", me.clone()).await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("approval_required")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "approval_required");
     assert!(!v.to_string().contains("ghp_gated"));
     let id = v["approvalId"].as_str().unwrap().to_string();
     // Asking again while pending names the same approval; one is pending.
@@ -87,7 +83,7 @@ async fn an_approval_is_single_use_bound_to_service_use_and_agent() {
     let (s, v) = a
         .read_as(CRED, "agent_credential", "gh", json!({"aid":"agent-8"}))
         .await;
-    assert_eq!((s, v["error"].as_str()), (403, Some("approval_required")));
+    assert_refused(s, &v, 403, "approval_required");
     assert_ne!(v["approvalId"], id.as_str());
     let (s, v) = a.read_as(CRED, "agent_credential", "gh", me.clone()).await;
     assert_eq!(
@@ -97,7 +93,7 @@ async fn an_approval_is_single_use_bound_to_service_use_and_agent() {
     );
     // Used up: the next read asks again, under a new id.
     let (s, v) = a.read_as(CRED, "agent_credential", "gh", me.clone()).await;
-    assert_eq!((s, v["error"].as_str()), (403, Some("approval_required")));
+    assert_refused(s, &v, 403, "approval_required");
     let id2 = v["approvalId"].as_str().unwrap().to_string();
     assert_ne!(id2, id);
     // A decided approval cannot be decided again; an unknown one is not found.
@@ -108,7 +104,7 @@ async fn an_approval_is_single_use_bound_to_service_use_and_agent() {
     // Denied: the read stays refused, and asks anew.
     a.cli_ok(&["deny", &id2]);
     let (s, v) = a.read_as(CRED, "agent_credential", "gh", me.clone()).await;
-    assert_eq!((s, v["error"].as_str()), (403, Some("approval_required")));
+    assert_refused(s, &v, 403, "approval_required");
     // A standing approval: three uses.
     let id3 = v["approvalId"].as_str().unwrap().to_string();
     a.cli_ok(&["approve", &id3, "--uses", "3", "--minutes", "5"]);
@@ -200,7 +196,7 @@ async fn an_undecided_approval_expires_and_can_no_longer_be_given() {
     .await;
     assert!(a.cli_err(&["approve", &id]).contains("expired"));
     let (s, v) = a.read_as(CRED, "agent_credential", "gh", json!({})).await;
-    assert_eq!((s, v["error"].as_str()), (403, Some("approval_required")));
+    assert_refused(s, &v, 403, "approval_required");
     assert_ne!(v["approvalId"], id.as_str());
 }
 
@@ -247,11 +243,7 @@ async fn agents_hours_and_rates_are_enforced_on_a_frozen_clock() {
     let (s, v) = a
         .read_as(CRED, "agent_credential", "agents", json!({"aid":"agent-b"}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("policy_denied")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "policy_denied");
     // Hours (UTC) by the frozen clock.
     assert_eq!(
         a.read_as(CRED, "agent_credential", "hours", json!({}))
@@ -262,11 +254,7 @@ async fn agents_hours_and_rates_are_enforced_on_a_frozen_clock() {
     let (s, v) = a
         .read_as(CRED, "agent_credential", "closed", json!({}))
         .await;
-    assert_eq!(
-        (s, v["error"].as_str()),
-        (403, Some("policy_denied")),
-        "{v}"
-    );
+    assert_refused(s, &v, 403, "policy_denied");
     assert!(v["message"].as_str().unwrap().contains("hours"));
     // Two per agent per hour; the third is 429 with Retry-After; another
     // agent has its own count.
@@ -281,7 +269,7 @@ async fn agents_hours_and_rates_are_enforced_on_a_frozen_clock() {
     let (s, v) = a
         .read_as(CRED, "agent_credential", "rate", json!({"aid":"r1"}))
         .await;
-    assert_eq!((s, v["error"].as_str()), (429, Some("rate_limited")), "{v}");
+    assert_refused(s, &v, 429, "rate_limited");
     assert_eq!(
         a.read_as(CRED, "agent_credential", "rate", json!({"aid":"r2"}))
             .await

@@ -132,16 +132,25 @@ struct RawTokenItem<'a> {
     meta: BTreeMap<&'a str, &'a RawValue>,
 }
 
+/// The meta key that tells Token Vault the owner has set a policy for a
+/// token on the appliance (`true`, never what the policy allows). It is
+/// derived, never stored: a written `ownerPolicy` is not allowlisted.
+pub const OWNER_POLICY: &str = "ownerPolicy";
+
 /// A `tokens` listing item, `{"key":…,"meta":{…}}`, rendered straight from
 /// the stored document: the same bytes as the `Value` path (allowlisted
-/// meta, sorted keys, `serviceName` defaulting to the key) without building
-/// and dropping a tree per item.
-pub fn list_item(k: &[u8], v: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
-    render_item(k, v).map(|(item, _)| item)
+/// meta, sorted keys, `serviceName` defaulting to the key, `ownerPolicy`
+/// when `owner_policy`) without building and dropping a tree per item.
+pub fn list_item(k: &[u8], v: &[u8], owner_policy: bool) -> Result<Vec<u8>, serde_json::Error> {
+    render_item(k, v, owner_policy).map(|(item, _)| item)
 }
 
 /// [`list_item`], plus the document's [`TokenDocument::sealed_gen`] (one parse).
-pub fn render_item(k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Option<u32>), serde_json::Error> {
+pub fn render_item(
+    k: &[u8],
+    v: &[u8],
+    owner_policy: bool,
+) -> Result<(Vec<u8>, Option<u32>), serde_json::Error> {
     let doc: RawMetaView = serde_json::from_slice(v)?;
     let gen = sealed_gen(&doc.alg, doc.enc.as_deref(), doc.kid);
     let key = String::from_utf8_lossy(k);
@@ -155,6 +164,11 @@ pub fn render_item(k: &[u8], v: &[u8]) -> Result<(Vec<u8>, Option<u32>), serde_j
     if !meta.contains_key("serviceName") {
         service = serde_json::value::to_raw_value(key.as_ref())?;
         meta.insert("serviceName", &service);
+    }
+    let flag;
+    if owner_policy {
+        flag = serde_json::value::to_raw_value(&true)?;
+        meta.insert(OWNER_POLICY, &flag);
     }
     let mut out = Vec::with_capacity(256);
     serde_json::to_writer(&mut out, &RawTokenItem { key: &key, meta })?;

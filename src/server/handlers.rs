@@ -4,7 +4,7 @@ use super::auth::{read_body, Signed};
 use super::AppState;
 use crate::binding;
 use crate::custody::fields::{self, merge_meta, seal_token_data};
-use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS};
+use crate::protocol::document::{public_meta, TokenDocument, CREDENTIAL_KEYS, OWNER_POLICY};
 use crate::protocol::storage::{Collection, ListOptions, StorageRequest};
 use crate::protocol::{ApiError, VERSION};
 use crate::store::{PutOutcome, StoreError};
@@ -142,19 +142,19 @@ struct TokenMetaView {
     meta: Map<String, Value>,
 }
 
-fn token_meta(raw: &[u8], key: &str) -> Result<(u32, String, Map<String, Value>), StoreError> {
+/// What a token document looks like outside the appliance: never its
+/// fields; its meta as in the listing item (allowlisted, `serviceName`
+/// defaulting to the key, `ownerPolicy` when the owner set a policy).
+pub(super) fn token_view(raw: &[u8], key: &str, owner_policy: bool) -> Result<Value, StoreError> {
     let doc: TokenMetaView =
         serde_json::from_slice(raw).map_err(|_| StoreError::Corrupt("token document"))?;
     let mut meta = public_meta(doc.meta);
     meta.entry("serviceName")
         .or_insert_with(|| Value::String(key.to_string()));
-    Ok((doc.v, doc.alg, meta))
-}
-
-/// What a token document looks like outside the appliance: never its fields.
-fn token_view(raw: &[u8], key: &str) -> Result<Value, StoreError> {
-    let (v, alg, meta) = token_meta(raw, key)?;
-    Ok(json!({"v": v, "alg": alg, "meta": Value::Object(meta)}))
+    if owner_policy {
+        meta.insert(OWNER_POLICY.into(), Value::Bool(true));
+    }
+    Ok(json!({"v": doc.v, "alg": doc.alg, "meta": Value::Object(meta)}))
 }
 
 fn obj(pairs: [(&str, Value); 2]) -> Value {
@@ -165,16 +165,10 @@ pub(super) fn project(c: Collection) -> impl Fn(&[u8], &[u8]) -> Result<Value, S
     move |k: &[u8], v: &[u8]| {
         let key = String::from_utf8_lossy(k).into_owned();
         match c {
-            Collection::Tokens => {
-                let (_, _, meta) = token_meta(v, &key)?;
-                Ok(obj([
-                    ("key", Value::String(key)),
-                    ("meta", Value::Object(meta)),
-                ]))
-            }
-            // Stored as {key, data}: already the wire shape.
-            Collection::Audit => {
-                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))
+            // Listed from the tokens' listing items, and audit records
+            // are stored as {key, data}: already the wire shape.
+            Collection::Tokens | Collection::Audit => {
+                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("listing item"))
             }
             Collection::ProxyConfigs | Collection::VaultConfig => {
                 let data: Value =
@@ -364,11 +358,13 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
             let key = required_key(&req)?;
             let data = match c {
                 Collection::Audit => s.store.audit_get(&key)?,
-                Collection::Tokens => s
-                    .store
-                    .get_raw(c, &key)?
-                    .map(|raw| token_view(&raw, &key))
-                    .transpose()?,
+                Collection::Tokens => match s.store.get_raw(c, &key)? {
+                    Some(raw) => {
+                        let owner_policy = s.store.policy_get(&key)?.is_some();
+                        Some(token_view(&raw, &key, owner_policy)?)
+                    }
+                    None => None,
+                },
                 _ => s
                     .store
                     .get_raw(c, &key)?

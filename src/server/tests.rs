@@ -2000,8 +2000,10 @@ async fn totp_verify_single_use_drift_and_failure_limit() {
     assert_eq!(verify_code(&t, "peer", &at(0)).await.1["valid"], true);
 }
 
+/// A token's listing item and its `get` answer show the same meta, with
+/// and without an owner policy, in the same bytes.
 #[test]
-fn raw_token_listing_items_are_the_value_path_bytes() {
+fn token_listing_items_match_the_get_answers_meta() {
     let docs = [
         (
             "github",
@@ -2020,15 +2022,19 @@ fn raw_token_listing_items_are_the_value_path_bytes() {
     ];
     for (key, doc) in docs {
         let raw = serde_json::to_vec(&doc).unwrap();
-        let fast = crate::protocol::document::list_item(key.as_bytes(), &raw).unwrap();
-        let slow = handlers::project(Collection::Tokens)(key.as_bytes(), &raw).unwrap();
-        assert_eq!(
-            String::from_utf8(fast).unwrap(),
-            serde_json::to_string(&slow).unwrap(),
-            "{key}"
-        );
+        for policy in [false, true] {
+            let item = crate::protocol::document::list_item(key.as_bytes(), &raw, policy).unwrap();
+            let view = handlers::token_view(&raw, key, policy).unwrap();
+            let expected = json!({"key": key, "meta": view["meta"]});
+            assert_eq!(
+                String::from_utf8(item).unwrap(),
+                serde_json::to_string(&expected).unwrap(),
+                "{key}"
+            );
+            assert_eq!(view["meta"].get("ownerPolicy").is_some(), policy);
+        }
     }
-    assert!(crate::protocol::document::list_item(b"k", b"{not json").is_err());
+    assert!(crate::protocol::document::list_item(b"k", b"{not json", false).is_err());
 }
 
 #[tokio::test]

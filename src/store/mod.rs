@@ -131,7 +131,8 @@ impl Dbs {
     /// retired is refused: after the close, no such document can land (see
     /// [`keyring`]).
     pub fn put_token(&self, txn: &mut RwTxn<'_>, key: &str, raw: &[u8]) -> Result<(), StoreError> {
-        let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw)
+        let owner_policy = self.policies.get(txn, key.as_bytes())?.is_some();
+        let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw, owner_policy)
             .map_err(|_| StoreError::Corrupt("token document"))?;
         if let Some(gen) = gen {
             if !self.aes_state(txn)?.writable(gen) {
@@ -143,22 +144,38 @@ impl Dbs {
         Ok(())
     }
 
+    /// Renders a token's listing item again from its document (after its
+    /// policy was set or cleared); nothing when there is no such token.
+    pub fn rerender_item(&self, txn: &mut RwTxn<'_>, key: &str) -> Result<(), StoreError> {
+        let Some(raw) = self.tokens.get(txn, key.as_bytes())?.map(<[u8]>::to_vec) else {
+            return Ok(());
+        };
+        let owner_policy = self.policies.get(txn, key.as_bytes())?.is_some();
+        let item = crate::protocol::document::list_item(key.as_bytes(), &raw, owner_policy)
+            .map_err(|_| StoreError::Corrupt("token document"))?;
+        self.token_items.put(txn, key.as_bytes(), &item)?;
+        Ok(())
+    }
+
     /// Stores written before the listing index: renders every item once.
     pub(crate) fn ensure_token_items(&self, wtxn: &mut RwTxn<'_>) -> Result<(), StoreError> {
         if self.meta.get(wtxn, META_TOKEN_ITEMS)?.is_some() {
             return Ok(());
         }
-        let mut rows = Vec::new();
+        let mut keys = Vec::new();
         for row in self.tokens.iter(wtxn)? {
-            let (k, v) = row?;
-            rows.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+            let (k, _) = row?;
+            keys.push(String::from_utf8_lossy(k).into_owned());
         }
-        for (k, v) in &rows {
-            self.put_token(wtxn, k, v)?;
+        // Items only: the documents stay as they are, whatever generation
+        // sealed them.
+        self.token_items.clear(wtxn)?;
+        for k in &keys {
+            self.rerender_item(wtxn, k)?;
         }
         self.meta.put(wtxn, META_TOKEN_ITEMS, b"1")?;
-        if !rows.is_empty() {
-            tracing::info!(tokens = rows.len(), "token listing index built");
+        if !keys.is_empty() {
+            tracing::info!(tokens = keys.len(), "token listing index built");
         }
         Ok(())
     }
@@ -209,8 +226,9 @@ pub const META_HMAC_KEY_ID: &[u8] = b"hmac_key_id";
 pub const META_BOUND_AT: &[u8] = b"bound_at";
 const META_AUDIT_SEQ: &[u8] = b"audit_seq";
 const META_SCHEMA: &[u8] = b"schema_version";
-/// Set once `token_items` holds every token's listing item.
-const META_TOKEN_ITEMS: &[u8] = b"token_items_v1";
+/// Set once `token_items` holds every token's listing item (v2: with
+/// `ownerPolicy`).
+const META_TOKEN_ITEMS: &[u8] = b"token_items_v2";
 const SCHEMA_VERSION: &[u8] = b"1";
 
 type Slot<T> = Arc<std::sync::Mutex<Option<T>>>;
@@ -893,7 +911,9 @@ impl Store {
         };
         let filtered = filters.is_some_and(|f| !f.is_empty());
         let keep: Option<&dyn Fn(&Value) -> bool> = if filtered { Some(&matches) } else { None };
-        let (items, pagination) = self.list_as(c, false, limit, after, keep, project)?;
+        // Tokens are listed from their listing items (`{"key","meta"}`).
+        let items_db = c == Collection::Tokens;
+        let (items, pagination) = self.list_as(c, items_db, limit, after, keep, project)?;
         Ok(ListResult { items, pagination })
     }
 

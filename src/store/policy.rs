@@ -111,13 +111,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Sets a service's policy; its token's listing item then says
+    /// `ownerPolicy` (in the same transaction).
     pub fn policy_put_blocking(&self, service: String, raw: Vec<u8>) -> Result<(), StoreError> {
-        self.write_blocking(move |txn, dbs| Ok(dbs.policies.put(txn, service.as_bytes(), &raw)?))
+        self.write_blocking(move |txn, dbs| {
+            dbs.policies.put(txn, service.as_bytes(), &raw)?;
+            dbs.rerender_item(txn, &service)
+        })
     }
 
     /// Removes a policy; false when there was none.
     pub fn policy_delete_blocking(&self, service: String) -> Result<bool, StoreError> {
-        self.write_blocking(move |txn, dbs| Ok(dbs.policies.delete(txn, service.as_bytes())?))
+        self.write_blocking(move |txn, dbs| {
+            let had = dbs.policies.delete(txn, service.as_bytes())?;
+            dbs.rerender_item(txn, &service)?;
+            Ok(had)
+        })
     }
 
     // ---- approvals --------------------------------------------------------

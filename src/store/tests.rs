@@ -302,9 +302,10 @@ async fn token_listing_items_follow_every_token_write() {
         let mut out = Vec::new();
         for row in s.dbs().tokens.iter(&r).unwrap() {
             let (k, v) = row.unwrap();
+            let policy = s.dbs().policies.get(&r, k).unwrap().is_some();
             out.push((
                 k.to_vec(),
-                crate::protocol::document::list_item(k, v).unwrap(),
+                crate::protocol::document::list_item(k, v, policy).unwrap(),
             ));
         }
         out
@@ -327,6 +328,38 @@ async fn token_listing_items_follow_every_token_write() {
     .unwrap();
     assert_eq!(items(&s).len(), 3);
     assert_eq!(items(&s), expected(&s));
+
+    // An owner policy shows as `ownerPolicy` in the item (set before or
+    // after the token is written), and goes with the policy.
+    let has_flag = |s: &Store, k: &[u8]| {
+        let all = items(s);
+        let item = &all.iter().find(|(key, _)| key == k).unwrap().1;
+        let v: Value = serde_json::from_slice(item).unwrap();
+        v["meta"].get("ownerPolicy").cloned()
+    };
+    // The policy writes are the CLI's (blocking) ones.
+    let put = |s: &Store, k: &str| {
+        let (s, k) = (s.clone(), k.to_string());
+        tokio::task::spawn_blocking(move || s.policy_put_blocking(k, b"{}".to_vec()))
+    };
+    put(&s, "a").await.unwrap().unwrap();
+    put(&s, "later").await.unwrap().unwrap();
+    let raw = doc("later");
+    s.write(move |txn, dbs| dbs.put_token(txn, "later", &raw))
+        .await
+        .unwrap();
+    assert_eq!(has_flag(&s, b"a"), Some(json!(true)));
+    assert_eq!(has_flag(&s, b"later"), Some(json!(true)));
+    assert_eq!(has_flag(&s, b"c"), None);
+    assert_eq!(items(&s), expected(&s));
+    let s2 = s.clone();
+    let had = tokio::task::spawn_blocking(move || s2.policy_delete_blocking("a".into()));
+    assert!(had.await.unwrap().unwrap());
+    assert_eq!(has_flag(&s, b"a"), None);
+    assert_eq!(items(&s), expected(&s));
+    // A policy for a service without a token leaves the listing alone.
+    put(&s, "none-yet").await.unwrap().unwrap();
+    assert_eq!(items(&s).len(), 4);
 }
 
 #[tokio::test]
