@@ -573,13 +573,12 @@ mod tests {
         };
         // 10:00 UTC on some day.
         let at = 1_800_000_000 - 1_800_000_000 % 86_400 + 10 * 3600;
+        // One agent's use of "svc" (the sub never counts where an aid is).
+        let ask = async |s: &Settings, u: Use, agent: Option<&str>, t: i64| {
+            admit(&store, s, "svc", u, None, agent, t, id).await
+        };
         // No policy: allowed, nothing written.
-        assert!(
-            admit(&store, &s, "svc", Use::Credential, None, None, at, id)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(ask(&s, Use::Credential, None, at).await.unwrap().is_none());
         // Agents come before hours, hours before the rate.
         put(&Policy {
             agents: Some(["a1".to_string()].into()),
@@ -590,67 +589,31 @@ mod tests {
             }),
             ..Default::default()
         });
-        let e = admit(
-            &store,
-            &s,
-            "svc",
-            Use::Credential,
-            Some("u"),
-            Some("a2"),
-            at,
-            id,
-        )
-        .await
-        .err()
-        .unwrap();
+        let e = ask(&s, Use::Credential, Some("a2"), at)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(e, ApiError::PolicyDenied(m) if m.contains("agent")));
-        let e = admit(&store, &s, "svc", Use::Credential, None, Some("a1"), at, id)
+        let e = ask(&s, Use::Credential, Some("a1"), at)
             .await
             .err()
             .unwrap();
         assert!(matches!(e, ApiError::PolicyDenied(m) if m.contains("hours")));
         let in_hours = at + 3600 + 5;
-        assert!(admit(
-            &store,
-            &s,
-            "svc",
-            Use::Credential,
-            None,
-            Some("a1"),
-            in_hours,
-            id
-        )
-        .await
-        .unwrap()
-        .is_none());
-        let e = admit(
-            &store,
-            &s,
-            "svc",
-            Use::Credential,
-            None,
-            Some("a1"),
-            in_hours + 1,
-            id,
-        )
-        .await
-        .err()
-        .unwrap();
-        assert_eq!(e, ApiError::RateLimited(54));
-        assert!(
-            admit(
-                &store,
-                &s,
-                "svc",
-                Use::Credential,
-                None,
-                Some("a1"),
-                in_hours + 55,
-                id
-            )
+        assert!(ask(&s, Use::Credential, Some("a1"), in_hours)
             .await
             .unwrap()
-            .is_none(),
+            .is_none());
+        let e = ask(&s, Use::Credential, Some("a1"), in_hours + 1)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e, ApiError::RateLimited(54));
+        assert!(
+            ask(&s, Use::Credential, Some("a1"), in_hours + 55)
+                .await
+                .unwrap()
+                .is_none(),
             "the next minute"
         );
         // No-reveal refuses a reveal before anything else counts.
@@ -659,10 +622,7 @@ mod tests {
             approval: true,
             ..Default::default()
         });
-        let e = admit(&store, &s, "svc", Use::Reveal, None, None, at, id)
-            .await
-            .err()
-            .unwrap();
+        let e = ask(&s, Use::Reveal, None, at).await.err().unwrap();
         assert!(matches!(e, ApiError::PolicyDenied(m) if m.contains("no-reveal")));
         assert!(reveals(
             Some(&Policy {
@@ -681,26 +641,18 @@ mod tests {
         )
         .is_ok());
         // Approval: pending, approved for one use, spent, asked again.
-        let w = admit(&store, &s, "svc", Use::Proxy, None, Some("x"), at, id)
-            .await
-            .unwrap()
-            .unwrap();
+        let w = ask(&s, Use::Proxy, Some("x"), at).await.unwrap().unwrap();
         assert_eq!(w.0.purpose, "proxy");
-        let again = admit(&store, &s, "svc", Use::Proxy, None, Some("x"), at, id)
-            .await
-            .unwrap()
-            .unwrap();
+        let again = ask(&s, Use::Proxy, Some("x"), at).await.unwrap().unwrap();
         assert_eq!(again.0.id, w.0.id, "one pending per service, use and agent");
         let d = blocking(|| store.approval_decide_blocking(w.0.id.clone(), Some((1, at + 60)), at))
             .unwrap();
         assert!(matches!(d, crate::store::policy::Decided::Done(_)));
-        assert!(
-            admit(&store, &s, "svc", Use::Proxy, None, Some("x"), at + 1, id)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let next = admit(&store, &s, "svc", Use::Proxy, None, Some("x"), at + 2, id)
+        assert!(ask(&s, Use::Proxy, Some("x"), at + 1)
+            .await
+            .unwrap()
+            .is_none());
+        let next = ask(&s, Use::Proxy, Some("x"), at + 2)
             .await
             .unwrap()
             .unwrap();
@@ -710,24 +662,15 @@ mod tests {
             max_pending: 1,
             ..Settings::default()
         };
-        let e = admit(
-            &store,
-            &tight,
-            "svc",
-            Use::Proxy,
-            None,
-            Some("y"),
-            at + 2,
-            id,
-        )
-        .await
-        .err()
-        .unwrap();
+        let e = ask(&tight, Use::Proxy, Some("y"), at + 2)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(e, ApiError::RateLimited(_)));
         assert_eq!(store.approval_all().unwrap().len(), 2);
         // Lapsed: expired by the next ask, and cannot be given.
         let later = at + 2 + s.approval_ttl_secs;
-        let fresh = admit(&store, &s, "svc", Use::Proxy, None, Some("x"), later, id)
+        let fresh = ask(&s, Use::Proxy, Some("x"), later)
             .await
             .unwrap()
             .unwrap();
