@@ -108,14 +108,7 @@ async fn proxy_injects_credentials_and_passes_responses_through() {
         json!({"X-Evil": "${TOKEN}\r\nX-Other: 1"}),
     )
     .await;
-    let r = proxy(
-        &a,
-        "gh",
-        Some("p2"),
-        json!({"url": format!("{base}/api/echo")}),
-        json!({}),
-    )
-    .await;
+    let r = proxy_echo(&a, &base, "gh", "p2").await;
     assert_eq!(r.status(), 400);
     assert!(!r.text().await.unwrap().contains("ghp_proxy_secret"));
     assert_eq!(up.total(), before);
@@ -230,14 +223,7 @@ async fn proxy_is_pinned_to_the_stored_config() {
         "the foreign upstream received nothing"
     );
     assert_eq!(up.total(), 0);
-    let r = proxy(
-        &a,
-        "gh",
-        Some("p1"),
-        json!({"url": format!("{base}/api/echo")}),
-        json!({}),
-    )
-    .await;
+    let r = proxy_echo(&a, &base, "gh", "p1").await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.hits("/api/echo"), 1);
     // A non-proxy ticket is refused.

@@ -205,14 +205,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
         .await;
     assert_refused(s, &v, 403, "approval_required");
     pin(&a, "pg", &format!("{base}/api"), "gated").await;
-    let r = proxy(
-        &a,
-        "gated",
-        Some("pg"),
-        json!({"url": format!("{base}/api/echo")}),
-        json!({}),
-    )
-    .await;
+    let r = proxy_echo(&a, &base, "gated", "pg").await;
     assert_eq!(r.status(), 403);
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"],
@@ -227,14 +220,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
     }
     // ...but usable through the proxy, and a TOTP token still gives codes.
     pin(&a, "ps", &format!("{base}/api"), "sealed").await;
-    let r = proxy(
-        &a,
-        "sealed",
-        Some("ps"),
-        json!({"url": format!("{base}/api/echo")}),
-        json!({}),
-    )
-    .await;
+    let r = proxy_echo(&a, &base, "sealed", "ps").await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["headers"]["authorization"], "Bearer ghp_noreveal_secret");
@@ -256,14 +242,7 @@ async fn it_cannot_read_an_approval_gated_or_no_reveal_credential() {
         "--upstream",
         "api.example.com",
     ]);
-    let r = proxy(
-        &a,
-        "sealed",
-        Some("ps"),
-        json!({"url": format!("{base}/api/echo")}),
-        json!({}),
-    )
-    .await;
+    let r = proxy_echo(&a, &base, "sealed", "ps").await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "policy_denied");
     assert_eq!(up.hits("/api/echo"), 1);

@@ -105,6 +105,13 @@ pub async fn bound(extra: &str) -> (tempfile::TempDir, Appliance) {
     (tmp, a)
 }
 
+/// A proxy call under pinned config `pid` to the fake upstream's echo
+/// endpoint, with the stored templates only.
+pub async fn proxy_echo(a: &Appliance, base: &str, svc: &str, pid: &str) -> reqwest::Response {
+    let url = json!({"url": format!("{base}/api/echo")});
+    proxy(a, svc, Some(pid), url, json!({})).await
+}
+
 pub async fn proxy(
     a: &Appliance,
     svc: &str,
