@@ -11,7 +11,6 @@
 //! nothing can open the store mid-swap.
 
 use super::{Store, StoreError};
-use heed::CompactionOption;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -104,9 +103,7 @@ impl Store {
             .open(&tmp)
             .map_err(io(&tmp))?;
         let copied = self
-            .env
-            .copy_to_file(&mut f, CompactionOption::Enabled)
-            .map_err(StoreError::from)
+            .copy_engine_to(&mut f)
             .and_then(|()| f.sync_all().map_err(io(&tmp)));
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&tmp);

@@ -9,7 +9,7 @@
 //!    (the key ring reads the state for each seal) and reads either.
 //! 2. Documents are re-sealed in batches, compare-and-set, so a concurrent
 //!    write wins and is picked up on the next pass.
-//! 3. `closed = true`: from this commit on [`Dbs::put_token`] refuses any
+//! 3. `closed = true`: from this commit on every token write refuses any
 //!    document sealed under M, so a write that sealed under M before step 1
 //!    and commits late fails (and is retried by its client) instead of
 //!    landing under a key about to go. A final pass then finds every
@@ -18,9 +18,9 @@
 //!
 //! Any step can crash: re-running `rotate-key` continues from the state.
 
-use super::{Dbs, Store, StoreError};
+use super::kv::{Read, ReadExt, Table, Write};
+use super::{Store, StoreError};
 use crate::protocol::document::FIRST_KID;
-use heed::{RoTxn, RwTxn};
 use serde::{Deserialize, Serialize};
 
 const META_AES_STATE: &[u8] = b"aes_state";
@@ -72,25 +72,20 @@ impl AesState {
     }
 }
 
-impl Dbs {
-    pub fn aes_state(&self, txn: &RoTxn) -> Result<AesState, StoreError> {
-        match self.meta.get(txn, META_AES_STATE)? {
-            Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("aes state")),
-            None => Ok(AesState::default()),
-        }
-    }
+/// The state as `r` sees it (a write transaction: with its own writes).
+pub(in crate::store) fn aes_state_in(r: &dyn Read) -> Result<AesState, StoreError> {
+    Ok(r.get_json(Table::Meta, META_AES_STATE, "aes state")?
+        .unwrap_or_default())
+}
 
-    pub fn put_aes_state(&self, txn: &mut RwTxn<'_>, st: &AesState) -> Result<(), StoreError> {
-        let raw = serde_json::to_vec(st).map_err(|_| StoreError::Corrupt("aes state"))?;
-        self.meta.put(txn, META_AES_STATE, &raw)?;
-        Ok(())
-    }
+fn put_aes_state(w: &mut dyn Write, st: &AesState) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(st).map_err(|_| StoreError::Corrupt("aes state"))?;
+    w.put(Table::Meta, META_AES_STATE, &raw)
 }
 
 impl Store {
     pub fn aes_state(&self) -> Result<AesState, StoreError> {
-        let r = self.read()?;
-        self.dbs.aes_state(&r)
+        aes_state_in(&*self.read()?)
     }
 
     /// Changes the state in one durable write; returns the new state.
@@ -98,10 +93,10 @@ impl Store {
         &self,
         f: impl Fn(&mut AesState) + Send + 'static,
     ) -> Result<AesState, StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            let mut st = dbs.aes_state(txn)?;
+        self.write_blocking(move |w| {
+            let mut st = aes_state_in(&*w)?;
             f(&mut st);
-            dbs.put_aes_state(txn, &st)?;
+            put_aes_state(w, &st)?;
             Ok(st)
         })
     }
@@ -127,43 +122,52 @@ impl Store {
         use crate::protocol::document::{TokenDocument, ALG_NONE};
         use std::ops::Bound;
         let r = self.read()?;
-        let lo = after.map(|a| a.as_bytes().to_vec());
-        let range = match &lo {
-            Some(l) => (Bound::Excluded(l.as_slice()), Bound::Unbounded),
-            None => (Bound::Unbounded, Bound::Unbounded),
+        let lo = match after {
+            Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+            None => Bound::Unbounded,
         };
         let mut docs = Vec::new();
         let mut last = None;
-        for row in self.dbs.tokens.range(&r, &range)? {
-            let (k, v) = row?;
-            if docs.len() >= limit {
-                return Ok(TokenBatch { docs, next: last });
-            }
-            last = Some(String::from_utf8_lossy(k).into_owned());
-            let doc: TokenDocument =
-                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("token document"))?;
-            let needs = match doc.sealed_gen() {
-                Some(g) => g != gen,
-                None => doc.alg == ALG_NONE && !doc.fields.is_empty(),
-            };
-            if needs {
-                docs.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-            }
-        }
-        Ok(TokenBatch { docs, next: None })
+        let mut full = false;
+        r.scan(
+            Table::Tokens,
+            super::kv::bound(&lo),
+            Bound::Unbounded,
+            false,
+            &mut |k, v| {
+                if docs.len() >= limit {
+                    full = true;
+                    return Ok(false);
+                }
+                last = Some(String::from_utf8_lossy(k).into_owned());
+                let doc: TokenDocument =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("token document"))?;
+                let needs = match doc.sealed_gen() {
+                    Some(g) => g != gen,
+                    None => doc.alg == ALG_NONE && !doc.fields.is_empty(),
+                };
+                if needs {
+                    docs.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(TokenBatch {
+            docs,
+            next: if full { last } else { None },
+        })
     }
 
     /// Documents by the generation they are sealed under (`0`: not sealed
     /// by this appliance).
     pub fn tokens_by_generation(&self) -> Result<std::collections::BTreeMap<u32, u64>, StoreError> {
-        let r = self.read()?;
         let mut out = std::collections::BTreeMap::new();
-        for row in self.dbs.tokens.iter(&r)? {
-            let (_, v) = row?;
+        self.read()?.each(Table::Tokens, &mut |_, v| {
             let doc: crate::protocol::document::TokenDocument =
                 serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("token document"))?;
             *out.entry(doc.sealed_gen().unwrap_or(0)).or_insert(0) += 1;
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -174,11 +178,11 @@ impl Store {
         &self,
         rows: Vec<(String, Vec<u8>, Vec<u8>)>,
     ) -> Result<usize, StoreError> {
-        self.write_blocking(move |txn, dbs| {
+        self.write_blocking(move |w| {
             let mut n = 0;
             for (service, expected, raw) in &rows {
-                if dbs.tokens.get(txn, service.as_bytes())? == Some(expected.as_slice()) {
-                    dbs.put_token(txn, service, raw)?;
+                if w.holds(Table::Tokens, service.as_bytes(), expected)? {
+                    super::put_token_doc(w, service, raw)?;
                     n += 1;
                 }
             }
@@ -188,13 +192,12 @@ impl Store {
 
     /// Every bind code with its record.
     pub fn bind_codes_all(&self) -> Result<Vec<(String, super::BindCode)>, StoreError> {
-        let r = self.read()?;
         let mut out = Vec::new();
-        for row in self.dbs.bind_codes.iter(&r)? {
-            let (k, v) = row?;
+        self.read()?.each(Table::BindCodes, &mut |k, v| {
             let rec = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
             out.push((String::from_utf8_lossy(k).into_owned(), rec));
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -207,11 +210,11 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (k, old) = super::bind_code_kv(code, expected)?;
         let (_, v) = super::bind_code_kv(code, new)?;
-        self.write_blocking(move |txn, dbs| {
-            if dbs.bind_codes.get(txn, &k)? != Some(old.as_slice()) {
+        self.write_blocking(move |w| {
+            if !w.holds(Table::BindCodes, &k, &old)? {
                 return Ok(false);
             }
-            dbs.bind_codes.put(txn, &k, &v)?;
+            w.put(Table::BindCodes, &k, &v)?;
             Ok(true)
         })
     }
@@ -223,11 +226,11 @@ impl Store {
         expected: Vec<u8>,
         new: Vec<u8>,
     ) -> Result<bool, StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            if dbs.oauth_clients.get(txn, name.as_bytes())? != Some(expected.as_slice()) {
+        self.write_blocking(move |w| {
+            if !w.holds(Table::OauthClients, name.as_bytes(), &expected)? {
                 return Ok(false);
             }
-            dbs.oauth_clients.put(txn, name.as_bytes(), &new)?;
+            w.put(Table::OauthClients, name.as_bytes(), &new)?;
             Ok(true)
         })
     }

@@ -1,26 +1,30 @@
-//! LMDB store (heed): the four protocol collections plus internal databases
-//! for replay memory, bind codes and appliance metadata. Reads run inline
-//! (a few microseconds); writes go through the group-commit thread.
+//! The store: the four protocol collections plus internal tables for
+//! replay memory, bind codes, appliance metadata, TOTP state, OAuth
+//! clients, listing items, the audit trail and the owner's policies.
+//! Every operation is written once against the engine seam ([`kv`]); the
+//! engine (LMDB, [`lmdb`]) reads inline (a few microseconds) and writes
+//! through the group-commit thread.
 
 pub mod audit;
 pub mod backup;
 pub mod generations;
+mod kv;
+mod lmdb;
 pub mod policy;
 pub mod trail;
 mod writer;
 
+pub use lmdb::MAX_KEY_BYTES;
+
 use crate::protocol::document::TokenDocument;
 use crate::protocol::storage::{Collection, ListResult, Pagination, MAX_PAGE};
-use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
+use kv::{bound, Read, ReadExt, Table, Write};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
-
-pub(in crate::store) type Db = Database<'static, Bytes, Bytes>;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -53,139 +57,65 @@ pub enum StoreError {
     DiskFull,
 }
 
-/// LMDB's key size limit (its default `MDB_MAXKEYSIZE`).
-pub const MAX_KEY_BYTES: usize = 511;
-
-impl From<heed::Error> for StoreError {
-    fn from(e: heed::Error) -> Self {
-        match e {
-            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
-            heed::Error::Mdb(heed::MdbError::BadValSize) => StoreError::KeyTooLong,
-            heed::Error::Io(ref io)
-                if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
-            {
-                StoreError::DiskFull
-            }
-            e => StoreError::Engine(e.to_string()),
+/// Writes a token document and its listing item (one transaction).
+/// A document sealed under a generation `rotate-key` has closed or
+/// retired is refused: after the close, no such document can land (see
+/// [`keyring`]).
+fn put_token_doc(w: &mut dyn Write, key: &str, raw: &[u8]) -> Result<(), StoreError> {
+    let owner_policy = w.get(Table::Policies, key.as_bytes())?.is_some();
+    let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw, owner_policy)
+        .map_err(|_| StoreError::Corrupt("token document"))?;
+    if let Some(gen) = gen {
+        if !generations::aes_state_in(&*w)?.writable(gen) {
+            return Err(StoreError::KeyRetired);
         }
     }
+    w.put(Table::Tokens, key.as_bytes(), raw)?;
+    w.put(Table::TokenItems, key.as_bytes(), &item)?;
+    Ok(())
 }
 
-/// The LMDB databases. Private to the store: callers see operations, never
-/// a database, a transaction or the map.
-#[derive(Clone, Copy)]
-pub(in crate::store) struct Dbs {
-    pub tokens: Db,
-    pub proxy_configs: Db,
-    pub audit: Db,
-    pub vault_config: Db,
-    pub replay: Db,
-    pub bind_codes: Db,
-    pub meta: Db,
-    pub totp_state: Db,
-    pub oauth_clients: Db,
-    /// Each token's listing item (`{"key":…,"meta":{…}}`, public meta only),
-    /// rendered when the document is written: a listing copies bytes.
-    pub token_items: Db,
-    /// The appliance's own audit trail (see [`trail`]).
-    pub trail: Db,
-    /// The owner's policies by service, approvals by id, and per-agent use
-    /// counts (see [`policy`]). No protocol collection reaches them.
-    pub policies: Db,
-    pub approvals: Db,
-    pub policy_uses: Db,
+/// Renders a token's listing item again from its document (after its
+/// policy was set or cleared); nothing when there is no such token.
+fn rerender_item(w: &mut dyn Write, key: &str) -> Result<(), StoreError> {
+    let Some(raw) = w.get_owned(Table::Tokens, key.as_bytes())? else {
+        return Ok(());
+    };
+    let owner_policy = w.get(Table::Policies, key.as_bytes())?.is_some();
+    let item = crate::protocol::document::list_item(key.as_bytes(), &raw, owner_policy)
+        .map_err(|_| StoreError::Corrupt("token document"))?;
+    w.put(Table::TokenItems, key.as_bytes(), &item)
 }
 
-impl Dbs {
-    pub fn collection(&self, c: Collection) -> Db {
-        match c {
-            Collection::Tokens => self.tokens,
-            Collection::ProxyConfigs => self.proxy_configs,
-            Collection::Audit => self.audit,
-            Collection::VaultConfig => self.vault_config,
-        }
+/// Stores written before the listing index (or its current version):
+/// renders every item once.
+fn ensure_token_items(w: &mut dyn Write) -> Result<(), StoreError> {
+    if w.get(Table::Meta, META_TOKEN_ITEMS)?.is_some() {
+        return Ok(());
     }
+    let mut keys = Vec::new();
+    w.each(Table::Tokens, &mut |k, _| {
+        keys.push(String::from_utf8_lossy(k).into_owned());
+        Ok(true)
+    })?;
+    // Items only: the documents stay as they are, whatever generation
+    // sealed them.
+    w.clear(Table::TokenItems)?;
+    for k in &keys {
+        rerender_item(w, k)?;
+    }
+    w.put(Table::Meta, META_TOKEN_ITEMS, b"1")?;
+    if !keys.is_empty() {
+        tracing::info!(tokens = keys.len(), "token listing index built");
+    }
+    Ok(())
+}
 
-    /// Every database but the audit trail (the trail's size bound weighs
-    /// the rest of the store).
-    pub fn all_but_trail(&self) -> [Db; 13] {
-        [
-            self.tokens,
-            self.proxy_configs,
-            self.audit,
-            self.vault_config,
-            self.replay,
-            self.bind_codes,
-            self.meta,
-            self.totp_state,
-            self.oauth_clients,
-            self.token_items,
-            self.policies,
-            self.approvals,
-            self.policy_uses,
-        ]
-    }
-
-    /// Writes a token document and its listing item (one transaction).
-    /// A document sealed under a generation `rotate-key` has closed or
-    /// retired is refused: after the close, no such document can land (see
-    /// [`keyring`]).
-    pub fn put_token(&self, txn: &mut RwTxn<'_>, key: &str, raw: &[u8]) -> Result<(), StoreError> {
-        let owner_policy = self.policies.get(txn, key.as_bytes())?.is_some();
-        let (item, gen) = crate::protocol::document::render_item(key.as_bytes(), raw, owner_policy)
-            .map_err(|_| StoreError::Corrupt("token document"))?;
-        if let Some(gen) = gen {
-            if !self.aes_state(txn)?.writable(gen) {
-                return Err(StoreError::KeyRetired);
-            }
-        }
-        self.tokens.put(txn, key.as_bytes(), raw)?;
-        self.token_items.put(txn, key.as_bytes(), &item)?;
-        Ok(())
-    }
-
-    /// Renders a token's listing item again from its document (after its
-    /// policy was set or cleared); nothing when there is no such token.
-    pub fn rerender_item(&self, txn: &mut RwTxn<'_>, key: &str) -> Result<(), StoreError> {
-        let Some(raw) = self.tokens.get(txn, key.as_bytes())?.map(<[u8]>::to_vec) else {
-            return Ok(());
-        };
-        let owner_policy = self.policies.get(txn, key.as_bytes())?.is_some();
-        let item = crate::protocol::document::list_item(key.as_bytes(), &raw, owner_policy)
-            .map_err(|_| StoreError::Corrupt("token document"))?;
-        self.token_items.put(txn, key.as_bytes(), &item)?;
-        Ok(())
-    }
-
-    /// Stores written before the listing index: renders every item once.
-    pub(crate) fn ensure_token_items(&self, wtxn: &mut RwTxn<'_>) -> Result<(), StoreError> {
-        if self.meta.get(wtxn, META_TOKEN_ITEMS)?.is_some() {
-            return Ok(());
-        }
-        let mut keys = Vec::new();
-        for row in self.tokens.iter(wtxn)? {
-            let (k, _) = row?;
-            keys.push(String::from_utf8_lossy(k).into_owned());
-        }
-        // Items only: the documents stay as they are, whatever generation
-        // sealed them.
-        self.token_items.clear(wtxn)?;
-        for k in &keys {
-            self.rerender_item(wtxn, k)?;
-        }
-        self.meta.put(wtxn, META_TOKEN_ITEMS, b"1")?;
-        if !keys.is_empty() {
-            tracing::info!(tokens = keys.len(), "token listing index built");
-        }
-        Ok(())
-    }
-
-    /// Deletes a token document and its listing item.
-    pub fn delete_token(&self, txn: &mut RwTxn<'_>, key: &str) -> Result<(), StoreError> {
-        self.tokens.delete(txn, key.as_bytes())?;
-        self.token_items.delete(txn, key.as_bytes())?;
-        Ok(())
-    }
+/// Deletes a token document and its listing item.
+fn delete_token_doc(w: &mut dyn Write, key: &str) -> Result<(), StoreError> {
+    w.delete(Table::Tokens, key.as_bytes())?;
+    w.delete(Table::TokenItems, key.as_bytes())?;
+    Ok(())
 }
 
 /// Namespaces of the replay memory.
@@ -236,12 +166,21 @@ type Done = oneshot::Receiver<Result<(), StoreError>>;
 /// Turns a stored (key, value) into a listing item (a JSON object).
 pub type Projector<'a, T = Value> = &'a dyn Fn(&[u8], &[u8]) -> Result<T, StoreError>;
 
+/// A write operation: runs in one transaction of the engine, and may be
+/// run again (the writer retries a job alone when its batch fails).
+type Job<T> = Box<dyn FnMut(&mut dyn Write) -> Result<T, StoreError> + Send>;
+
+/// The engine behind a store.
+enum Engine {
+    Lmdb {
+        db: lmdb::Lmdb,
+        writer: mpsc::Sender<writer::Job>,
+    },
+}
+
 #[derive(Clone)]
 pub struct Store {
-    env: &'static Env<WithoutTls>,
-    dbs: Dbs,
-    writer: mpsc::Sender<writer::Job>,
-    _guard: Arc<()>,
+    engine: Arc<Engine>,
     /// The shared lock on the store directory (see [`backup`]).
     _lock: Option<Arc<backup::StoreLock>>,
     trail_queue: Arc<trail::TrailQueue>,
@@ -285,107 +224,49 @@ impl Store {
     /// opened under the exclusive lock).
     pub(crate) fn open_unlocked(dir: &Path, map_size_bytes: usize) -> Result<Store, StoreError> {
         Self::ensure_dir(dir)?;
-        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
-        opts.map_size(map_size_bytes).max_dbs(16).max_readers(256);
-        // SAFETY: the environment is opened once per process for this path and
-        // never opened with conflicting flags; LMDB's own locking covers other
-        // processes (the CLI). It lives for the rest of the process (database
-        // handles borrow it), so it is leaked deliberately.
-        let env: &'static Env<WithoutTls> = Box::leak(Box::new(unsafe { opts.open(dir) }?));
-        const NAMES: [&str; 14] = [
-            "tokens",
-            "proxy_configs",
-            "audit",
-            "vault_config",
-            "replay",
-            "bind_codes",
-            "meta",
-            "totp_state",
-            "oauth_clients",
-            "token_items",
-            "trail",
-            "policies",
-            "approvals",
-            "policy_uses",
-        ];
-        let wtxn = env.write_txn()?;
-        let [tokens, proxy_configs, audit, vault_config, replay, bind_codes, meta, totp_state, oauth_clients, token_items, trail, policies, approvals, policy_uses] =
-            env.create_databases_and_commit(wtxn, |wdo, wtxn| -> Result<_, heed::Error> {
-                let mut out = Vec::with_capacity(NAMES.len());
-                for name in NAMES {
-                    out.push(wdo.create_database::<Bytes, Bytes>(wtxn, Some(name))?);
-                }
-                let arr: [Database<'_, Bytes, Bytes>; 14] = out
-                    .try_into()
-                    .map_err(|_| heed::Error::Mdb(heed::MdbError::Invalid))?;
-                Ok(CommitOrAbort::<_, ()>::Commit(arr))
-            })?
-            .unwrap_commit();
-        let dbs = Dbs {
-            tokens,
-            proxy_configs,
-            audit,
-            vault_config,
-            replay,
-            bind_codes,
-            meta,
-            totp_state,
-            oauth_clients,
-            token_items,
-            trail,
-            policies,
-            approvals,
-            policy_uses,
-        };
-        let mut wtxn = env.write_txn()?;
-        match dbs.meta.get(&wtxn, META_SCHEMA)? {
-            None => dbs.meta.put(&mut wtxn, META_SCHEMA, SCHEMA_VERSION)?,
-            Some(v) if v == SCHEMA_VERSION => {}
-            Some(_) => return Err(StoreError::Corrupt("unknown schema version")),
-        }
-        dbs.ensure_token_items(&mut wtxn)?;
-        wtxn.commit()?;
-        let writer = writer::spawn(env, dbs).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let db = lmdb::Lmdb::open(dir, map_size_bytes)?;
+        db.write_now(prepare)?;
+        let writer =
+            writer::spawn(db.env, db.dbs).map_err(|e| StoreError::Engine(e.to_string()))?;
         Ok(Store {
-            env,
-            dbs,
-            writer,
-            _guard: Arc::new(()),
+            engine: Arc::new(Engine::Lmdb { db, writer }),
             _lock: None,
             trail_queue: Arc::new(trail::TrailQueue::default()),
         })
     }
 
-    #[cfg(test)]
-    pub(in crate::store) fn dbs(&self) -> &Dbs {
-        &self.dbs
-    }
-
     /// Capacity, bytes in use, and the data file's size.
     pub fn usage(&self) -> Usage {
-        let info = self.env.info();
-        let page = self.env.unnamed_database_stat().page_size as u64;
-        Usage {
-            capacity: info.map_size as u64,
-            used: (info.last_page_number as u64 + 1) * page,
-            file: self.env.real_disk_size().unwrap_or(0),
+        match &*self.engine {
+            Engine::Lmdb { db, .. } => db.usage(),
         }
     }
 
-    pub(in crate::store) fn read(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
-        Ok(self.env.read_txn()?)
+    /// A compacted, consistent copy of the engine's data into `f` (see
+    /// [`Store::backup_to`]).
+    fn copy_engine_to(&self, f: &mut std::fs::File) -> Result<(), StoreError> {
+        match &*self.engine {
+            Engine::Lmdb { db, .. } => db.copy_to(f),
+        }
+    }
+
+    /// A snapshot of every table.
+    pub(in crate::store) fn read(&self) -> Result<Box<dyn Read + '_>, StoreError> {
+        match &*self.engine {
+            Engine::Lmdb { db, .. } => Ok(Box::new(db.read()?)),
+        }
     }
 
     fn enqueue<T: Send + 'static>(
         &self,
-        mut f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+        mut f: impl FnMut(&mut dyn Write) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<(Done, Slot<T>), StoreError> {
         let slot = Arc::new(std::sync::Mutex::new(None));
         let s2 = slot.clone();
         let (tx, rx) = oneshot::channel();
         let job = writer::Job {
-            run: Box::new(move |txn, dbs| {
-                let v = f(txn, dbs)?;
+            run: Box::new(move |w| {
+                let v = f(w)?;
                 if let Ok(mut g) = s2.lock() {
                     *g = Some(v);
                 }
@@ -393,7 +274,9 @@ impl Store {
             }),
             done: tx,
         };
-        self.writer.send(job).map_err(|_| StoreError::Closed)?;
+        match &*self.engine {
+            Engine::Lmdb { writer, .. } => writer.send(job).map_err(|_| StoreError::Closed)?,
+        }
         Ok((rx, slot))
     }
 
@@ -407,7 +290,7 @@ impl Store {
     /// Runs `f` in the next group commit; resolves once its batch is durable.
     pub(in crate::store) async fn write<T: Send + 'static>(
         &self,
-        f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnMut(&mut dyn Write) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (rx, slot) = self.enqueue(f)?;
         rx.await.map_err(|_| StoreError::Closed)??;
@@ -417,7 +300,7 @@ impl Store {
     /// The same, for synchronous callers (CLI); never call from async code.
     pub(in crate::store) fn write_blocking<T: Send + 'static>(
         &self,
-        f: impl FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnMut(&mut dyn Write) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (rx, slot) = self.enqueue(f)?;
         rx.blocking_recv().map_err(|_| StoreError::Closed)??;
@@ -427,13 +310,11 @@ impl Store {
     // ---- metadata -------------------------------------------------------
 
     pub fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.read()?;
-        Ok(self.dbs.meta.get(&r, key)?.map(|v| v.to_vec()))
+        self.read()?.get_owned(Table::Meta, key)
     }
 
     pub fn count(&self, c: Collection) -> Result<u64, StoreError> {
-        let r = self.read()?;
-        Ok(self.dbs.collection(c).len(&r)?)
+        self.read()?.len(Table::of(c))
     }
 
     // ---- replay memory --------------------------------------------------
@@ -441,8 +322,8 @@ impl Store {
     /// Fast read-side check: has `id` been seen and not yet expired?
     pub fn replay_seen(&self, ns: ReplayNs, id: &str, now: i64) -> Result<bool, StoreError> {
         let r = self.read()?;
-        Ok(match self.dbs.replay.get(&r, &replay_key(ns, id))? {
-            Some(v) => decode_i64(v)? > now,
+        Ok(match r.get(Table::Replay, &replay_key(ns, id))? {
+            Some(v) => decode_i64(&v)? > now,
             None => false,
         })
     }
@@ -457,13 +338,13 @@ impl Store {
         now: i64,
     ) -> Result<bool, StoreError> {
         let key = replay_key(ns, id);
-        self.write(move |txn, dbs| {
-            if let Some(v) = dbs.replay.get(txn, &key)? {
-                if decode_i64(v)? > now {
+        self.write(move |w| {
+            if let Some(v) = w.get(Table::Replay, &key)? {
+                if decode_i64(&v)? > now {
                     return Ok(false);
                 }
             }
-            dbs.replay.put(txn, &key, &expires_at.to_be_bytes())?;
+            w.put(Table::Replay, &key, &expires_at.to_be_bytes())?;
             Ok(true)
         })
         .await
@@ -471,32 +352,31 @@ impl Store {
 
     /// Deletes expired replay entries and stale bind codes. Returns how many.
     pub async fn prune(&self, now: i64) -> Result<usize, StoreError> {
-        self.write(move |txn, dbs| {
-            let mut n = 0;
-            let mut it = dbs.replay.iter_mut(txn)?;
-            while let Some(row) = it.next() {
-                let (_, v) = row?;
+        self.write(move |w| {
+            let mut stale = Vec::new();
+            w.each(Table::Replay, &mut |k, v| {
                 if decode_i64(v)? <= now {
-                    // SAFETY: no reference into the database is kept across the deletion.
-                    unsafe { it.del_current()? };
-                    n += 1;
+                    stale.push(k.to_vec());
                 }
-                if n >= 50_000 {
-                    break;
-                }
+                Ok(stale.len() < 50_000)
+            })?;
+            let mut n = stale.len();
+            for k in stale {
+                w.delete(Table::Replay, &k)?;
             }
-            drop(it);
-            let mut it = dbs.bind_codes.iter_mut(txn)?;
-            while let Some(row) = it.next() {
-                let (_, v) = row?;
+            let mut stale = Vec::new();
+            w.each(Table::BindCodes, &mut |k, v| {
                 let code: BindCode =
                     serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
                 // Used codes are kept a day so a late exchange still reads "code_used".
                 if code.expires_at + 86_400 <= now || (!code.used && code.expires_at <= now) {
-                    // SAFETY: as above.
-                    unsafe { it.del_current()? };
-                    n += 1;
+                    stale.push(k.to_vec());
                 }
+                Ok(true)
+            })?;
+            n += stale.len();
+            for k in stale {
+                w.delete(Table::BindCodes, &k)?;
             }
             Ok(n)
         })
@@ -506,24 +386,18 @@ impl Store {
     // ---- bind codes -----------------------------------------------------
 
     pub fn bind_code(&self, code: &str) -> Result<Option<BindCode>, StoreError> {
-        let r = self.read()?;
-        match self.dbs.bind_codes.get(&r, code.as_bytes())? {
-            Some(v) => serde_json::from_slice(v)
-                .map(Some)
-                .map_err(|_| StoreError::Corrupt("bind code")),
-            None => Ok(None),
-        }
+        self.read()?
+            .get_json(Table::BindCodes, code.as_bytes(), "bind code")
     }
 
     pub fn put_bind_code_blocking(&self, code: &str, rec: &BindCode) -> Result<(), StoreError> {
         let (k, v) = bind_code_kv(code, rec)?;
-        self.write_blocking(move |txn, dbs| Ok(dbs.bind_codes.put(txn, &k, &v)?))
+        self.write_blocking(move |w| w.put(Table::BindCodes, &k, &v))
     }
 
     pub async fn put_bind_code(&self, code: &str, rec: &BindCode) -> Result<(), StoreError> {
         let (k, v) = bind_code_kv(code, rec)?;
-        self.write(move |txn, dbs| Ok(dbs.bind_codes.put(txn, &k, &v)?))
-            .await
+        self.write(move |w| w.put(Table::BindCodes, &k, &v)).await
     }
 
     /// Atomically consumes a bind code and records the newly installed HMAC
@@ -536,12 +410,12 @@ impl Store {
     ) -> Result<BindOutcome, StoreError> {
         let code = code.to_string();
         let new_key_id = new_key_id.to_string();
-        self.write(move |txn, dbs| {
-            let Some(v) = dbs.bind_codes.get(txn, code.as_bytes())? else {
+        self.write(move |w| {
+            let Some(mut rec) =
+                w.get_json::<BindCode>(Table::BindCodes, code.as_bytes(), "bind code")?
+            else {
                 return Ok(BindOutcome::Expired);
             };
-            let mut rec: BindCode =
-                serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("bind code"))?;
             if rec.used {
                 return Ok(BindOutcome::Used);
             }
@@ -551,14 +425,12 @@ impl Store {
             rec.used = true;
             rec.sealed_secret.clear();
             let (k, v) = bind_code_kv(&code, &rec)?;
-            dbs.bind_codes.put(txn, &k, &v)?;
-            let previous = dbs
-                .meta
-                .get(txn, META_HMAC_KEY_ID)?
-                .map(|p| String::from_utf8_lossy(p).into_owned());
-            dbs.meta.put(txn, META_HMAC_KEY_ID, new_key_id.as_bytes())?;
-            dbs.meta
-                .put(txn, META_BOUND_AT, now.to_string().as_bytes())?;
+            w.put(Table::BindCodes, &k, &v)?;
+            let previous = w
+                .get(Table::Meta, META_HMAC_KEY_ID)?
+                .map(|p| String::from_utf8_lossy(&p).into_owned());
+            w.put(Table::Meta, META_HMAC_KEY_ID, new_key_id.as_bytes())?;
+            w.put(Table::Meta, META_BOUND_AT, now.to_string().as_bytes())?;
             Ok(BindOutcome::Bound { previous })
         })
         .await
@@ -570,25 +442,24 @@ impl Store {
         key: &'static [u8],
         value: Vec<u8>,
     ) -> Result<Vec<u8>, StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            if let Some(v) = dbs.meta.get(txn, key)? {
-                return Ok(v.to_vec());
+        self.write_blocking(move |w| {
+            if let Some(v) = w.get_owned(Table::Meta, key)? {
+                return Ok(v);
             }
-            dbs.meta.put(txn, key, &value)?;
+            w.put(Table::Meta, key, &value)?;
             Ok(value.clone())
         })
     }
 
     /// Sets a metadata value (durable when this resolves).
     pub async fn meta_set(&self, key: &'static [u8], value: Vec<u8>) -> Result<(), StoreError> {
-        self.write(move |txn, dbs| Ok(dbs.meta.put(txn, key, &value)?))
-            .await
+        self.write(move |w| w.put(Table::Meta, key, &value)).await
     }
 
     /// Removes a metadata value (durable when this returns).
     pub fn meta_delete_blocking(&self, key: &'static [u8]) -> Result<(), StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            dbs.meta.delete(txn, key)?;
+        self.write_blocking(move |w| {
+            w.delete(Table::Meta, key)?;
             Ok(())
         })
     }
@@ -606,22 +477,22 @@ impl Store {
         create_only: bool,
         now: i64,
     ) -> Result<PutOutcome, StoreError> {
-        self.write(move |txn, dbs| {
+        self.write(move |w| {
             if let Some((n, _)) = &nonce {
-                if let Some(v) = dbs.replay.get(txn, &replay_key(ReplayNs::TicketNonce, n))? {
-                    if decode_i64(v)? > now {
+                if let Some(v) = w.get(Table::Replay, &replay_key(ReplayNs::TicketNonce, n))? {
+                    if decode_i64(&v)? > now {
                         return Ok(PutOutcome::NonceUsed);
                     }
                 }
             }
             let mut doc = doc.clone();
             let mut replaced_otp = None;
-            if let Some(raw) = dbs.tokens.get(txn, service.as_bytes())? {
+            if let Some(old) =
+                w.get_json::<TokenDocument>(Table::Tokens, service.as_bytes(), "token document")?
+            {
                 if create_only {
                     return Ok(PutOutcome::Exists);
                 }
-                let old: TokenDocument = serde_json::from_slice(raw)
-                    .map_err(|_| StoreError::Corrupt("token document"))?;
                 if let Some(c) = old.meta.get("createdAt") {
                     doc.meta.insert("createdAt".into(), c.clone());
                 }
@@ -629,11 +500,11 @@ impl Store {
             }
             let raw =
                 serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
-            dbs.put_token(txn, &service, &raw)?;
-            dbs.totp_state.delete(txn, service.as_bytes())?;
+            put_token_doc(w, &service, &raw)?;
+            w.delete(Table::TotpState, service.as_bytes())?;
             if let Some((n, exp)) = &nonce {
-                dbs.replay.put(
-                    txn,
+                w.put(
+                    Table::Replay,
                     &replay_key(ReplayNs::TicketNonce, n),
                     &exp.to_be_bytes(),
                 )?;
@@ -648,26 +519,25 @@ impl Store {
 
     /// Deletes a token document; returns its device TOTP key id, if any.
     pub async fn delete_token(&self, service: String) -> Result<Option<String>, StoreError> {
-        self.write(move |txn, dbs| {
-            let otp = match dbs.tokens.get(txn, service.as_bytes())? {
-                Some(raw) => serde_json::from_slice::<TokenDocument>(raw)
+        self.write(move |w| {
+            let otp = match w.get(Table::Tokens, service.as_bytes())? {
+                Some(raw) => serde_json::from_slice::<TokenDocument>(&raw)
                     .map(|d| d.otp)
                     .unwrap_or(None),
                 None => None,
             };
-            dbs.delete_token(txn, &service)?;
-            dbs.totp_state.delete(txn, service.as_bytes())?;
+            delete_token_doc(w, &service)?;
+            w.delete(Table::TotpState, service.as_bytes())?;
             Ok(otp)
         })
         .await
     }
 
     pub fn totp_state(&self, service: &str) -> Result<TotpState, StoreError> {
-        let r = self.read()?;
-        match self.dbs.totp_state.get(&r, service.as_bytes())? {
-            Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("totp state")),
-            None => Ok(TotpState::default()),
-        }
+        Ok(self
+            .read()?
+            .get_json(Table::TotpState, service.as_bytes(), "totp state")?
+            .unwrap_or_default())
     }
 
     /// Judges and records a verification attempt in one write transaction.
@@ -683,13 +553,10 @@ impl Store {
         current_step: u64,
         max_failures: u32,
     ) -> Result<TotpVerdict, StoreError> {
-        self.write(move |txn, dbs| {
-            let mut st: TotpState = match dbs.totp_state.get(txn, service.as_bytes())? {
-                Some(v) => {
-                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("totp state"))?
-                }
-                None => TotpState::default(),
-            };
+        self.write(move |w| {
+            let mut st: TotpState = w
+                .get_json(Table::TotpState, service.as_bytes(), "totp state")?
+                .unwrap_or_default();
             if st.fail_step == current_step && st.fail_count >= max_failures {
                 return Ok(TotpVerdict::Limited);
             }
@@ -704,7 +571,7 @@ impl Store {
                 st.fail_count = st.fail_count.saturating_add(1);
             }
             let raw = serde_json::to_vec(&st).map_err(|_| StoreError::Corrupt("totp state"))?;
-            dbs.totp_state.put(txn, service.as_bytes(), &raw)?;
+            w.put(Table::TotpState, service.as_bytes(), &raw)?;
             Ok(if accepted {
                 TotpVerdict::Accepted
             } else {
@@ -717,43 +584,35 @@ impl Store {
     // ---- OAuth clients (for refresh-notify) -------------------------------
 
     pub fn oauth_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let r = self.read()?;
-        Ok(self
-            .dbs
-            .oauth_clients
-            .get(&r, name.as_bytes())?
-            .map(|v| v.to_vec()))
+        self.read()?.get_owned(Table::OauthClients, name.as_bytes())
     }
 
     pub fn oauth_all(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        let r = self.read()?;
-        let mut out = Vec::new();
-        for row in self.dbs.oauth_clients.iter(&r)? {
-            out.push(row?.1.to_vec());
-        }
-        Ok(out)
+        Ok(self
+            .read()?
+            .rows(Table::OauthClients)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
     }
 
     pub fn oauth_put_blocking(&self, name: String, value: Vec<u8>) -> Result<(), StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            Ok(dbs.oauth_clients.put(txn, name.as_bytes(), &value)?)
-        })
+        self.write_blocking(move |w| w.put(Table::OauthClients, name.as_bytes(), &value))
     }
 
     pub fn oauth_delete_blocking(&self, name: String) -> Result<bool, StoreError> {
-        self.write_blocking(move |txn, dbs| Ok(dbs.oauth_clients.delete(txn, name.as_bytes())?))
+        self.write_blocking(move |w| w.delete(Table::OauthClients, name.as_bytes()))
     }
 
     /// Device TOTP key ids referenced by stored documents.
     pub fn referenced_otp_keys(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let r = self.read()?;
         let mut out = std::collections::HashSet::new();
-        for row in self.dbs.tokens.iter(&r)? {
-            let (_, v) = row?;
+        self.read()?.each(Table::Tokens, &mut |_, v| {
             if let Ok(d) = serde_json::from_slice::<TokenDocument>(v) {
                 out.extend(d.otp);
             }
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -766,15 +625,13 @@ impl Store {
         doc: TokenDocument,
     ) -> Result<bool, StoreError> {
         let raw = serde_json::to_vec(&doc).map_err(|_| StoreError::Corrupt("token document"))?;
-        self.write(
-            move |txn, dbs| match dbs.tokens.get(txn, service.as_bytes())? {
-                Some(cur) if cur == expected.as_slice() => {
-                    dbs.put_token(txn, &service, &raw)?;
-                    Ok(true)
-                }
-                _ => Ok(false),
-            },
-        )
+        self.write(move |w| {
+            if !w.holds(Table::Tokens, service.as_bytes(), &expected)? {
+                return Ok(false);
+            }
+            put_token_doc(w, &service, &raw)?;
+            Ok(true)
+        })
         .await
     }
 
@@ -809,8 +666,8 @@ impl Store {
         if matches!(c, Collection::Audit | Collection::Tokens) {
             return Err(StoreError::Corrupt("not a configuration collection"));
         }
-        self.write(move |txn, dbs| {
-            dbs.collection(c).delete(txn, key.as_bytes())?;
+        self.write(move |w| {
+            w.delete(Table::of(c), key.as_bytes())?;
             Ok(())
         })
         .await
@@ -824,17 +681,11 @@ impl Store {
         service: String,
         mut f: impl FnMut(Option<TokenDocument>) -> TokenDocument + Send + 'static,
     ) -> Result<(), StoreError> {
-        self.write(move |txn, dbs| {
-            let cur = match dbs.tokens.get(txn, service.as_bytes())? {
-                Some(raw) => Some(
-                    serde_json::from_slice::<TokenDocument>(raw)
-                        .map_err(|_| StoreError::Corrupt("token document"))?,
-                ),
-                None => None,
-            };
+        self.write(move |w| {
+            let cur = w.get_json(Table::Tokens, service.as_bytes(), "token document")?;
             let raw =
                 serde_json::to_vec(&f(cur)).map_err(|_| StoreError::Corrupt("token document"))?;
-            dbs.put_token(txn, &service, &raw)
+            put_token_doc(w, &service, &raw)
         })
         .await
     }
@@ -847,12 +698,7 @@ impl Store {
         if key.len() > MAX_KEY_BYTES {
             return Err(StoreError::KeyTooLong);
         }
-        let r = self.read()?;
-        Ok(self
-            .dbs
-            .collection(c)
-            .get(&r, key.as_bytes())?
-            .map(|v| v.to_vec()))
+        self.read()?.get_owned(Table::of(c), key.as_bytes())
     }
 
     /// Newest audit event stored under exactly this key.
@@ -861,30 +707,35 @@ impl Store {
         let prefix = audit::sort_prefix(key);
         let mut hi = prefix.clone();
         hi.extend_from_slice(&u64::MAX.to_be_bytes());
-        let range = (
-            Bound::Included(prefix.as_slice()),
-            Bound::Included(hi.as_slice()),
-        );
-        for row in self.dbs.audit.rev_range(&r, &range)? {
-            let (_, v) = row?;
-            let rec: Value = serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
-            if rec.get("key").and_then(Value::as_str) == Some(key) {
-                return Ok(rec.get("data").cloned());
-            }
-        }
-        Ok(None)
+        let mut found = None;
+        r.scan(
+            Table::Audit,
+            Bound::Included(&prefix),
+            Bound::Included(&hi),
+            true,
+            &mut |_, v| {
+                let rec: Value =
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("audit"))?;
+                if rec.get("key").and_then(Value::as_str) == Some(key) {
+                    found = rec.get("data").cloned();
+                    return Ok(false);
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(found)
     }
 
     pub async fn audit_append(&self, key: String, data: Value) -> Result<(), StoreError> {
         let rec = serde_json::to_vec(&serde_json::json!({"key": key, "data": data}))
             .map_err(|_| StoreError::Corrupt("audit"))?;
-        self.write(move |txn, dbs| {
-            let seq = match dbs.meta.get(txn, META_AUDIT_SEQ)? {
-                Some(v) => decode_u64(v)? + 1,
+        self.write(move |w| {
+            let seq = match w.get(Table::Meta, META_AUDIT_SEQ)? {
+                Some(v) => decode_u64(&v)? + 1,
                 None => 1,
             };
-            dbs.meta.put(txn, META_AUDIT_SEQ, &seq.to_be_bytes())?;
-            dbs.audit.put(txn, &audit::full_key(&key, seq), &rec)?;
+            w.put(Table::Meta, META_AUDIT_SEQ, &seq.to_be_bytes())?;
+            w.put(Table::Audit, &audit::full_key(&key, seq), &rec)?;
             Ok(())
         })
         .await
@@ -931,10 +782,10 @@ impl Store {
     ) -> Result<(Vec<T>, Pagination), StoreError> {
         let r = self.read()?;
         // `prerendered`: the tokens' listing items instead of the documents.
-        let db = if prerendered && c == Collection::Tokens {
-            self.dbs.token_items
+        let table = if prerendered && c == Collection::Tokens {
+            Table::TokenItems
         } else {
-            self.dbs.collection(c)
+            Table::of(c)
         };
         let limit = limit.map_or(usize::MAX, |l| l.min(MAX_PAGE));
         let filtered = keep.is_some();
@@ -957,44 +808,30 @@ impl Store {
             }
         };
         if c == Collection::Audit {
-            let hi = after
-                .map(|a| audit::upper_bound(a).ok_or(StoreError::BadCursor))
-                .transpose()?;
-            let range = match &hi {
-                Some(h) => (Bound::Unbounded, Bound::Excluded(h.as_slice())),
-                None => (Bound::Unbounded, Bound::Unbounded),
+            let hi = match after {
+                Some(a) => Bound::Excluded(audit::upper_bound(a).ok_or(StoreError::BadCursor)?),
+                None => Bound::Unbounded,
             };
-            for row in db.rev_range(&r, &range)? {
-                let (k, v) = row?;
-                if !visit(k, v)? {
-                    break;
-                }
-            }
+            r.scan(table, Bound::Unbounded, bound(&hi), true, &mut visit)?;
         } else {
-            let lo = after.map(|a| a.as_bytes().to_vec());
-            let range = match &lo {
-                Some(l) => (Bound::Excluded(l.as_slice()), Bound::Unbounded),
-                None => (Bound::Unbounded, Bound::Unbounded),
+            let lo = match after {
+                Some(a) => Bound::Excluded(a.as_bytes().to_vec()),
+                None => Bound::Unbounded,
             };
-            for row in db.range(&r, &range)? {
-                let (k, v) = row?;
-                if !visit(k, v)? {
-                    break;
-                }
-            }
+            r.scan(table, bound(&lo), Bound::Unbounded, false, &mut visit)?;
         }
         // totalCount: every matching item of the collection, wherever the cursor is.
         let total = if filtered {
             let mut n = 0u64;
-            for row in db.iter(&r)? {
-                let (k, v) = row?;
+            r.each(table, &mut |k, v| {
                 if matches(&project(k, v)?) {
                     n += 1;
                 }
-            }
+                Ok(true)
+            })?;
             n
         } else {
-            db.len(&r)?
+            r.len(table)?
         };
         let next_cursor = if has_more {
             last_key.as_deref().map(|k| match c {
@@ -1013,6 +850,17 @@ impl Store {
             },
         ))
     }
+}
+
+/// What every open does first, in one transaction: the schema version
+/// (a store newer than this build is refused) and the listing index.
+fn prepare(w: &mut dyn Write) -> Result<(), StoreError> {
+    match w.get_owned(Table::Meta, META_SCHEMA)? {
+        None => w.put(Table::Meta, META_SCHEMA, SCHEMA_VERSION)?,
+        Some(v) if v == SCHEMA_VERSION => {}
+        Some(_) => return Err(StoreError::Corrupt("unknown schema version")),
+    }
+    ensure_token_items(w)
 }
 
 /// What [`Store::usage`] reports.
@@ -1055,20 +903,18 @@ pub enum BindOutcome {
     Expired,
 }
 
-type WriteJob<T> = Box<dyn FnMut(&mut RwTxn<'_>, &Dbs) -> Result<T, StoreError> + Send>;
-
-fn put_raw_job(c: Collection, key: String, raw: Vec<u8>, create_only: bool) -> WriteJob<bool> {
-    Box::new(move |txn, dbs| {
+fn put_raw_job(c: Collection, key: String, raw: Vec<u8>, create_only: bool) -> Job<bool> {
+    Box::new(move |w| {
         if c == Collection::Audit {
             return Err(StoreError::Corrupt("the audit collection is append-only"));
         }
-        let db = dbs.collection(c);
-        if create_only && db.get(txn, key.as_bytes())?.is_some() {
+        let t = Table::of(c);
+        if create_only && w.get(t, key.as_bytes())?.is_some() {
             return Ok(false);
         }
         match c {
-            Collection::Tokens => dbs.put_token(txn, &key, &raw)?,
-            _ => db.put(txn, key.as_bytes(), &raw)?,
+            Collection::Tokens => put_token_doc(w, &key, &raw)?,
+            _ => w.put(t, key.as_bytes(), &raw)?,
         }
         Ok(true)
     })

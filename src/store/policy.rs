@@ -3,6 +3,7 @@
 //! per-agent use counts. Written by the CLI on the box and read by the
 //! server; no protocol collection (`/v1/storage`) reaches them.
 
+use super::kv::{ReadExt, Table};
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 
@@ -92,39 +93,33 @@ impl Store {
         if service.len() > super::MAX_KEY_BYTES {
             return Err(StoreError::KeyTooLong);
         }
-        let r = self.read()?;
-        Ok(self
-            .dbs
-            .policies
-            .get(&r, service.as_bytes())?
-            .map(|v| v.to_vec()))
+        self.read()?.get_owned(Table::Policies, service.as_bytes())
     }
 
     /// Every policy, by service.
     pub fn policy_all(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let r = self.read()?;
-        let mut out = Vec::new();
-        for row in self.dbs.policies.iter(&r)? {
-            let (k, v) = row?;
-            out.push((String::from_utf8_lossy(k).into_owned(), v.to_vec()));
-        }
-        Ok(out)
+        Ok(self
+            .read()?
+            .rows(Table::Policies)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
     }
 
     /// Sets a service's policy; its token's listing item then says
     /// `ownerPolicy` (in the same transaction).
     pub fn policy_put_blocking(&self, service: String, raw: Vec<u8>) -> Result<(), StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            dbs.policies.put(txn, service.as_bytes(), &raw)?;
-            dbs.rerender_item(txn, &service)
+        self.write_blocking(move |w| {
+            w.put(Table::Policies, service.as_bytes(), &raw)?;
+            super::rerender_item(w, &service)
         })
     }
 
     /// Removes a policy; false when there was none.
     pub fn policy_delete_blocking(&self, service: String) -> Result<bool, StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            let had = dbs.policies.delete(txn, service.as_bytes())?;
-            dbs.rerender_item(txn, &service)?;
+        self.write_blocking(move |w| {
+            let had = w.delete(Table::Policies, service.as_bytes())?;
+            super::rerender_item(w, &service)?;
             Ok(had)
         })
     }
@@ -147,14 +142,13 @@ impl Store {
         ttl: i64,
         max_pending: usize,
     ) -> Result<Ask, StoreError> {
-        self.write(move |txn, dbs| {
+        self.write(move |w| {
             let mut pending = 0usize;
             let mut found_pending = None;
             let mut lapsed = Vec::new();
             let mut granted = None;
-            for row in dbs.approvals.iter(txn)? {
-                let (_, v) = row?;
-                let a = decode(v)?;
+            for (_, v) in w.rows(Table::Approvals)? {
+                let a = decode(&v)?;
                 let live = a.expires_at > now;
                 match a.state {
                     ApprovalState::Pending | ApprovalState::Approved if !live => lapsed.push(a),
@@ -176,14 +170,14 @@ impl Store {
             }
             for mut a in lapsed {
                 a.state = ApprovalState::Expired;
-                dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+                w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
             }
             if let Some(mut a) = granted {
                 a.uses_left -= 1;
                 if a.uses_left == 0 {
                     a.state = ApprovalState::Used;
                 }
-                dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+                w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
                 return Ok(Ask::Granted(a));
             }
             if let Some(a) = found_pending {
@@ -203,7 +197,7 @@ impl Store {
                 uses_left: 0,
                 decided_at: None,
             };
-            dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+            w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
             Ok(Ask::Pending(a, true))
         })
         .await
@@ -216,11 +210,11 @@ impl Store {
         id: String,
         now: i64,
     ) -> Result<Option<Approval>, StoreError> {
-        self.write(move |txn, dbs| {
-            let Some(v) = dbs.approvals.get(txn, id.as_bytes())? else {
+        self.write(move |w| {
+            let Some(v) = w.get_owned(Table::Approvals, id.as_bytes())? else {
                 return Ok(None);
             };
-            let mut a = decode(v)?;
+            let mut a = decode(&v)?;
             if a.state != ApprovalState::Approved || a.expires_at <= now || a.uses_left == 0 {
                 return Ok(None);
             }
@@ -228,7 +222,7 @@ impl Store {
             if a.uses_left == 0 {
                 a.state = ApprovalState::Used;
             }
-            dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+            w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
             Ok(Some(a))
         })
         .await
@@ -238,21 +232,19 @@ impl Store {
         if id.len() > super::MAX_KEY_BYTES {
             return Err(StoreError::KeyTooLong);
         }
-        let r = self.read()?;
-        self.dbs
-            .approvals
-            .get(&r, id.as_bytes())?
-            .map(decode)
+        self.read()?
+            .get(Table::Approvals, id.as_bytes())?
+            .map(|v| decode(&v))
             .transpose()
     }
 
     /// Every approval, oldest first.
     pub fn approval_all(&self) -> Result<Vec<Approval>, StoreError> {
-        let r = self.read()?;
         let mut out = Vec::new();
-        for row in self.dbs.approvals.iter(&r)? {
-            out.push(decode(row?.1)?);
-        }
+        self.read()?.each(Table::Approvals, &mut |_, v| {
+            out.push(decode(v)?);
+            Ok(true)
+        })?;
         out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(out)
     }
@@ -265,17 +257,17 @@ impl Store {
         grant: Option<(u32, i64)>,
         now: i64,
     ) -> Result<Decided, StoreError> {
-        self.write_blocking(move |txn, dbs| {
-            let Some(v) = dbs.approvals.get(txn, id.as_bytes())? else {
+        self.write_blocking(move |w| {
+            let Some(v) = w.get_owned(Table::Approvals, id.as_bytes())? else {
                 return Ok(Decided::NotFound);
             };
-            let mut a = decode(v)?;
+            let mut a = decode(&v)?;
             if a.state != ApprovalState::Pending {
                 return Ok(Decided::NotPending(a));
             }
             if a.expires_at <= now {
                 a.state = ApprovalState::Expired;
-                dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+                w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
                 return Ok(Decided::NotPending(a));
             }
             match grant {
@@ -287,7 +279,7 @@ impl Store {
                 None => a.state = ApprovalState::Denied,
             }
             a.decided_at = Some(now);
-            dbs.approvals.put(txn, a.id.as_bytes(), &encode(&a)?)?;
+            w.put(Table::Approvals, a.id.as_bytes(), &encode(&a)?)?;
             Ok(Decided::Done(a))
         })
     }
@@ -295,27 +287,26 @@ impl Store {
     /// Marks lapsed approvals expired (returned, for the trail) and deletes
     /// settled ones older than `keep` seconds.
     pub async fn approvals_sweep(&self, now: i64, keep: i64) -> Result<Vec<Approval>, StoreError> {
-        self.write(move |txn, dbs| {
+        self.write(move |w| {
             let mut lapsed = Vec::new();
             let mut old = Vec::new();
-            for row in dbs.approvals.iter(txn)? {
-                let (k, v) = row?;
-                let a = decode(v)?;
+            for (k, v) in w.rows(Table::Approvals)? {
+                let a = decode(&v)?;
                 let live = matches!(a.state, ApprovalState::Pending | ApprovalState::Approved);
                 if live && a.expires_at <= now {
                     lapsed.push(a);
                 } else if !live
                     && a.decided_at.unwrap_or(a.created_at).max(a.expires_at) + keep <= now
                 {
-                    old.push(k.to_vec());
+                    old.push(k);
                 }
             }
             for k in old {
-                dbs.approvals.delete(txn, &k)?;
+                w.delete(Table::Approvals, &k)?;
             }
             for a in lapsed.iter_mut() {
                 a.state = ApprovalState::Expired;
-                dbs.approvals.put(txn, a.id.as_bytes(), &encode(a)?)?;
+                w.put(Table::Approvals, a.id.as_bytes(), &encode(a)?)?;
             }
             Ok(lapsed)
         })
@@ -341,13 +332,10 @@ impl Store {
             return Err(StoreError::KeyTooLong);
         }
         let start = now - now.rem_euclid(window.max(1));
-        self.write(move |txn, dbs| {
-            let mut u: Uses = match dbs.policy_uses.get(txn, &key)? {
-                Some(v) => {
-                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("use count"))?
-                }
-                None => Uses::default(),
-            };
+        self.write(move |w| {
+            let mut u: Uses = w
+                .get_json(Table::PolicyUses, &key, "use count")?
+                .unwrap_or_default();
             if u.start != start {
                 u = Uses { start, count: 0 };
             }
@@ -356,7 +344,7 @@ impl Store {
             }
             u.count += 1;
             let raw = serde_json::to_vec(&u).map_err(|_| StoreError::Corrupt("use count"))?;
-            dbs.policy_uses.put(txn, &key, &raw)?;
+            w.put(Table::PolicyUses, &key, &raw)?;
             Ok(Ok(()))
         })
         .await
@@ -365,6 +353,6 @@ impl Store {
     /// Waits for the writer to commit everything queued before (the CLI's
     /// trail records, before it exits).
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.write_blocking(|_, _| Ok(()))
+        self.write_blocking(|_| Ok(()))
     }
 }

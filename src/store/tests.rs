@@ -1,6 +1,17 @@
 use super::*;
 use serde_json::json;
 
+/// The LMDB engine indexes its databases by a table's position in
+/// `Table::ALL`.
+#[test]
+fn every_table_is_listed_once_in_declaration_order() {
+    for (i, t) in Table::ALL.into_iter().enumerate() {
+        assert_eq!(t as usize, i, "{t:?}");
+    }
+    let names: std::collections::HashSet<_> = Table::ALL.iter().map(|t| t.name()).collect();
+    assert_eq!(names.len(), Table::ALL.len());
+}
+
 fn open() -> (tempfile::TempDir, Store) {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open(d.path(), 16 << 20).unwrap();
@@ -110,7 +121,7 @@ async fn ascending_listing_with_cursor() {
     let (_d, s) = open();
     for k in ["b", "a", "d", "c", "e"] {
         let (k2, v) = (k.to_string(), serde_json::to_vec(&json!({"n": k})).unwrap());
-        s.write(move |t, dbs| Ok(dbs.proxy_configs.put(t, k2.as_bytes(), &v)?))
+        s.write(move |w| w.put(Table::ProxyConfigs, k2.as_bytes(), &v))
             .await
             .unwrap();
     }
@@ -188,25 +199,24 @@ async fn concurrent_writes_are_group_committed_and_all_land() {
     for t in tasks {
         assert!(t.await.unwrap().unwrap());
     }
-    let r = s.read().unwrap();
-    assert_eq!(s.dbs().replay.len(&r).unwrap(), 400);
+    assert_eq!(s.read().unwrap().len(Table::Replay).unwrap(), 400);
 }
 
 #[tokio::test]
 async fn map_full_fails_cleanly_and_keeps_earlier_data() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open(d.path(), 1 << 20).unwrap();
-    s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"settings", b"{\"a\":1}")?))
+    s.write(|w| w.put(Table::VaultConfig, b"settings", b"{\"a\":1}"))
         .await
         .unwrap();
     let big = vec![7u8; 4 << 20];
     let err = s
-        .write(move |t, dbs| Ok(dbs.vault_config.put(t, b"big", &big)?))
+        .write(move |w| w.put(Table::VaultConfig, b"big", &big))
         .await
         .unwrap_err();
     assert_eq!(err, StoreError::Full);
     // Small writes still work and the earlier value is intact.
-    s.write(|t, dbs| Ok(dbs.vault_config.put(t, b"small", b"{}")?))
+    s.write(|w| w.put(Table::VaultConfig, b"small", b"{}"))
         .await
         .unwrap();
     assert_eq!(
@@ -225,8 +235,8 @@ async fn a_failing_job_does_not_fail_its_batch() {
     for i in 0..50u32 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.write(move |t, dbs| {
-                dbs.vault_config.put(t, format!("k{i}").as_bytes(), b"1")?;
+            s.write(move |w| {
+                w.put(Table::VaultConfig, format!("k{i}").as_bytes(), b"1")?;
                 if i % 5 == 0 {
                     return Err(StoreError::Corrupt("test"));
                 }
@@ -283,30 +293,19 @@ async fn token_listing_items_follow_every_token_write() {
     for k in ["a", "b", "c"] {
         let raw = doc(k);
         let k = k.to_string();
-        s.write(move |txn, dbs| dbs.put_token(txn, &k, &raw))
+        s.write(move |w| super::put_token_doc(w, &k, &raw))
             .await
             .unwrap();
     }
     s.delete_token("b".into()).await.unwrap();
-    let items = |s: &Store| {
-        let r = s.read().unwrap();
-        let mut out = Vec::new();
-        for row in s.dbs().token_items.iter(&r).unwrap() {
-            let (k, v) = row.unwrap();
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        out
-    };
+    let items = |s: &Store| s.read().unwrap().rows(Table::TokenItems).unwrap();
     let expected = |s: &Store| {
         let r = s.read().unwrap();
         let mut out = Vec::new();
-        for row in s.dbs().tokens.iter(&r).unwrap() {
-            let (k, v) = row.unwrap();
-            let policy = s.dbs().policies.get(&r, k).unwrap().is_some();
-            out.push((
-                k.to_vec(),
-                crate::protocol::document::list_item(k, v, policy).unwrap(),
-            ));
+        for (k, v) in r.rows(Table::Tokens).unwrap() {
+            let policy = r.get(Table::Policies, &k).unwrap().is_some();
+            let item = crate::protocol::document::list_item(&k, &v, policy).unwrap();
+            out.push((k, item));
         }
         out
     };
@@ -318,11 +317,11 @@ async fn token_listing_items_follow_every_token_write() {
 
     // An older store: documents without items and without the marker.
     let raw = doc("old");
-    s.write(move |txn, dbs| {
-        dbs.tokens.put(txn, b"old", &raw)?;
-        dbs.token_items.clear(txn)?;
-        dbs.meta.delete(txn, META_TOKEN_ITEMS)?;
-        dbs.ensure_token_items(txn)
+    s.write(move |w| {
+        w.put(Table::Tokens, b"old", &raw)?;
+        w.clear(Table::TokenItems)?;
+        w.delete(Table::Meta, META_TOKEN_ITEMS)?;
+        super::ensure_token_items(w)
     })
     .await
     .unwrap();
@@ -345,7 +344,7 @@ async fn token_listing_items_follow_every_token_write() {
     put(&s, "a").await.unwrap().unwrap();
     put(&s, "later").await.unwrap().unwrap();
     let raw = doc("later");
-    s.write(move |txn, dbs| dbs.put_token(txn, "later", &raw))
+    s.write(move |w| super::put_token_doc(w, "later", &raw))
         .await
         .unwrap();
     assert_eq!(has_flag(&s, b"a"), Some(json!(true)));
@@ -380,7 +379,7 @@ async fn trail_chain_verifies_and_any_change_breaks_it() {
         });
     }
     // FIFO writer: this commit lands after the appends.
-    s.write(|_, _| Ok(())).await.unwrap();
+    s.write(|_| Ok(())).await.unwrap();
     let r = s.trail_verify().unwrap();
     assert_eq!((r.records, r.head.seq), (5, 5));
     let mac = |m: &[u8]| Some(<[u8; 32]>::try_from(&sha2::Sha256::digest(m)[..]).unwrap());
@@ -396,26 +395,24 @@ async fn trail_chain_verifies_and_any_change_breaks_it() {
 
     // An altered record.
     let raw = {
-        let r = s.read().unwrap();
-        s.dbs()
-            .trail
-            .get(&r, &4u64.to_be_bytes())
+        s.read()
+            .unwrap()
+            .get_owned(Table::Trail, &4u64.to_be_bytes())
             .unwrap()
             .unwrap()
-            .to_vec()
     };
     let mut rec: super::trail::TrailRecord = serde_json::from_slice(&raw).unwrap();
     rec.service = Some("someone-else".into());
     let tampered = serde_json::to_vec(&rec).unwrap();
-    s.write(move |txn, dbs| Ok(dbs.trail.put(txn, &4u64.to_be_bytes(), &tampered)?))
+    s.write(move |w| w.put(Table::Trail, &4u64.to_be_bytes(), &tampered))
         .await
         .unwrap();
     let e = s.trail_verify().unwrap_err();
     assert!(e.contains("record 4: altered"), "{e}");
     // A removed record.
-    s.write(move |txn, dbs| {
-        dbs.trail.put(txn, &4u64.to_be_bytes(), &raw)?;
-        dbs.trail.delete(txn, &5u64.to_be_bytes())?;
+    s.write(move |w| {
+        w.put(Table::Trail, &4u64.to_be_bytes(), &raw)?;
+        w.delete(Table::Trail, &5u64.to_be_bytes())?;
         Ok(())
     })
     .await
@@ -432,10 +429,7 @@ async fn trail_stays_within_its_share_and_still_verifies() {
     let (_d, s) = open();
     s.set_trail_bound(5, 10);
     let budget = (16u64 << 20) / 100 * 5;
-    let trail_bytes = |s: &Store| {
-        let r = s.read().unwrap();
-        s.dbs().trail.stat(&r).unwrap().non_free_page_size() as u64
-    };
+    let trail_bytes = |s: &Store| s.read().unwrap().footprint(Table::Trail).unwrap().unwrap();
     let mac = |m: &[u8]| Some(<[u8; 32]>::try_from(&sha2::Sha256::digest(m)[..]).unwrap());
     let mut seen_over = 0;
     for round in 0..40u32 {
@@ -453,7 +447,7 @@ async fn trail_stays_within_its_share_and_still_verifies() {
                 peer: Some("127.0.0.1".into()),
             });
         }
-        s.write(|_, _| Ok(())).await.unwrap();
+        s.write(|_| Ok(())).await.unwrap();
         if trail_bytes(&s) > budget {
             seen_over += 1;
         }
@@ -493,24 +487,21 @@ async fn a_key_past_the_store_limit_is_key_too_long_not_an_internal_error() {
     let (_d, s) = open();
     let long = "k".repeat(MAX_KEY_BYTES + 1);
     // (LMDB checks the key's size once the database has a record.)
-    let db = s.dbs().collection(Collection::ProxyConfigs);
-    s.write(move |txn, _| Ok(db.put(txn, b"p1", b"{}")?))
+    s.write(move |w| w.put(Table::ProxyConfigs, b"p1", b"{}"))
         .await
         .unwrap();
     assert_eq!(
         s.get_raw(Collection::ProxyConfigs, &long),
         Err(StoreError::KeyTooLong)
     );
-    let db = s.dbs().collection(Collection::VaultConfig);
     let k = long.clone();
     assert_eq!(
-        s.write(move |txn, _| Ok(db.put(txn, k.as_bytes(), b"{}")?))
+        s.write(move |w| w.put(Table::VaultConfig, k.as_bytes(), b"{}"))
             .await,
         Err(StoreError::KeyTooLong)
     );
     // The store still works after both.
-    let db = s.dbs().collection(Collection::VaultConfig);
-    s.write(move |txn, _| Ok(db.put(txn, b"short", b"{}")?))
+    s.write(move |w| w.put(Table::VaultConfig, b"short", b"{}"))
         .await
         .unwrap();
     assert!(s

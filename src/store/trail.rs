@@ -10,6 +10,7 @@
 //! group commit after the answer: a crash can lose the last few ms of
 //! events, never break the chain (each append is one transaction).
 
+use super::kv::{Read, ReadExt, Table, Write};
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -118,17 +119,25 @@ pub fn head_message(seq: u64, hash: &str) -> Vec<u8> {
     format!("tvw-trail-head-v1:{seq}:{hash}").into_bytes()
 }
 
-fn get_link(
-    txn: &heed::RoTxn<'_, heed::WithoutTls>,
-    db: &super::Db,
-    key: &[u8],
-) -> Result<Link, StoreError> {
-    match db.get(txn, key)? {
-        Some(v) => serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail link")),
-        None => Ok(Link {
+fn get_link(r: &dyn Read, key: &[u8]) -> Result<Link, StoreError> {
+    Ok(r.get_json(Table::Meta, key, "trail link")?
+        .unwrap_or_else(|| Link {
             seq: 0,
             hash: ZERO.into(),
-        }),
+        }))
+}
+
+fn signed_head(r: &dyn Read) -> Result<Option<SignedHead>, StoreError> {
+    r.get_json(Table::Meta, META_SIGNED, "trail signed head")
+}
+
+/// The signed head's sequence; a signed head that does not parse
+/// protects nothing (`None`), an engine failure is an error.
+fn signed_seq(r: &dyn Read) -> Result<Option<u64>, StoreError> {
+    match signed_head(r) {
+        Ok(s) => Ok(s.map(|s| s.seq)),
+        Err(StoreError::Corrupt(_)) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -176,33 +185,27 @@ impl TrailBound {
 /// dropped becomes the anchor (so the chain still verifies). A signed head
 /// among the dropped records is removed too: the next signing covers the
 /// new head. Returns how many records were dropped.
-fn enforce_bound(
-    txn: &mut heed::RwTxn<'_>,
-    dbs: &super::Dbs,
-    bound: TrailBound,
-) -> Result<u64, StoreError> {
-    let st = dbs.trail.stat(txn)?;
-    let used = st.non_free_page_size() as u64;
+fn enforce_bound(w: &mut dyn Write, bound: TrailBound) -> Result<u64, StoreError> {
+    let Some(used) = w.footprint(Table::Trail)? else {
+        return Ok(0);
+    };
+    let entries = w.len(Table::Trail)?;
     let mut others = 0u64;
-    for db in dbs.all_but_trail() {
-        others += db.stat(txn)?.non_free_page_size() as u64;
+    for t in Table::ALL.into_iter().filter(|t| *t != Table::Trail) {
+        others += w.footprint(t)?.unwrap_or(0);
     }
     let budget = bound.budget(others);
-    if used <= budget || st.entries == 0 {
+    if used <= budget || entries == 0 {
         return Ok(0);
     }
     // Down to 90 % of the budget, so this runs once per many appends.
-    let per = (used / st.entries as u64).max(1);
+    let per = (used / entries).max(1);
     let excess = used - budget / 10 * 9;
-    let n = (excess / per).clamp(1, st.entries as u64);
-    let signed = match dbs.meta.get(txn, META_SIGNED)? {
-        Some(v) => serde_json::from_slice::<SignedHead>(v).ok().map(|s| s.seq),
-        None => None,
-    };
+    let n = (excess / per).clamp(1, entries);
+    let signed = signed_seq(&*w)?;
     let mut keys = Vec::with_capacity(n as usize);
     let mut anchor = None;
-    for row in dbs.trail.iter(txn)? {
-        let (k, v) = row?;
+    w.each(Table::Trail, &mut |k, v| {
         let rec: TrailRecord =
             serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?;
         keys.push(k.to_vec());
@@ -210,29 +213,23 @@ fn enforce_bound(
             seq: rec.seq,
             hash: rec.hash,
         });
-        if keys.len() as u64 >= n {
-            break;
-        }
-    }
+        Ok((keys.len() as u64) < n)
+    })?;
     for k in &keys {
-        dbs.trail.delete(txn, k)?;
+        w.delete(Table::Trail, k)?;
     }
     if let Some(a) = anchor {
         if signed.is_some_and(|s| s <= a.seq) {
-            dbs.meta.delete(txn, META_SIGNED)?;
+            w.delete(Table::Meta, META_SIGNED)?;
         }
         let raw = serde_json::to_vec(&a).map_err(|_| StoreError::Corrupt("trail link"))?;
-        dbs.meta.put(txn, META_ANCHOR, &raw)?;
+        w.put(Table::Meta, META_ANCHOR, &raw)?;
     }
     Ok(keys.len() as u64)
 }
 
-fn append_one(
-    txn: &mut heed::RwTxn<'_>,
-    dbs: &super::Dbs,
-    ev: TrailEvent,
-) -> Result<(), StoreError> {
-    let head = get_link(txn, &dbs.meta, META_HEAD)?;
+fn append_one(w: &mut dyn Write, ev: TrailEvent) -> Result<(), StoreError> {
+    let head = get_link(&*w, META_HEAD)?;
     let mut r = TrailRecord {
         seq: head.seq + 1,
         ts: ev.ts,
@@ -250,14 +247,13 @@ fn append_one(
     };
     r.hash = r.compute_hash()?;
     let raw = serde_json::to_vec(&r).map_err(|_| StoreError::Corrupt("trail record"))?;
-    dbs.trail.put(txn, &r.seq.to_be_bytes(), &raw)?;
+    w.put(Table::Trail, &r.seq.to_be_bytes(), &raw)?;
     let link = serde_json::to_vec(&Link {
         seq: r.seq,
         hash: r.hash,
     })
     .map_err(|_| StoreError::Corrupt("trail link"))?;
-    dbs.meta.put(txn, META_HEAD, &link)?;
-    Ok(())
+    w.put(Table::Meta, META_HEAD, &link)
 }
 
 impl Store {
@@ -278,15 +274,8 @@ impl Store {
     /// for metrics: a signing that caught up shows as equal numbers.
     pub fn trail_seqs(&self) -> Result<(u64, u64), StoreError> {
         let r = self.read()?;
-        let head = get_link(&r, &self.dbs.meta, META_HEAD)?.seq;
-        let signed = match self.dbs.meta.get(&r, META_SIGNED)? {
-            Some(v) => {
-                serde_json::from_slice::<SignedHead>(v)
-                    .map_err(|_| StoreError::Corrupt("trail signed head"))?
-                    .seq
-            }
-            None => 0,
-        };
+        let head = get_link(&*r, META_HEAD)?.seq;
+        let signed = signed_head(&*r)?.map_or(0, |s| s.seq);
         Ok((head, signed))
     }
 
@@ -309,7 +298,7 @@ impl Store {
         // The drained events stay with the job: if its batch fails and the
         // writer retries the job alone, the same events are appended.
         let mut taken: Option<Vec<TrailEvent>> = None;
-        let job = move |txn: &mut heed::RwTxn<'_>, dbs: &super::Dbs| {
+        let job = move |w: &mut dyn Write| {
             let events = taken.get_or_insert_with(|| {
                 q.scheduled
                     .store(false, std::sync::atomic::Ordering::Release);
@@ -319,14 +308,14 @@ impl Store {
                     .unwrap_or_default()
             });
             for ev in events.iter() {
-                if let Err(e) = append_one(txn, dbs, ev.clone()) {
+                if let Err(e) = append_one(w, ev.clone()) {
                     tracing::warn!(error = %e, events = events.len(), "audit trail: events not recorded");
                     return Err(e);
                 }
             }
             let bound = q.bound.lock().ok().and_then(|b| *b);
             if let Some(b) = bound {
-                let n = enforce_bound(txn, dbs, b)?;
+                let n = enforce_bound(w, b)?;
                 if n > 0 {
                     q.pruned.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(
@@ -346,34 +335,41 @@ impl Store {
     /// export sends next). Records retention already dropped are skipped:
     /// the first one returned may be later than `after + 1`.
     pub fn trail_after(&self, after: u64, limit: usize) -> Result<Vec<TrailRecord>, StoreError> {
-        let r = self.read()?;
         let lo = (after.saturating_add(1)).to_be_bytes();
-        let range = (
+        let mut out = Vec::new();
+        self.read()?.scan(
+            Table::Trail,
             std::ops::Bound::Included(&lo[..]),
             std::ops::Bound::Unbounded,
-        );
-        let mut out = Vec::new();
-        for row in self.dbs.trail.range(&r, &range)? {
-            let (_, v) = row?;
-            out.push(serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?);
-            if out.len() >= limit {
-                break;
-            }
-        }
+            false,
+            &mut |_, v| {
+                out.push(
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?,
+                );
+                Ok(out.len() < limit)
+            },
+        )?;
         Ok(out)
     }
 
     /// The newest `n` records, oldest first.
     pub fn trail_tail(&self, n: usize) -> Result<Vec<TrailRecord>, StoreError> {
-        let r = self.read()?;
         let mut out = Vec::new();
-        for row in self.dbs.trail.rev_iter(&r)? {
-            let (_, v) = row?;
-            out.push(serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?);
-            if out.len() >= n {
-                break;
-            }
+        if n == 0 {
+            return Ok(out);
         }
+        self.read()?.scan(
+            Table::Trail,
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Unbounded,
+            true,
+            &mut |_, v| {
+                out.push(
+                    serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?,
+                );
+                Ok(out.len() < n)
+            },
+        )?;
         out.reverse();
         Ok(out)
     }
@@ -381,38 +377,54 @@ impl Store {
     /// Walks the chain from the anchor: sequence, links and hashes.
     pub fn trail_verify(&self) -> Result<TrailReport, String> {
         let r = self.read().map_err(|e| e.to_string())?;
-        let anchor = get_link(&r, &self.dbs.meta, META_ANCHOR).map_err(|e| e.to_string())?;
-        let head = get_link(&r, &self.dbs.meta, META_HEAD).map_err(|e| e.to_string())?;
+        let anchor = get_link(&*r, META_ANCHOR).map_err(|e| e.to_string())?;
+        let head = get_link(&*r, META_HEAD).map_err(|e| e.to_string())?;
         let mut prev = anchor.clone();
         let mut records = 0u64;
-        for row in self.dbs.trail.iter(&r).map_err(|e| e.to_string())? {
-            let (k, v) = row.map_err(|e| e.to_string())?;
-            let rec: TrailRecord = serde_json::from_slice(v)
-                .map_err(|_| format!("record {}: does not parse", hex::encode(k)))?;
-            if k != rec.seq.to_be_bytes() {
-                return Err(format!("record {}: stored under another key", rec.seq));
+        let mut broken: Option<String> = None;
+        r.each(Table::Trail, &mut |k, v| {
+            let found = (|| {
+                let rec: TrailRecord = serde_json::from_slice(v)
+                    .map_err(|_| format!("record {}: does not parse", hex::encode(k)))?;
+                if k != rec.seq.to_be_bytes() {
+                    return Err(format!("record {}: stored under another key", rec.seq));
+                }
+                if rec.seq != prev.seq + 1 {
+                    return Err(format!(
+                        "record {} follows {}: records are missing",
+                        rec.seq, prev.seq
+                    ));
+                }
+                if rec.prev != prev.hash {
+                    return Err(format!(
+                        "record {}: its link does not match record {}'s hash",
+                        rec.seq, prev.seq
+                    ));
+                }
+                let h = rec.compute_hash().map_err(|e| e.to_string())?;
+                if h != rec.hash {
+                    return Err(format!("record {}: altered (hash mismatch)", rec.seq));
+                }
+                Ok(Link {
+                    seq: rec.seq,
+                    hash: rec.hash,
+                })
+            })();
+            match found {
+                Ok(link) => {
+                    prev = link;
+                    records += 1;
+                    Ok(true)
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    Ok(false)
+                }
             }
-            if rec.seq != prev.seq + 1 {
-                return Err(format!(
-                    "record {} follows {}: records are missing",
-                    rec.seq, prev.seq
-                ));
-            }
-            if rec.prev != prev.hash {
-                return Err(format!(
-                    "record {}: its link does not match record {}'s hash",
-                    rec.seq, prev.seq
-                ));
-            }
-            let h = rec.compute_hash().map_err(|e| e.to_string())?;
-            if h != rec.hash {
-                return Err(format!("record {}: altered (hash mismatch)", rec.seq));
-            }
-            prev = Link {
-                seq: rec.seq,
-                hash: rec.hash,
-            };
-            records += 1;
+        })
+        .map_err(|e| e.to_string())?;
+        if let Some(e) = broken {
+            return Err(e);
         }
         if prev != head {
             return Err(format!(
@@ -420,18 +432,7 @@ impl Store {
                 prev.seq, head.seq
             ));
         }
-        let signed = match self
-            .dbs
-            .meta
-            .get(&r, META_SIGNED)
-            .map_err(|e| e.to_string())?
-        {
-            Some(v) => Some(
-                serde_json::from_slice::<SignedHead>(v)
-                    .map_err(|_| "the signed head does not parse".to_string())?,
-            ),
-            None => None,
-        };
+        let signed = signed_head(&*r).map_err(|_| "the signed head does not parse".to_string())?;
         if let Some(s) = &signed {
             if s.seq > head.seq || s.seq < anchor.seq {
                 return Err(format!(
@@ -442,13 +443,11 @@ impl Store {
             let at = if s.seq == anchor.seq {
                 anchor.hash.clone()
             } else {
-                let raw = self
-                    .dbs
-                    .trail
-                    .get(&r, &s.seq.to_be_bytes())
+                let raw = r
+                    .get(Table::Trail, &s.seq.to_be_bytes())
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("the signed record {} is missing", s.seq))?;
-                serde_json::from_slice::<TrailRecord>(raw)
+                serde_json::from_slice::<TrailRecord>(&raw)
                     .map_err(|_| format!("record {}: does not parse", s.seq))?
                     .hash
             };
@@ -470,10 +469,7 @@ impl Store {
         ts: i64,
         mac: impl Fn(&[u8]) -> Option<[u8; 32]>,
     ) -> Result<Option<Link>, StoreError> {
-        let head = {
-            let r = self.read()?;
-            get_link(&r, &self.dbs.meta, META_HEAD)?
-        };
+        let head = get_link(&*self.read()?, META_HEAD)?;
         if head.seq == 0 {
             return Ok(None);
         }
@@ -487,17 +483,12 @@ impl Store {
             mac: hex::encode(m),
         })
         .map_err(|_| StoreError::Corrupt("trail head"))?;
-        self.write(move |txn, dbs| {
+        self.write(move |w| {
             // Only forward: never replace a newer signature.
-            if let Some(v) = dbs.meta.get(txn, META_SIGNED)? {
-                if let Ok(old) = serde_json::from_slice::<SignedHead>(v) {
-                    if old.seq >= head.seq {
-                        return Ok(());
-                    }
-                }
+            if signed_seq(&*w)?.is_some_and(|old| old >= head.seq) {
+                return Ok(());
             }
-            dbs.meta.put(txn, META_SIGNED, &signed)?;
-            Ok(())
+            w.put(Table::Meta, META_SIGNED, &signed)
         })
         .await?;
         Ok(Some(head))
@@ -506,34 +497,29 @@ impl Store {
     /// Drops records older than `before` (keeping the signed head's record
     /// and everything after it); the last dropped record becomes the anchor.
     pub async fn trail_prune(&self, before: i64) -> Result<u64, StoreError> {
-        self.write(move |txn, dbs| {
-            let keep_from = match dbs.meta.get(txn, META_SIGNED)? {
-                Some(v) => serde_json::from_slice::<SignedHead>(v)
-                    .map(|s| s.seq)
-                    .unwrap_or(u64::MAX),
-                None => u64::MAX,
-            };
+        self.write(move |w| {
+            let keep_from = signed_seq(&*w)?.unwrap_or(u64::MAX);
             let mut drop_keys = Vec::new();
             let mut anchor = None;
-            for row in dbs.trail.iter(txn)? {
-                let (k, v) = row?;
+            w.each(Table::Trail, &mut |k, v| {
                 let rec: TrailRecord =
                     serde_json::from_slice(v).map_err(|_| StoreError::Corrupt("trail record"))?;
                 if rec.ts >= before || rec.seq >= keep_from {
-                    break;
+                    return Ok(false);
                 }
                 drop_keys.push(k.to_vec());
                 anchor = Some(Link {
                     seq: rec.seq,
                     hash: rec.hash,
                 });
-            }
+                Ok(true)
+            })?;
             for k in &drop_keys {
-                dbs.trail.delete(txn, k)?;
+                w.delete(Table::Trail, k)?;
             }
             if let Some(a) = anchor {
                 let raw = serde_json::to_vec(&a).map_err(|_| StoreError::Corrupt("trail link"))?;
-                dbs.meta.put(txn, META_ANCHOR, &raw)?;
+                w.put(Table::Meta, META_ANCHOR, &raw)?;
             }
             Ok(drop_keys.len() as u64)
         })

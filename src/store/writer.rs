@@ -5,21 +5,26 @@
 //! batch commit itself fails, each job is retried in a transaction of its own
 //! so one oversized write cannot fail its neighbours.
 
-use super::{Dbs, StoreError};
-use heed::{Env, RwTxn, WithoutTls};
+use super::kv::Write;
+use super::lmdb::{Dbs, LmdbWrite};
+use super::StoreError;
+use heed::{Env, WithoutTls};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
-pub(crate) type JobFn = Box<dyn FnMut(&mut RwTxn<'_>, &Dbs) -> Result<(), StoreError> + Send>;
+pub(in crate::store) type JobFn = Box<dyn FnMut(&mut dyn Write) -> Result<(), StoreError> + Send>;
 
-pub(crate) struct Job {
+pub(in crate::store) struct Job {
     pub run: JobFn,
     pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-pub(crate) const MAX_BATCH: usize = 512;
+pub(in crate::store) const MAX_BATCH: usize = 512;
 
-pub(crate) fn spawn(env: &'static Env<WithoutTls>, dbs: Dbs) -> std::io::Result<mpsc::Sender<Job>> {
+pub(in crate::store) fn spawn(
+    env: &'static Env<WithoutTls>,
+    dbs: Dbs,
+) -> std::io::Result<mpsc::Sender<Job>> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("lmdb-writer".into())
@@ -62,7 +67,11 @@ fn commit_batch(env: &Env<WithoutTls>, dbs: &Dbs, mut batch: Vec<Job>) {
         let mut results = Vec::with_capacity(batch.len());
         for job in batch.iter_mut() {
             let mut child = env.nested_write_txn(&mut parent)?;
-            match (job.run)(&mut child, dbs) {
+            let ran = (job.run)(&mut LmdbWrite {
+                txn: &mut child,
+                dbs: *dbs,
+            });
+            match ran {
                 Ok(()) => {
                     child.commit()?;
                     results.push(Ok(()));
