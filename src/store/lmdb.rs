@@ -150,53 +150,40 @@ fn scan(
     Ok(())
 }
 
-fn footprint(txn: &RoTxn<'_, WithoutTls>, db: Db) -> Result<Option<u64>, StoreError> {
-    Ok(Some(db.stat(txn)?.non_free_page_size() as u64))
+/// One [`Read`] for both: a snapshot reads its own transaction, a write
+/// transaction reads through its parent's view with its own writes.
+macro_rules! read_via {
+    ($ty:ty, $txn:ident => $ro:expr) => {
+        impl Read for $ty {
+            fn get(&self, t: Table, k: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
+                let $txn = &self.txn;
+                Ok(self.dbs.db(t).get($ro, k)?.map(Cow::Borrowed))
+            }
+            fn scan(
+                &self,
+                t: Table,
+                lo: Bound<&[u8]>,
+                hi: Bound<&[u8]>,
+                rev: bool,
+                visit: Visit<'_>,
+            ) -> Result<(), StoreError> {
+                let $txn = &self.txn;
+                scan($ro, self.dbs.db(t), lo, hi, rev, visit)
+            }
+            fn len(&self, t: Table) -> Result<u64, StoreError> {
+                let $txn = &self.txn;
+                Ok(self.dbs.db(t).len($ro)?)
+            }
+            fn footprint(&self, t: Table) -> Result<Option<u64>, StoreError> {
+                let $txn = &self.txn;
+                Ok(Some(self.dbs.db(t).stat($ro)?.non_free_page_size() as u64))
+            }
+        }
+    };
 }
 
-impl Read for LmdbRead<'_> {
-    fn get(&self, t: Table, k: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
-        Ok(self.dbs.db(t).get(&self.txn, k)?.map(Cow::Borrowed))
-    }
-    fn scan(
-        &self,
-        t: Table,
-        lo: Bound<&[u8]>,
-        hi: Bound<&[u8]>,
-        rev: bool,
-        visit: Visit<'_>,
-    ) -> Result<(), StoreError> {
-        scan(&self.txn, self.dbs.db(t), lo, hi, rev, visit)
-    }
-    fn len(&self, t: Table) -> Result<u64, StoreError> {
-        Ok(self.dbs.db(t).len(&self.txn)?)
-    }
-    fn footprint(&self, t: Table) -> Result<Option<u64>, StoreError> {
-        footprint(&self.txn, self.dbs.db(t))
-    }
-}
-
-impl Read for LmdbWrite<'_, '_> {
-    fn get(&self, t: Table, k: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
-        Ok(self.dbs.db(t).get(self.txn, k)?.map(Cow::Borrowed))
-    }
-    fn scan(
-        &self,
-        t: Table,
-        lo: Bound<&[u8]>,
-        hi: Bound<&[u8]>,
-        rev: bool,
-        visit: Visit<'_>,
-    ) -> Result<(), StoreError> {
-        scan(self.txn, self.dbs.db(t), lo, hi, rev, visit)
-    }
-    fn len(&self, t: Table) -> Result<u64, StoreError> {
-        Ok(self.dbs.db(t).len(self.txn)?)
-    }
-    fn footprint(&self, t: Table) -> Result<Option<u64>, StoreError> {
-        footprint(self.txn, self.dbs.db(t))
-    }
-}
+read_via!(LmdbRead<'_>, txn => txn);
+read_via!(LmdbWrite<'_, '_>, txn => &***txn);
 
 impl Write for LmdbWrite<'_, '_> {
     fn put(&mut self, t: Table, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
