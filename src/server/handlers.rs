@@ -358,13 +358,11 @@ pub async fn storage(State(s): State<AppState>, signed: Signed) -> Result<Respon
             let key = required_key(&req)?;
             let data = match c {
                 Collection::Audit => s.store.audit_get(&key)?,
-                Collection::Tokens => match s.store.get_raw(c, &key)? {
-                    Some(raw) => {
-                        let owner_policy = s.store.policy_get(&key)?.is_some();
-                        Some(token_view(&raw, &key, owner_policy)?)
-                    }
-                    None => None,
-                },
+                Collection::Tokens => s
+                    .store
+                    .token_with_policy(&key)?
+                    .map(|(raw, policy)| token_view(&raw, &key, policy))
+                    .transpose()?,
                 _ => s
                     .store
                     .get_raw(c, &key)?

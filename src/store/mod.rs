@@ -701,6 +701,22 @@ impl Store {
         self.read()?.get_owned(Table::of(c), key.as_bytes())
     }
 
+    /// A token document and whether the owner set a policy for it, read
+    /// in one snapshot (what `/v1/storage get` shows of it).
+    pub fn token_with_policy(&self, key: &str) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLong);
+        }
+        let r = self.read()?;
+        let Some(raw) = r.get_owned(Table::Tokens, key.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            raw,
+            r.get(Table::Policies, key.as_bytes())?.is_some(),
+        )))
+    }
+
     /// Newest audit event stored under exactly this key.
     pub fn audit_get(&self, key: &str) -> Result<Option<Value>, StoreError> {
         let r = self.read()?;
