@@ -219,6 +219,45 @@ pub struct StoreConfig {
     /// grows into it.
     #[serde(default = "d_reserve")]
     pub reserve_percent: u8,
+    /// Where the documents live: LMDB in `path` (one node), or a
+    /// PostgreSQL database shared by several nodes.
+    #[serde(default)]
+    pub backend: StoreBackendKind,
+    pub postgres: Option<PostgresConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackendKind {
+    #[default]
+    Lmdb,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://USER@HOST:PORT/DB`: no password (it comes from a file or
+    /// a systemd credential); TLS is always on.
+    pub url: String,
+    /// The CA the database server's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// File holding the database password (mode 0600/0640).
+    pub password_file: Option<PathBuf>,
+    /// Name of a systemd credential holding it ($CREDENTIALS_DIRECTORY/<name>).
+    pub password_credential: Option<String>,
+    /// Connections this node keeps to the database for reads (the writer
+    /// and the health probe have one each besides).
+    #[serde(default = "d_pg_pool")]
+    pub pool_size: usize,
+    /// MiB the appliance's data may take in the database: the audit
+    /// trail's share (`audit.max_share_percent`) and reserve are of this.
+    #[serde(default = "d_map_size")]
+    pub capacity_mib: usize,
+}
+
+fn d_pg_pool() -> usize {
+    8
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -713,6 +752,12 @@ impl Config {
             }
         };
         fix(&mut self.store.path);
+        if let Some(pg) = &mut self.store.postgres {
+            fix(&mut pg.ca_file);
+            if let Some(f) = &mut pg.password_file {
+                fix(f);
+            }
+        }
         if self.tls.mode == TlsMode::Acme && self.tls.cert.as_os_str().is_empty() {
             self.tls.cert = self.store.path.join("acme/cert.pem");
         }
@@ -887,6 +932,33 @@ impl Config {
         Ok(())
     }
 
+    fn validate_postgres(&self) -> Result<(), String> {
+        let pg = match (self.store.backend, &self.store.postgres) {
+            (StoreBackendKind::Lmdb, None) => return Ok(()),
+            (StoreBackendKind::Lmdb, Some(_)) => {
+                return Err("[store.postgres] is set but store.backend is \"lmdb\"; set store.backend = \"postgres\" or remove the section".into())
+            }
+            (StoreBackendKind::Postgres, None) => {
+                return Err("store.backend = \"postgres\" needs a [store.postgres] section".into())
+            }
+            (StoreBackendKind::Postgres, Some(pg)) => pg,
+        };
+        if self.keys.backend == KeyBackendKind::Tpm {
+            return Err("store.backend = \"postgres\" is refused with keys.backend = \"tpm\": keys sealed to one TPM cannot be shared by several nodes; use keys.backend = \"pkcs11\" with an HSM every node reaches".into());
+        }
+        crate::store::pg::parse_url(&pg.url)?;
+        if pg.password_file.is_none() && pg.password_credential.is_none() {
+            return Err("[store.postgres] needs password_file or password_credential".into());
+        }
+        if !(1..=256).contains(&pg.pool_size) {
+            return Err("store.postgres.pool_size must be 1-256".into());
+        }
+        if pg.capacity_mib == 0 || pg.capacity_mib > 1 << 24 {
+            return Err("store.postgres.capacity_mib must be between 1 and 16777216".into());
+        }
+        Ok(())
+    }
+
     fn validate_limits(&self) -> Result<(), String> {
         let l = &self.limits;
         if !(1..=128).contains(&l.ipv6_prefix_len) {
@@ -918,6 +990,7 @@ impl Config {
         if self.store.reserve_percent > 50 {
             return Err("store.reserve_percent must be 0-50".into());
         }
+        self.validate_postgres()?;
         if let Some(h) = self.helper.listen {
             if !h.ip().is_loopback() {
                 return Err(format!(

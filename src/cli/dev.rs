@@ -65,8 +65,40 @@ tcti = "{}"
     })
 }
 
-fn dev_config(listen: SocketAddr, backend: KeyBackendKind) -> Result<String> {
+/// `dev --postgres`: the store in a PostgreSQL database.
+pub struct DevPostgres {
+    pub url: String,
+    pub ca: std::path::PathBuf,
+    pub pw: std::path::PathBuf,
+}
+
+fn store_section(pg: Option<&DevPostgres>) -> Result<String> {
+    let Some(pg) = pg else {
+        return Ok("[store]\npath = \"state\"\nmap_size_mib = 256\n".into());
+    };
+    let abs =
+        |p: &Path| std::fs::canonicalize(p).with_context(|| format!("cannot read {}", p.display()));
+    crate::store::pg::parse_url(&pg.url).map_err(anyhow::Error::msg)?;
+    Ok(format!(
+        "[store]\n# Local state (ACME, helper files); the documents live in PostgreSQL.\npath = \"state\"\nbackend = \"postgres\"\n\n[store.postgres]\nurl = {}\nca_file = {}\npassword_file = {}\n",
+        toml_str(&pg.url),
+        toml_str(&abs(&pg.ca)?.to_string_lossy()),
+        toml_str(&abs(&pg.pw)?.to_string_lossy()),
+    ))
+}
+
+/// A TOML basic string.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn dev_config(
+    listen: SocketAddr,
+    backend: KeyBackendKind,
+    pg: Option<&DevPostgres>,
+) -> Result<String> {
     let keys = keys_section(backend)?;
+    let store = store_section(pg)?;
     Ok(format!(
         r#"# Written by `tokenvault-webhook dev`: development defaults.
 # A normal config: `serve`, `init`, `register-url` and `configtest` accept it.
@@ -82,10 +114,7 @@ cert = "tls/cert.pem"
 key = "tls/key.pem"
 
 {keys}
-[store]
-path = "state"
-map_size_mib = 256
-
+{store}
 [log]
 level = "info"
 "#
@@ -93,12 +122,17 @@ level = "info"
 }
 
 /// Creates whatever is missing in DIR. Never overwrites.
-fn provision(dir: &Path, listen: SocketAddr, backend: KeyBackendKind) -> Result<()> {
+fn provision(
+    dir: &Path,
+    listen: SocketAddr,
+    backend: KeyBackendKind,
+    pg: Option<&DevPostgres>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let cfg = dir.join("config.toml");
     if !cfg.exists() {
-        write_private(&cfg, dev_config(listen, backend)?.as_bytes())?;
+        write_private(&cfg, dev_config(listen, backend, pg)?.as_bytes())?;
     }
     let tls = dir.join("tls");
     std::fs::create_dir_all(&tls)?;
@@ -203,9 +237,13 @@ pub fn run(
     dir: &Path,
     listen: Option<SocketAddr>,
     backend: Option<&str>,
+    pg: Option<DevPostgres>,
     landlock: bool,
 ) -> Result<()> {
     let kind = choose_backend(dir, backend)?;
+    if pg.is_some() && kind == KeyBackendKind::Tpm {
+        bail!("--postgres needs the pkcs11 backend: keys sealed to one TPM cannot be shared by several nodes");
+    }
     match kind {
         KeyBackendKind::Pkcs11 if find_softhsm_module().is_none() => {
             bail!("SoftHSM2 not found: apt-get install softhsm2 (or dnf install softhsm)")
@@ -216,7 +254,7 @@ pub fn run(
         _ => {}
     }
     let default_listen: SocketAddr = ([127, 0, 0, 1], 8443).into();
-    provision(dir, listen.unwrap_or(default_listen), kind)?;
+    provision(dir, listen.unwrap_or(default_listen), kind, pg.as_ref())?;
     let cfg_path = dir.join("config.toml");
     let mut cfg = Config::load(&cfg_path)?;
     prepare_module_env(&cfg);

@@ -88,6 +88,27 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
             ro.push(ca.clone());
         }
     }
+    // The database: its CA and password file, and its port (below).
+    let mut db_ports = Vec::new();
+    if let Some(pg) = cfg
+        .store
+        .postgres
+        .as_ref()
+        .filter(|_| cfg.store.backend == crate::config::StoreBackendKind::Postgres)
+    {
+        ro.push(pg.ca_file.clone());
+        if let Ok(f) = super::setup::pg_password_source(cfg) {
+            if f.exists() && !ro.contains(&f) {
+                ro.push(f);
+            }
+        }
+        if let Ok(url) = crate::store::pg::parse_url(&pg.url) {
+            db_ports = url.get_ports().to_vec();
+            if db_ports.is_empty() {
+                db_ports.push(5432);
+            }
+        }
+    }
     ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
     rw.extend(cfg.sandbox.extra_read_write.iter().cloned());
     // The audit export file is created (and appended to) in its directory.
@@ -110,13 +131,11 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
         (None, Profile::Production) => Some(vec![443]),
     }
     .map(|mut p| {
-        p.extend(
-            tpm_ports
-                .iter()
-                .filter(|t| !p.contains(t))
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        for t in tpm_ports.iter().chain(db_ports.iter()) {
+            if !p.contains(t) {
+                p.push(*t);
+            }
+        }
         p
     });
     crate::sandbox::landlock::Plan {

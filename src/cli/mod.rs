@@ -59,6 +59,17 @@ pub enum Command {
         /// says, or pkcs11.
         #[arg(long, value_parser = ["pkcs11", "tpm"])]
         backend: Option<String>,
+        /// For a new DIR: keep the store in this PostgreSQL database
+        /// (postgres://USER@HOST:PORT/DB) instead of LMDB in DIR; needs
+        /// --postgres-ca and --postgres-password-file.
+        #[arg(long, requires_all = ["postgres_ca", "postgres_password_file"])]
+        postgres: Option<String>,
+        /// The CA the database's certificate chains to.
+        #[arg(long)]
+        postgres_ca: Option<PathBuf>,
+        /// File holding the database password (mode 0600).
+        #[arg(long)]
+        postgres_password_file: Option<PathBuf>,
     },
     /// Serve HTTPS with the configured keys and store.
     Serve,
@@ -283,7 +294,16 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             listen,
             backend,
-        } => dev::run(&dir, listen, backend.as_deref(), cli.landlock == "on"),
+            postgres,
+            postgres_ca,
+            postgres_password_file,
+        } => {
+            let pg = match (postgres, postgres_ca, postgres_password_file) {
+                (Some(url), Some(ca), Some(pw)) => Some(dev::DevPostgres { url, ca, pw }),
+                _ => None,
+            };
+            dev::run(&dir, listen, backend.as_deref(), pg, cli.landlock == "on")
+        }
         Command::OauthClient { action } => oauth_client::run(&cli.config, action),
         Command::TlsKey { action } => tls_key::run(&cli.config, action),
         Command::Backup { out } => backup::backup(&cli.config, &out),

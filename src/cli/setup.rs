@@ -2,7 +2,8 @@
 //! key libraries read from the environment, start logging, refuse root,
 //! read secret files, open the store.
 
-use crate::config::{Config, KeyBackendKind, Profile};
+use crate::config::{Config, KeyBackendKind, Profile, StoreBackendKind};
+use crate::store::pg::PgSettings;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use secrecy::SecretString;
@@ -91,7 +92,53 @@ pub fn load_for_run(path: &Path) -> Result<Config> {
     Ok(cfg)
 }
 
-/// The configured store (LMDB in `store.path`, sized by `store.map_size_mib`).
+/// The configured store: LMDB in `store.path` (sized by
+/// `store.map_size_mib`), or the PostgreSQL database of `[store.postgres]`,
+/// whose schema must be there already (`init` makes it).
 pub fn open_store(cfg: &Config) -> Result<Store> {
-    Ok(Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?)
+    open_store_as(cfg, false)
+}
+
+/// [`open_store`], creating or migrating a PostgreSQL schema when `migrate`.
+pub fn open_store_as(cfg: &Config, migrate: bool) -> Result<Store> {
+    match cfg.store.backend {
+        StoreBackendKind::Lmdb => Ok(Store::open(&cfg.store.path, cfg.store.map_size_mib << 20)?),
+        StoreBackendKind::Postgres => Ok(Store::open_postgres(&pg_settings(cfg)?, migrate)?),
+    }
+}
+
+/// Where the database password is read from: its systemd credential (the
+/// service), else its file (operator commands).
+pub fn pg_password_source(cfg: &Config) -> Result<std::path::PathBuf> {
+    let p = cfg
+        .store
+        .postgres
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("[store.postgres] missing"))?;
+    if let (Some(name), Some(dir)) = (
+        &p.password_credential,
+        std::env::var_os("CREDENTIALS_DIRECTORY"),
+    ) {
+        return Ok(Path::new(&dir).join(name));
+    }
+    match &p.password_file {
+        Some(f) => Ok(f.clone()),
+        None => bail!("store.postgres.password_credential is set but $CREDENTIALS_DIRECTORY is not (run under systemd with LoadCredential=, or also set password_file)"),
+    }
+}
+
+/// The database settings, with the password read from its source.
+pub fn pg_settings(cfg: &Config) -> Result<PgSettings> {
+    let p = cfg
+        .store
+        .postgres
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("[store.postgres] missing"))?;
+    Ok(PgSettings {
+        url: p.url.clone(),
+        password: read_secret_file(&pg_password_source(cfg)?)?,
+        ca_file: p.ca_file.clone(),
+        pool_size: p.pool_size,
+        capacity_bytes: (p.capacity_mib as u64) << 20,
+    })
 }

@@ -58,6 +58,8 @@ pub enum ApiError {
     GcpMintFailed(&'static str),
     /// 503: the key backend (HSM) is unavailable.
     KeysUnavailable,
+    /// 503: the store's database is unreachable; nothing was written.
+    StoreUnavailable,
     /// 503: the write was sealed under an AES key generation a running
     /// `rotate-key` has just closed; nothing was written, retry.
     KeyRotating,
@@ -114,6 +116,7 @@ impl ApiError {
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::GcpMintFailed(_) => "gcp_mint_failed",
             ApiError::KeysUnavailable => "hsm_unavailable",
+            ApiError::StoreUnavailable => "store_unavailable",
             ApiError::KeyRotating => "key_rotating",
             ApiError::InsufficientStorage => "insufficient_storage",
             ApiError::RequestTimeout => "request_timeout",
@@ -142,7 +145,10 @@ impl ApiError {
             ApiError::AlreadyExists(_) | ApiError::StaleCreation => 409,
             ApiError::RateLimited(_) => 429,
             ApiError::GcpMintFailed(_) => 502,
-            ApiError::KeysUnavailable | ApiError::KeyRotating | ApiError::Busy => 503,
+            ApiError::KeysUnavailable
+            | ApiError::StoreUnavailable
+            | ApiError::KeyRotating
+            | ApiError::Busy => 503,
             ApiError::RequestTimeout => 408,
             ApiError::InsufficientStorage => 507,
             ApiError::Internal => 500,
@@ -178,6 +184,9 @@ impl ApiError {
             ApiError::RateLimited(_) => "Too many requests; slow down".into(),
             ApiError::GcpMintFailed(m) => format!("Could not mint a GCP access token: {m}"),
             ApiError::KeysUnavailable => "Key backend unavailable; retry later".into(),
+            ApiError::StoreUnavailable => {
+                "The store's database is unreachable; nothing was stored, retry shortly".into()
+            }
             ApiError::KeyRotating => {
                 "The encryption key was rotated while this write was in flight; nothing was stored, retry".into()
             }
@@ -204,7 +213,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited(secs) => Some(*secs),
-            ApiError::KeyRotating | ApiError::Busy => Some(1),
+            ApiError::KeyRotating | ApiError::Busy | ApiError::StoreUnavailable => Some(1),
             _ => None,
         }
     }

@@ -63,7 +63,14 @@ impl From<StoreError> for ApiError {
             StoreError::BadCursor => {
                 ApiError::invalid("options.after is not a cursor this listing returned")
             }
-            StoreError::Corrupt(_) | StoreError::Engine(_) | StoreError::Closed => {
+            StoreError::Unavailable => {
+                tracing::warn!("the store's database is unreachable");
+                ApiError::StoreUnavailable
+            }
+            StoreError::Corrupt(_)
+            | StoreError::Engine(_)
+            | StoreError::Closed
+            | StoreError::Config(_) => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal
             }

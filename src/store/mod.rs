@@ -10,6 +10,7 @@ pub mod backup;
 pub mod generations;
 mod kv;
 mod lmdb;
+pub mod pg;
 pub mod policy;
 pub mod trail;
 mod writer;
@@ -55,6 +56,13 @@ pub enum StoreError {
     /// write while it has no room left): nothing of the write landed.
     #[error("the store's file system is full")]
     DiskFull,
+    /// The database (the PostgreSQL engine) cannot be reached, or did not
+    /// answer in time: nothing was written; retry shortly.
+    #[error("the store's database is unreachable")]
+    Unavailable,
+    /// The store cannot be opened as configured (detail for the operator).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Writes a token document and its listing item (one transaction).
@@ -170,12 +178,36 @@ pub type Projector<'a, T = Value> = &'a dyn Fn(&[u8], &[u8]) -> Result<T, StoreE
 /// run again (the writer retries a job alone when its batch fails).
 type Job<T> = Box<dyn FnMut(&mut dyn Write) -> Result<T, StoreError> + Send>;
 
-/// The engine behind a store.
+/// The engine behind a store (one per store, behind its `Arc`: the
+/// variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Lmdb {
         db: lmdb::Lmdb,
         writer: mpsc::Sender<writer::Job>,
     },
+    Postgres {
+        pg: pg::Pg,
+        writer: mpsc::Sender<writer::Job>,
+    },
+}
+
+/// The engine a store runs on, and how it is, for `/metrics`, `/v1/health`
+/// and `doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    Lmdb,
+    Postgres(pg::PgHealth),
+}
+
+impl EngineHealth {
+    /// Whether the store can serve (LMDB always can, once open).
+    pub fn up(&self) -> bool {
+        match self {
+            EngineHealth::Lmdb => true,
+            EngineHealth::Postgres(h) => h.up,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -235,18 +267,66 @@ impl Store {
         })
     }
 
-    /// Capacity, bytes in use, and the data file's size.
+    /// Opens the store in a PostgreSQL database shared by every node:
+    /// checks its schema (creating or migrating it when `migrate`: `init`
+    /// and `dev`), then prepares it as [`Store::open`] does. Opened once per
+    /// process and database URL.
+    pub fn open_postgres(s: &pg::PgSettings, migrate: bool) -> Result<Store, StoreError> {
+        static OPEN: std::sync::Mutex<Vec<(String, Store)>> = std::sync::Mutex::new(Vec::new());
+        let mut open = OPEN.lock().map_err(|_| StoreError::Closed)?;
+        if let Some((_, st)) = open.iter().find(|(u, _)| *u == s.url) {
+            return Ok(st.clone());
+        }
+        let db = pg::Pg::open(s, migrate)?;
+        db.write_now(prepare)?;
+        let writer = pg::spawn_writer(&db, writer::MAX_BATCH)
+            .map_err(|e| StoreError::Engine(e.to_string()))?;
+        let store = Store {
+            engine: Arc::new(Engine::Postgres { pg: db, writer }),
+            _lock: None,
+            trail_queue: Arc::new(trail::TrailQueue::default()),
+        };
+        open.push((s.url.clone(), store.clone()));
+        Ok(store)
+    }
+
+    /// Capacity, bytes in use, and the data file's size (0 on PostgreSQL:
+    /// the database's files are its own).
     pub fn usage(&self) -> Usage {
         match &*self.engine {
             Engine::Lmdb { db, .. } => db.usage(),
+            Engine::Postgres { pg, .. } => {
+                let (capacity, used) = pg.usage();
+                Usage {
+                    capacity,
+                    used,
+                    file: 0,
+                }
+            }
         }
     }
 
+    pub fn engine_health(&self) -> EngineHealth {
+        match &*self.engine {
+            Engine::Lmdb { .. } => EngineHealth::Lmdb,
+            Engine::Postgres { pg, .. } => EngineHealth::Postgres(pg.health()),
+        }
+    }
+
+    /// Whether the store is in a database shared with other nodes.
+    pub fn is_shared(&self) -> bool {
+        matches!(&*self.engine, Engine::Postgres { .. })
+    }
+
     /// A compacted, consistent copy of the engine's data into `f` (see
-    /// [`Store::backup_to`]).
+    /// [`Store::backup_to`]); PostgreSQL is backed up with its own tools.
     fn copy_engine_to(&self, f: &mut std::fs::File) -> Result<(), StoreError> {
         match &*self.engine {
             Engine::Lmdb { db, .. } => db.copy_to(f),
+            Engine::Postgres { .. } => Err(StoreError::Config(
+                "backup of a PostgreSQL store is pg_dump's job (see README, High availability)"
+                    .into(),
+            )),
         }
     }
 
@@ -254,6 +334,7 @@ impl Store {
     pub(in crate::store) fn read(&self) -> Result<Box<dyn Read + '_>, StoreError> {
         match &*self.engine {
             Engine::Lmdb { db, .. } => Ok(Box::new(db.read()?)),
+            Engine::Postgres { pg, .. } => Ok(Box::new(pg.read()?)),
         }
     }
 
@@ -276,6 +357,14 @@ impl Store {
         };
         match &*self.engine {
             Engine::Lmdb { writer, .. } => writer.send(job).map_err(|_| StoreError::Closed)?,
+            Engine::Postgres { pg, writer } => {
+                // Fail at once while the database is unreachable, rather
+                // than queue behind a timeout.
+                if !pg.health().up {
+                    return Err(StoreError::Unavailable);
+                }
+                writer.send(job).map_err(|_| StoreError::Closed)?
+            }
         }
         Ok((rx, slot))
     }
