@@ -184,12 +184,18 @@ pub async fn exchange(
 
 /// At start: activate the recorded HMAC key and destroy any orphan left by a
 /// crash between install and commit. Returns whether the webhook is bound.
+/// On a store shared by several nodes, orphans are left alone: a key
+/// another node has installed and is about to commit looks the same (the
+/// next exchange, on any node, destroys every key but its own).
 pub fn restore_active_key(backend: &Backend, store: &Store) -> Result<bool, BindError> {
     let active = store
         .meta_get(crate::store::META_HMAC_KEY_ID)?
         .map(|v| crate::keys::HmacKeyId(String::from_utf8_lossy(&v).into_owned()));
     if let Some(id) = &active {
         backend.activate_hmac(id)?;
+    }
+    if store.is_shared() {
+        return Ok(active.is_some());
     }
     let n = backend.destroy_hmac_except(active.as_ref())?;
     if n > 0 {
@@ -199,4 +205,26 @@ pub fn restore_active_key(backend: &Backend, store: &Store) -> Result<bool, Bind
         );
     }
     Ok(active.is_some())
+}
+
+/// Several nodes on one store: the HMAC key another node's exchange made
+/// active, if it is not the one `last` says this node uses. Activates it
+/// (the old one then fails here too) and records it in `last`. Returns
+/// whether it changed.
+pub fn follow_active_key(
+    backend: &Backend,
+    store: &Store,
+    last: &mut Option<String>,
+) -> Result<bool, BindError> {
+    let now = store
+        .meta_get(crate::store::META_HMAC_KEY_ID)?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    if now == *last {
+        return Ok(false);
+    }
+    if let Some(id) = &now {
+        backend.activate_hmac(&crate::keys::HmacKeyId(id.clone()))?;
+    }
+    *last = now;
+    Ok(true)
 }

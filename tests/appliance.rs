@@ -2,6 +2,7 @@
 //! Integration: the real binary over real TLS, SoftHSM2 keys, an LMDB file.
 
 mod harness;
+use std::path::Path;
 
 use base64::Engine;
 use harness::*;
@@ -250,11 +251,18 @@ async fn no_key_material_outside_the_token() {
             .into_bytes(),
     ];
     let skip = a.device_dirs();
-    let files = files_under(
-        &a.dir,
-        &skip.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
-    );
-    assert!(files.iter().any(|f| f.ends_with("state/data.mdb")));
+    let skip: Vec<&Path> = skip.iter().map(|p| p.as_path()).collect();
+    let mut files = files_under(&a.dir, &skip);
+    match &a.pg {
+        // The database's own files: tables and write-ahead log.
+        Some(pg) => {
+            files.extend(files_under(&pg.dir.join("data"), &[]));
+            assert!(files
+                .iter()
+                .any(|f| f.to_string_lossy().contains("/pg_wal/")));
+        }
+        None => assert!(files.iter().any(|f| f.ends_with("state/data.mdb"))),
+    }
     for f in files {
         let data = std::fs::read(&f).unwrap();
         for n in &needles {

@@ -97,7 +97,18 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
 
     // Tamper with one record: verify fails and says which.
     let victim = read["seq"].as_u64().unwrap();
-    {
+    let mut rec = read.clone();
+    rec["service"] = json!("someone-else");
+    let raw = serde_json::to_vec(&rec).unwrap();
+    if let Some(pg) = &a.pg {
+        // As someone with the database's password would: straight into
+        // the table.
+        pg.sql(&format!(
+            "UPDATE tvw_kv SET v = '\\x{}'::bytea WHERE tbl = 'trail' AND k = '\\x{}'::bytea",
+            hex::encode(&raw),
+            hex::encode(victim.to_be_bytes())
+        ));
+    } else {
         // As someone with the disk would: straight into the LMDB file.
         let mut opts = heed::EnvOpenOptions::new();
         opts.map_size(256 << 20).max_dbs(16);
@@ -111,9 +122,6 @@ async fn every_credential_event_is_chained_signed_and_verifiable() {
             .unwrap()
             .unwrap_commit();
         let mut wtxn = env.write_txn().unwrap();
-        let mut rec = read.clone();
-        rec["service"] = json!("someone-else");
-        let raw = serde_json::to_vec(&rec).unwrap();
         trail.put(&mut wtxn, &victim.to_be_bytes(), &raw).unwrap();
         wtxn.commit().unwrap();
     }

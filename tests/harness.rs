@@ -35,6 +35,164 @@ pub fn tpm() -> bool {
     backend() == "tpm"
 }
 
+/// The store the suite runs against: `TVW_TEST_STORE` (`lmdb`, the
+/// default, or `postgres`: a throwaway PostgreSQL cluster per appliance,
+/// made by `.ci/pg-cluster`). Anything else fails the run.
+pub fn store_backend() -> &'static str {
+    match std::env::var("TVW_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("lmdb") => "lmdb",
+        Ok("postgres") => "postgres",
+        Ok(other) => panic!("TVW_TEST_STORE={other:?}: expected lmdb or postgres"),
+    }
+}
+
+pub fn postgres() -> bool {
+    store_backend() == "postgres"
+}
+
+const PG_CLUSTER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/pg-cluster");
+
+/// A PostgreSQL cluster (in `DIR.pg` beside an appliance's DIR), running
+/// while any handle to it lives: stopped when the last one drops.
+pub struct PgCluster {
+    pub dir: PathBuf,
+}
+
+impl PgCluster {
+    fn cmd(&self, what: &str) {
+        let out = Command::new(PG_CLUSTER)
+            .arg(what)
+            .arg(&self.dir)
+            .output()
+            .expect("run .ci/pg-cluster");
+        assert!(
+            out.status.success(),
+            "pg-cluster {what} {}: {}",
+            self.dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes a cluster on a free loopback port (not started).
+    pub fn init(dir: &Path) -> PgCluster {
+        assert!(
+            ["17", "16", "15"]
+                .iter()
+                .any(|v| Path::new(&format!("/usr/lib/postgresql/{v}/bin/initdb")).exists()),
+            "PostgreSQL is required (apt-get install postgresql); this test does not skip"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = Command::new(PG_CLUSTER)
+            .arg("init")
+            .arg(dir)
+            .arg(port.to_string())
+            .output()
+            .expect("run .ci/pg-cluster");
+        assert!(
+            out.status.success(),
+            "pg-cluster init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PgCluster {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The running cluster in `dir` (started if it is not), shared.
+    pub fn running(dir: &Path) -> Arc<PgCluster> {
+        static OPEN: Mutex<Vec<(PathBuf, std::sync::Weak<PgCluster>)>> = Mutex::new(Vec::new());
+        let mut open = OPEN.lock().unwrap();
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(c) = open
+            .iter()
+            .find(|(p, _)| p == dir)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return c;
+        }
+        let c = Arc::new(PgCluster {
+            dir: dir.to_path_buf(),
+        });
+        c.start();
+        open.push((dir.to_path_buf(), Arc::downgrade(&c)));
+        c
+    }
+
+    pub fn start(&self) {
+        self.cmd("start");
+    }
+
+    /// A fast shutdown (clients disconnected, nothing committed lost).
+    pub fn stop(&self) {
+        self.cmd("stop");
+    }
+
+    pub fn url(&self) -> String {
+        std::fs::read_to_string(self.dir.join("url"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// `dev` options that put a new appliance's store in this cluster.
+    pub fn dev_args(&self) -> Vec<String> {
+        vec![
+            "--postgres".into(),
+            self.url(),
+            "--postgres-ca".into(),
+            self.dir.join("ca.pem").display().to_string(),
+            "--postgres-password-file".into(),
+            self.dir.join("password").display().to_string(),
+        ]
+    }
+
+    /// Runs SQL as the appliance's database user (psql over TLS).
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .arg(self.url())
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env(
+                "PGPASSWORD",
+                std::fs::read_to_string(self.dir.join("password"))
+                    .unwrap()
+                    .trim(),
+            )
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", self.dir.join("ca.pem"))
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(PG_CLUSTER).arg("kill").arg(&self.dir).output();
+    }
+}
+
+/// Where the cluster of the appliance in `dir` lives.
+pub fn pg_dir_for(dir: &Path) -> PathBuf {
+    let mut p = dir.as_os_str().to_os_string();
+    p.push(".pg");
+    PathBuf::from(p)
+}
+
+/// The running cluster of the appliance in `dir`, if it has one.
+pub fn start_pg_for(dir: &Path) -> Option<Arc<PgCluster>> {
+    let d = pg_dir_for(dir);
+    d.join("data").exists().then(|| PgCluster::running(&d))
+}
+
 pub fn require_backend() {
     if tpm() {
         assert!(
@@ -69,6 +227,8 @@ pub struct Appliance {
     pub secret: Option<Vec<u8>>,
     /// The simulator `serve` talks to (dev runs its own); dropped after the child.
     swtpm: Option<tokenvault_webhook::keys::tpm::swtpm::Swtpm>,
+    /// The store's database (`TVW_TEST_STORE=postgres`), dropped after the child.
+    pub pg: Option<Arc<PgCluster>>,
 }
 
 impl Appliance {
@@ -84,6 +244,50 @@ impl Appliance {
         Self::start_dev_backend(dir, backend())
     }
 
+    /// `dev` with the store in a new PostgreSQL cluster whatever
+    /// `TVW_TEST_STORE` says (the multi-node tests).
+    pub fn start_dev_postgres(dir: &Path) -> Appliance {
+        require_softhsm();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("dev")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .args(PgCluster::init(&pg_dir_for(dir)).dev_args());
+        Self::spawn(cmd, dir, None)
+    }
+
+    /// Another node of this appliance, served from `dir`: the same store
+    /// (its PostgreSQL database), the same SoftHSM2 token (its config and
+    /// PIN file), the same TLS certificate; its own listener and state dir.
+    pub fn second_node(&self, dir: &Path) -> Appliance {
+        std::fs::create_dir_all(dir.join("tls")).unwrap();
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::copy(self.dir.join("tls").join(f), dir.join("tls").join(f)).unwrap();
+        }
+        let abs = |rel: &str| self.dir.join(rel).display().to_string();
+        let cfg = std::fs::read_to_string(self.config())
+            .unwrap()
+            .replace("\"hsm/", &format!("\"{}/", abs("hsm")));
+        let cfg = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = ") {
+                    "listen = \"127.0.0.1:0\"".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(dir.join("config.toml"), cfg).unwrap();
+        let mut b = Appliance::start_serve(dir);
+        b.pg = self.pg.clone();
+        b.secret = self.secret.clone();
+        b
+    }
+
     /// `dev` with an explicit backend (tests of one backend's own behaviour).
     pub fn start_dev_backend(dir: &Path, backend: &str) -> Appliance {
         let mut cmd = Command::new(BIN);
@@ -94,6 +298,13 @@ impl Appliance {
             .arg("127.0.0.1:0");
         if !dir.join("config.toml").exists() {
             cmd.arg("--backend").arg(backend);
+            if postgres() {
+                assert_eq!(
+                    backend, "pkcs11",
+                    "the postgres store runs with the pkcs11 backend"
+                );
+                cmd.args(PgCluster::init(&pg_dir_for(dir)).dev_args());
+            }
         }
         Self::spawn(cmd, dir, None)
     }
@@ -151,6 +362,7 @@ impl Appliance {
         dir: &Path,
         swtpm: Option<tokenvault_webhook::keys::tpm::swtpm::Swtpm>,
     ) -> Appliance {
+        let pg = start_pg_for(dir);
         cmd.env("RUST_LOG", "info")
             .env_remove("SOFTHSM2_CONF")
             .stdin(Stdio::null())
@@ -190,6 +402,7 @@ impl Appliance {
             client,
             secret: None,
             swtpm,
+            pg,
         }
     }
 

@@ -253,6 +253,34 @@ pub fn run_server(
                 Duration::from_millis(500),
             ));
         }
+        if store.is_shared() {
+            // Other nodes bind and re-bind on the same store: follow the
+            // HMAC key they make active, checked every second, so a
+            // replaced secret stops working here within about a second.
+            let app = state.app.clone();
+            tokio::spawn(async move {
+                let mut last = app
+                    .store
+                    .meta_get(crate::store::META_HMAC_KEY_ID)
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned());
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    match crate::binding::follow_active_key(&app.backend, &app.store, &mut last) {
+                        Ok(true) => {
+                            if last.is_some() {
+                                app.set_bound();
+                            }
+                            tracing::info!(bound = last.is_some(), "the active HMAC key changed in the store; this node uses it now");
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!(error = %e, "could not check the active HMAC key"),
+                    }
+                }
+            });
+        }
         let (pruner, keys) = (store.clone(), state.backend.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -416,6 +444,11 @@ async fn serve_helpers(cfg: &Config, state: &AppState) -> Result<()> {
 /// TOTP seed objects no document refers to (a crash between enrolment and
 /// its write, or between an overwrite and the old key's destruction).
 fn remove_orphan_otp_keys(backend: &Backend, store: &Store) -> Result<()> {
+    if store.is_shared() {
+        // Another node may have made a key and not yet committed the
+        // document that names it: an orphan here is not one there.
+        return Ok(());
+    }
     let referenced = store.referenced_otp_keys()?;
     let mut removed = 0;
     for id in backend.list_otp()? {

@@ -28,7 +28,10 @@ fn health_body(s: &AppState) -> Value {
     // renews at two thirds of the lifetime) or nobody renewed the file.
     let tls_left = s.tls_seconds_left();
     let tls_ok = tls_left.is_none_or(|l| l >= 7 * 86_400);
-    let status = if healthy && token_count.is_ok() && tls_ok {
+    // A store in a database that is unreachable: degraded (and key paths
+    // answer 503) until the probe sees it again.
+    let store_up = s.store.engine_health().up();
+    let status = if healthy && store_up && token_count.is_ok() && tls_ok {
         "healthy"
     } else {
         "degraded"

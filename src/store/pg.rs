@@ -18,9 +18,9 @@
 //!   every call fails at once with [`StoreError::Unavailable`] (a 503),
 //!   and the store recovers when the probe succeeds again, without a
 //!   restart.
-//! - Table sizes (bytes of keys and values) are kept in `tvw_sizes`,
-//!   updated in the transaction that changes them: the trail's bound
-//!   reads them instead of counting rows.
+//! - Table sizes (rows, and bytes of keys and values) are kept in
+//!   `tvw_sizes`, updated in the transaction that changes them: counts and
+//!   the trail's bound read them instead of scanning a table.
 
 use super::kv::{Read, Table, Visit, Write};
 use super::StoreError;
@@ -107,7 +107,10 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
         {
             StoreError::Unavailable
         }
-        Some(_) => StoreError::Engine(e.to_string()),
+        Some(c) => StoreError::Engine(match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), c.code()),
+            None => e.to_string(),
+        }),
     }
 }
 
@@ -228,9 +231,19 @@ impl Inner {
             Ok(Err(_)) | Err(_) => Err(StoreError::Unavailable),
         };
         if let Err(StoreError::Unavailable) = r {
-            self.up.store(false, Ordering::Release);
+            self.mark_down(None);
         }
         r
+    }
+
+    /// The database is unreachable: said once, when it goes down.
+    fn mark_down(&self, why: Option<String>) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            match why {
+                Some(e) => tracing::error!(error = %e, "database unreachable"),
+                None => tracing::error!("database unreachable (a query failed or timed out)"),
+            }
+        }
     }
 
     async fn connect(
@@ -473,14 +486,10 @@ impl Pg {
                     other => {
                         conn = None;
                         i.probe_failures.fetch_add(1, Ordering::Relaxed);
-                        if i.up.swap(false, Ordering::AcqRel) {
-                            match other {
-                                Ok(Err(e)) => {
-                                    tracing::error!(error = %e, "database unreachable")
-                                }
-                                _ => tracing::error!("database unreachable (probe timed out)"),
-                            }
-                        }
+                        i.mark_down(Some(match other {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "the probe timed out".to_string(),
+                        }));
                     }
                 }
                 drop(i);
@@ -568,12 +577,12 @@ async fn migrate_schema(c: &Client) -> Result<(), tokio_postgres::Error> {
         "BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK});
          CREATE TABLE IF NOT EXISTS tvw_schema (id int PRIMARY KEY CHECK (id = 1), version int NOT NULL);
          CREATE TABLE IF NOT EXISTS tvw_kv (tbl text NOT NULL, k bytea NOT NULL, v bytea NOT NULL, PRIMARY KEY (tbl, k));
-         CREATE TABLE IF NOT EXISTS tvw_sizes (tbl text PRIMARY KEY, bytes int8 NOT NULL);"
+         CREATE TABLE IF NOT EXISTS tvw_sizes (tbl text PRIMARY KEY, rows int8 NOT NULL, bytes int8 NOT NULL);"
     ))
     .await?;
     let done = async {
         c.execute(
-            "INSERT INTO tvw_sizes (tbl, bytes) SELECT unnest($1::text[]), 0 ON CONFLICT DO NOTHING",
+            "INSERT INTO tvw_sizes (tbl, rows, bytes) SELECT unnest($1::text[]), 0, 0 ON CONFLICT DO NOTHING",
             &[&names],
         )
         .await?;
@@ -731,13 +740,19 @@ impl Q {
         }
     }
 
-    fn len(&self, t: Table, begin: Option<&'static str>) -> Result<u64, StoreError> {
+    /// (rows, bytes) of a table, as its last committed write left them.
+    fn size(&self, t: Table, begin: Option<&'static str>) -> Result<(u64, u64), StoreError> {
         let rows = self.run(
-            "SELECT count(*) FROM tvw_kv WHERE tbl = $1".into(),
+            "SELECT rows, bytes FROM tvw_sizes WHERE tbl = $1".into(),
             vec![Arg::Text(t.name())],
             begin,
         )?;
-        Ok(rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64)
+        Ok(rows.first().map_or((0, 0), |r| {
+            (
+                r.get::<_, i64>(0).max(0) as u64,
+                r.get::<_, i64>(1).max(0) as u64,
+            )
+        }))
     }
 }
 
@@ -798,40 +813,47 @@ impl Read for PgRead {
     }
 
     fn len(&self, t: Table) -> Result<u64, StoreError> {
-        let r = self.q.len(t, self.begin());
-        self.note(r)
+        let r = self.q.size(t, self.begin());
+        Ok(self.note(r)?.0)
     }
 
     fn footprint(&self, t: Table) -> Result<Option<u64>, StoreError> {
-        let rows = self.q.run(
-            "SELECT bytes FROM tvw_sizes WHERE tbl = $1".into(),
-            vec![Arg::Text(t.name())],
-            self.begin(),
-        );
-        let rows = self.note(rows)?;
-        Ok(Some(
-            rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64,
-        ))
+        let r = self.q.size(t, self.begin());
+        Ok(Some(self.note(r)?.1))
     }
 }
 
 // ---- writes ---------------------------------------------------------------
+
+/// (rows, bytes) per table: at a batch's start, or changes since.
+type Sizes = HashMap<Table, (i64, i64)>;
+
+fn add(m: &mut Sizes, t: Table, rows: i64, bytes: i64) {
+    let e = m.entry(t).or_default();
+    e.0 += rows;
+    e.1 += bytes;
+}
 
 /// A job's view of the batch's transaction.
 struct PgWrite<'a> {
     q: &'a Q,
     /// Table sizes at the batch's start, the batch's changes so far, and
     /// this job's own.
-    base: &'a HashMap<Table, i64>,
-    batch: &'a HashMap<Table, i64>,
-    job: HashMap<Table, i64>,
+    base: &'a Sizes,
+    batch: &'a Sizes,
+    job: Sizes,
 }
 
 impl PgWrite<'_> {
-    fn size(&self, t: Table) -> i64 {
-        self.base.get(&t).copied().unwrap_or(0)
-            + self.batch.get(&t).copied().unwrap_or(0)
-            + self.job.get(&t).copied().unwrap_or(0)
+    fn size(&self, t: Table) -> (i64, i64) {
+        let mut out = (0, 0);
+        for m in [self.base, self.batch, &self.job] {
+            if let Some((r, b)) = m.get(&t) {
+                out.0 += r;
+                out.1 += b;
+            }
+        }
+        out
     }
 }
 
@@ -852,11 +874,11 @@ impl Read for PgWrite<'_> {
     }
 
     fn len(&self, t: Table) -> Result<u64, StoreError> {
-        self.q.len(t, None)
+        Ok(self.size(t).0.max(0) as u64)
     }
 
     fn footprint(&self, t: Table) -> Result<Option<u64>, StoreError> {
-        Ok(Some(self.size(t).max(0) as u64))
+        Ok(Some(self.size(t).1.max(0) as u64))
     }
 }
 
@@ -875,8 +897,10 @@ impl Write for PgWrite<'_> {
             ],
             None,
         )?;
+        // Keys are never empty: no old row is 0 bytes.
         let old = rows.first().map(|r| r.get::<_, i64>(0)).unwrap_or(0);
-        *self.job.entry(t).or_default() += (k.len() + v.len()) as i64 - old;
+        let new_row = i64::from(old == 0);
+        add(&mut self.job, t, new_row, (k.len() + v.len()) as i64 - old);
         Ok(())
     }
 
@@ -889,7 +913,7 @@ impl Write for PgWrite<'_> {
         )?;
         match rows.first() {
             Some(r) => {
-                *self.job.entry(t).or_default() -= r.get::<_, i64>(0);
+                add(&mut self.job, t, -1, -r.get::<_, i64>(0));
                 Ok(true)
             }
             None => Ok(false),
@@ -902,8 +926,8 @@ impl Write for PgWrite<'_> {
             vec![Arg::Text(t.name())],
             None,
         )?;
-        let now = self.size(t);
-        *self.job.entry(t).or_default() -= now;
+        let (rows, bytes) = self.size(t);
+        add(&mut self.job, t, -rows, -bytes);
         Ok(())
     }
 }
@@ -962,15 +986,19 @@ impl Writer {
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         let lock = format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})");
         q.run(lock, vec![], Some("BEGIN ISOLATION LEVEL READ COMMITTED"))?;
-        let sizes = q.run("SELECT tbl, bytes FROM tvw_sizes".into(), vec![], None)?;
-        let mut base = HashMap::new();
+        let sizes = q.run(
+            "SELECT tbl, rows, bytes FROM tvw_sizes".into(),
+            vec![],
+            None,
+        )?;
+        let mut base = Sizes::new();
         for r in sizes {
             let name: String = r.get(0);
             if let Some(t) = Table::ALL.into_iter().find(|t| t.name() == name) {
-                base.insert(t, r.get::<_, i64>(1));
+                base.insert(t, (r.get::<_, i64>(1), r.get::<_, i64>(2)));
             }
         }
-        let mut batch: HashMap<Table, i64> = HashMap::new();
+        let mut batch = Sizes::new();
         let savepoints = jobs.len() > 1;
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs.iter_mut() {
@@ -981,7 +1009,7 @@ impl Writer {
                 q,
                 base: &base,
                 batch: &batch,
-                job: HashMap::new(),
+                job: Sizes::new(),
             };
             let ran = job(&mut w);
             let mine = std::mem::take(&mut w.job);
@@ -990,8 +1018,8 @@ impl Writer {
                     if savepoints {
                         q.run("RELEASE SAVEPOINT job".into(), vec![], None)?;
                     }
-                    for (t, d) in mine {
-                        *batch.entry(t).or_default() += d;
+                    for (t, (r, b)) in mine {
+                        add(&mut batch, t, r, b);
                     }
                     results.push(Ok(()));
                 }
@@ -1007,15 +1035,19 @@ impl Writer {
                 }
             }
         }
-        let (names, deltas): (Vec<&'static str>, Vec<i64>) = batch
-            .into_iter()
-            .filter(|(_, d)| *d != 0)
-            .map(|(t, d)| (t.name(), d))
-            .unzip();
+        let mut names = Vec::new();
+        let (mut rows, mut bytes) = (Vec::new(), Vec::new());
+        for (t, (r, b)) in batch {
+            if (r, b) != (0, 0) {
+                names.push(t.name());
+                rows.push(r);
+                bytes.push(b);
+            }
+        }
         if !names.is_empty() {
             q.run(
-                "UPDATE tvw_sizes s SET bytes = s.bytes + d.n FROM unnest($1::text[], $2::int8[]) AS d(t, n) WHERE s.tbl = d.t".into(),
-                vec![Arg::Texts(names), Arg::Ints(deltas)],
+                "UPDATE tvw_sizes s SET rows = s.rows + d.r, bytes = s.bytes + d.b FROM unnest($1::text[], $2::int8[], $3::int8[]) AS d(t, r, b) WHERE s.tbl = d.t".into(),
+                vec![Arg::Texts(names), Arg::Ints(rows), Arg::Ints(bytes)],
                 None,
             )?;
         }

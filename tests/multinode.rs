@@ -1,0 +1,316 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Two appliances, one store: nodes A and B on one PostgreSQL database
+//! (a throwaway cluster from Debian's package, TLS with a throwaway CA)
+//! and one SoftHSM2 token, each the real binary over real TLS. What one
+//! node accepts once, the other refuses; a re-bind on one reaches the
+//! other; a node killed mid-write or a database restarted under load
+//! loses nothing acknowledged.
+
+mod harness;
+
+use harness::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
+
+/// Node A (`dev --postgres`, bound) and node B (`serve` on A's database
+/// and token).
+async fn two_nodes() -> (tempfile::TempDir, Appliance, Appliance) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Appliance::start_dev_postgres(&tmp.path().join("a"));
+    a.bind().await;
+    let b = a.second_node(&tmp.path().join("b"));
+    (tmp, a, b)
+}
+
+#[tokio::test]
+async fn a_ticket_used_on_node_a_is_refused_on_node_b() {
+    let (_tmp, a, b) = two_nodes().await;
+    a.store_ok("svc", json!({"accessToken": "shared-1"})).await;
+    // B reads what A stored (one store), with a ticket of its own.
+    let (s, v) = b.credential("svc", "").await;
+    assert_eq!(
+        (s, &v["token"]["accessToken"]),
+        (200, &json!("shared-1")),
+        "{v}"
+    );
+    // One ticket: accepted by A, then refused by B.
+    let tk = a.ticket("agent_credential", "svc", json!({}));
+    let url = |n: &Appliance| format!("{}?ticket={tk}&service=svc", n.url("/v1/credential"));
+    let r = a.client.get(url(&a)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = b.client.get(url(&b)).send().await.unwrap();
+    let s = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_refused(s, &v, 401, "ticket_invalid");
+    assert_eq!(v["message"], "Ticket already used");
+    // And a request id signed once: A takes it, B refuses it.
+    let (rid, secret, body) = (new_rid(), a.secret.clone().unwrap(), json!({}));
+    let (s, _) = a.signed_with(&secret, "/v1/health", &body, &rid).await;
+    assert_eq!(s, 200);
+    let (s, v) = b.signed_with(&secret, "/v1/health", &body, &rid).await;
+    assert_refused(s, &v, 401, "auth_failed");
+    assert_eq!(v["message"], "Request id already used");
+}
+
+#[tokio::test]
+async fn a_totp_code_accepted_on_node_a_is_refused_on_node_b() {
+    let (_tmp, a, b) = two_nodes().await;
+    // A long period: the code stays the current one for the whole test.
+    let b32 = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+    let (s, v) = a
+        .store("otp", json!({"totpSecret": b32, "totpPeriod": 3600}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let p = Params {
+        period: 3600,
+        ..Params::default()
+    };
+    let code = code_software(&base32_decode(b32).unwrap(), &p, now() as u64).to_string();
+    // B sees the seed A enrolled in the shared token: it computes the
+    // same code.
+    let v = b.totp_code("otp").await;
+    assert_eq!(v["code"], json!(code), "{v}");
+    let verify = |n: &Appliance| {
+        let body = json!({"ticket": n.ticket("totp_verify", "otp", json!({})), "service": "otp", "code": code});
+        n.client.post(n.url("/v1/totp-verify")).json(&body).send()
+    };
+    let v: Value = verify(&a).await.unwrap().json().await.unwrap();
+    assert_eq!(v["valid"], true, "{v}");
+    let v: Value = verify(&b).await.unwrap().json().await.unwrap();
+    assert_eq!(v["valid"], false, "the code A accepted, replayed on B: {v}");
+}
+
+#[tokio::test]
+async fn a_rebind_on_node_a_makes_the_old_secret_fail_on_node_b() {
+    let (_tmp, mut a, mut b) = two_nodes().await;
+    let old = a.secret.clone().unwrap();
+    let (s, _) = b
+        .signed("/v1/health", json!({"requestId": new_rid()}))
+        .await;
+    assert_eq!(s, 200, "B takes the secret A was bound with");
+    a.bind().await;
+    assert_ne!(a.secret.as_ref().unwrap(), &old);
+    // B notices the new key (its check runs each second).
+    b.wait_log("the active HMAC key changed in the store").await;
+    let (s, v) = b
+        .signed("/v1/health", json!({"requestId": new_rid()}))
+        .await;
+    assert_refused(s, &v, 401, "auth_failed");
+    b.secret = a.secret.clone();
+    let (s, _) = b
+        .signed("/v1/health", json!({"requestId": new_rid()}))
+        .await;
+    assert_eq!(s, 200, "B takes the new secret");
+    let (s, _) = a
+        .signed("/v1/health", json!({"requestId": new_rid()}))
+        .await;
+    assert_eq!(s, 200, "and so does A");
+}
+
+/// Acknowledged stores: service → the value its 200 answer acknowledged.
+type Acked = Arc<Mutex<BTreeMap<String, String>>>;
+
+/// `clients` tasks storing distinct services through `nodes` in turn,
+/// each at most `per_client` times or until `stop`; every status seen is
+/// counted.
+fn writers(
+    nodes: Vec<(String, reqwest::Client, Vec<u8>)>,
+    clients: usize,
+    per_client: usize,
+    stop: Arc<AtomicBool>,
+    acked: Acked,
+    statuses: Arc<Mutex<BTreeMap<u16, usize>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..clients)
+        .map(|c| {
+            let (nodes, stop, acked, statuses) =
+                (nodes.clone(), stop.clone(), acked.clone(), statuses.clone());
+            tokio::spawn(async move {
+                for i in 0..per_client {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let (base, client, secret) = &nodes[(c + i) % nodes.len()];
+                    let svc = format!("svc-{c}-{i}");
+                    let val = format!("value-{c}-{i}");
+                    let body = json!({
+                        "ticket": make_ticket(secret, "store", &svc, json!({})),
+                        "service": svc, "tokenData": {"accessToken": val}
+                    });
+                    let r = client
+                        .post(format!("{base}/v1/store"))
+                        .json(&body)
+                        .send()
+                        .await;
+                    let s = match r {
+                        Ok(r) => r.status().as_u16(),
+                        // The node was killed under the request.
+                        Err(_) => 0,
+                    };
+                    *statuses.lock().unwrap().entry(s).or_default() += 1;
+                    if s == 200 {
+                        acked.lock().unwrap().insert(svc, val);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged store reads back, exactly, from `n`.
+async fn all_readable(n: &Appliance, acked: &BTreeMap<String, String>) {
+    let mut wrong = Vec::new();
+    for (svc, val) in acked {
+        let (s, v) = n.credential(svc, "").await;
+        if s != 200 || v["token"]["accessToken"] != json!(val) {
+            wrong.push((svc.clone(), s));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} acknowledged stores lost: {wrong:?}",
+        wrong.len(),
+        acked.len()
+    );
+}
+
+fn node(n: &Appliance) -> (String, reqwest::Client, Vec<u8>) {
+    (n.base.clone(), n.client.clone(), n.secret.clone().unwrap())
+}
+
+const NO_LIMITS: &str = "[direct_access]\nrate_limit_per_minute = 0\n";
+
+/// Lifts the per-address store limit on a node's config (the writers all
+/// come from 127.0.0.1).
+fn unlimited(dir: &std::path::Path) {
+    let p = dir.join("config.toml");
+    let mut cfg = std::fs::read_to_string(&p).unwrap();
+    cfg.push('\n');
+    cfg.push_str(NO_LIMITS);
+    std::fs::write(p, cfg).unwrap();
+}
+
+/// A and B as in [`two_nodes`], with no per-address rate limit.
+async fn two_unlimited_nodes() -> (tempfile::TempDir, Appliance, Appliance) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let mut first = Appliance::start_dev_postgres(&dir);
+    first.terminate();
+    unlimited(&dir);
+    let mut a = Appliance::start_serve(&dir);
+    a.bind().await;
+    drop(first);
+    let b = a.second_node(&tmp.path().join("b"));
+    (tmp, a, b)
+}
+
+#[tokio::test]
+async fn kill_9_of_one_node_mid_writes_loses_nothing_it_acknowledged() {
+    let (_tmp, a, mut b) = two_unlimited_nodes().await;
+    let acked: Acked = Arc::default();
+    let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(
+        vec![node(&a), node(&b)],
+        8,
+        60,
+        stop.clone(),
+        acked.clone(),
+        statuses.clone(),
+    );
+    // Kill B once both nodes have acknowledged stores (an event: a count).
+    loop {
+        let n = acked.lock().unwrap().len();
+        if n >= 40 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    b.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let statuses = statuses.lock().unwrap().clone();
+    assert!(
+        statuses.get(&0).copied().unwrap_or(0) > 0,
+        "some requests were cut by the kill: {statuses:?}"
+    );
+    // Everything either node acknowledged, A serves.
+    all_readable(&a, &acked).await;
+    eprintln!(
+        "{} stores acknowledged, all readable on A: {statuses:?}",
+        acked.len()
+    );
+}
+
+#[tokio::test]
+async fn a_database_restart_under_load_answers_503_then_recovers_and_loses_nothing() {
+    let (_tmp, a, b) = two_unlimited_nodes().await;
+    let pg = a.pg.clone().unwrap();
+    let acked: Acked = Arc::default();
+    let statuses = Arc::new(Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(
+        vec![node(&a), node(&b)],
+        6,
+        100_000,
+        stop.clone(),
+        acked.clone(),
+        statuses.clone(),
+    );
+    let wait_for = |pred: Box<dyn Fn() -> bool>| async move {
+        while !pred() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let acked2 = acked.clone();
+    wait_for(Box::new(move || acked2.lock().unwrap().len() >= 20)).await;
+    pg.stop();
+    // Both nodes see it: health degraded, writes 503.
+    for n in [&a, &b] {
+        n.wait_log("database unreachable").await;
+        let h = n.health().await;
+        assert_eq!(h["status"], "degraded", "{h}");
+    }
+    let st = statuses.clone();
+    wait_for(Box::new(move || st.lock().unwrap().contains_key(&503))).await;
+    let (s, v) = a.store("during", json!({"accessToken": "x"})).await;
+    assert_refused(s, &v, 503, "store_unavailable");
+    pg.start();
+    for n in [&a, &b] {
+        n.wait_log("database reachable again").await;
+    }
+    // Stores are acknowledged again, through both nodes, without a restart.
+    let before = acked.lock().unwrap().len();
+    let acked2 = acked.clone();
+    wait_for(Box::new(move || {
+        acked2.lock().unwrap().len() >= before + 20
+    }))
+    .await;
+    stop.store(true, Ordering::Release);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for n in [&a, &b] {
+        let h = n.health().await;
+        assert_eq!(h["status"], "healthy", "{h}");
+    }
+    let acked = acked.lock().unwrap().clone();
+    all_readable(&a, &acked).await;
+    all_readable(&b, &acked).await;
+    let statuses = statuses.lock().unwrap().clone();
+    // Nothing but acknowledged stores and 503s while it was down.
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    eprintln!(
+        "{} stores acknowledged across the restart: {statuses:?}",
+        acked.len()
+    );
+}
