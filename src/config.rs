@@ -256,6 +256,47 @@ pub struct PostgresConfig {
     pub capacity_mib: usize,
 }
 
+impl PostgresConfig {
+    /// The URL, checked: `postgres://` or `postgresql://`, a host (TCP),
+    /// no password (it comes from a file or a credential), TLS not turned
+    /// off. The store then always requires TLS and verifies it against
+    /// `ca_file`.
+    pub fn checked_url(&self) -> Result<url::Url, String> {
+        let u = url::Url::parse(&self.url).map_err(|e| format!("store.postgres.url: {e}"))?;
+        if !matches!(u.scheme(), "postgres" | "postgresql") {
+            return Err("store.postgres.url must start with postgres://".into());
+        }
+        if u.password().is_some() {
+            return Err("store.postgres.url must not hold a password: use store.postgres.password_file or password_credential".into());
+        }
+        if u.host_str().is_none_or(str::is_empty) {
+            return Err("store.postgres.url must name a host".into());
+        }
+        for (k, v) in u.query_pairs() {
+            match &*k {
+                "sslmode" if v == "disable" || v == "prefer" || v == "allow" => {
+                    return Err(format!("store.postgres.url: sslmode={v} is refused; TLS to the database is always on and verified against store.postgres.ca_file"));
+                }
+                "host" | "hostaddr" | "password" => {
+                    return Err(format!(
+                        "store.postgres.url: give the host in the URL, not as ?{k}= (and never a password)"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(u)
+    }
+
+    /// The database's TCP port (PostgreSQL's default when the URL has none).
+    pub fn port(&self) -> u16 {
+        self.checked_url()
+            .ok()
+            .and_then(|u| u.port())
+            .unwrap_or(5432)
+    }
+}
+
 fn d_pg_pool() -> usize {
     8
 }
@@ -946,7 +987,7 @@ impl Config {
         if self.keys.backend == KeyBackendKind::Tpm {
             return Err("store.backend = \"postgres\" is refused with keys.backend = \"tpm\": keys sealed to one TPM cannot be shared by several nodes; use keys.backend = \"pkcs11\" with an HSM every node reaches".into());
         }
-        crate::store::pg::parse_url(&pg.url)?;
+        pg.checked_url()?;
         if pg.password_file.is_none() && pg.password_credential.is_none() {
             return Err("[store.postgres] needs password_file or password_credential".into());
         }

@@ -87,6 +87,9 @@ impl PgCluster {
             .unwrap()
             .port();
         let out = Command::new(PG_CLUSTER)
+            // The suite's clusters skip fsync (nothing here survives an OS
+            // crash anyway); commits still wait for the server.
+            .env("PG_CLUSTER_FSYNC", "off")
             .arg("init")
             .arg(dir)
             .arg(port.to_string())
@@ -258,31 +261,19 @@ impl Appliance {
         Self::spawn(cmd, dir, None)
     }
 
-    /// Another node of this appliance, served from `dir`: the same store
-    /// (its PostgreSQL database), the same SoftHSM2 token (its config and
-    /// PIN file), the same TLS certificate; its own listener and state dir.
+    /// Another node of this appliance (`dev --join`), in `dir`: the same
+    /// store (its PostgreSQL database) and SoftHSM2 token, its own
+    /// listener and state dir.
     pub fn second_node(&self, dir: &Path) -> Appliance {
-        std::fs::create_dir_all(dir.join("tls")).unwrap();
-        for f in ["cert.pem", "key.pem"] {
-            std::fs::copy(self.dir.join("tls").join(f), dir.join("tls").join(f)).unwrap();
-        }
-        let abs = |rel: &str| self.dir.join(rel).display().to_string();
-        let cfg = std::fs::read_to_string(self.config())
-            .unwrap()
-            .replace("\"hsm/", &format!("\"{}/", abs("hsm")));
-        let cfg = cfg
-            .lines()
-            .map(|l| {
-                if l.starts_with("listen = ") {
-                    "listen = \"127.0.0.1:0\"".to_string()
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(dir.join("config.toml"), cfg).unwrap();
-        let mut b = Appliance::start_serve(dir);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("dev")
+            .arg("--dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--join")
+            .arg(&self.dir);
+        let mut b = Self::spawn(cmd, dir, None);
         b.pg = self.pg.clone();
         b.secret = self.secret.clone();
         b

@@ -71,7 +71,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
 
 /// Crates only some rooms may name: the HTTP framework, and the storage
 /// engine (everything else sees the store's operations, not LMDB).
-const FRAMEWORKS: &[(&str, &[&str])] = &[("axum", &["server", "tls", "cli"]), ("heed", &["store"])];
+const FRAMEWORKS: &[(&str, &[&str])] = &[
+    ("axum", &["server", "tls", "cli"]),
+    ("heed", &["store"]),
+    ("tokio_postgres", &["store"]),
+];
 
 /// Crossings tolerated while they are removed, `file -> target` (none
 /// left: issue 17 removed the last). The test fails on any crossing not

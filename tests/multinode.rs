@@ -314,3 +314,63 @@ async fn a_database_restart_under_load_answers_503_then_recovers_and_loses_nothi
         acked.len()
     );
 }
+
+#[tokio::test]
+async fn backup_on_postgres_refuses_with_a_pg_dump_recipe_that_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Appliance::start_dev_postgres(&tmp.path().join("a"));
+    a.bind().await;
+    a.store_ok("before", json!({"accessToken": "kept"})).await;
+    let out = tmp.path().join("backup.lmdb");
+    let err = a.cli_err(&["backup", "--out", out.to_str().unwrap()]);
+    assert!(
+        err.contains("refused with store.backend = \"postgres\""),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let err_restore = a.cli_err(&["restore", "--from", a.config().to_str().unwrap()]);
+    assert!(err_restore.contains("restore is refused"), "{err_restore}");
+    // The recipe, run as printed: dump, change the store, restore.
+    let line = |prefix: &str| {
+        err.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in: {err}"))
+            .to_string()
+    };
+    let pg = a.pg.clone().unwrap();
+    let run = |cmdline: &str| {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmdline)
+            .current_dir(tmp.path())
+            .env(
+                "PGPASSWORD",
+                std::fs::read_to_string(pg.dir.join("password"))
+                    .unwrap()
+                    .trim(),
+            )
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", pg.dir.join("ca.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmdline}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(&line("pg_dump "));
+    a.store_ok("after", json!({"accessToken": "dropped"})).await;
+    a.terminate();
+    run(&line("pg_restore "));
+    let a2 = a.serve_again();
+    let (s, v) = a2.credential("before", "").await;
+    assert_eq!(
+        (s, &v["token"]["accessToken"]),
+        (200, &json!("kept")),
+        "{v}"
+    );
+    let (s, v) = a2.credential("after", "").await;
+    assert_refused(s, &v, 404, "token_not_found");
+}

@@ -266,15 +266,18 @@ async fn an_orphaned_totp_key_object_is_removed_at_start_and_the_live_one_kept()
         live
     };
     let mut b = a.serve_again();
-    assert!(
-        b.log_text()
-            .contains("removed orphaned TOTP key objects removed=1"),
-        "{}",
-        b.log_text()
-    );
+    // On a store shared by several nodes, an object no document names yet
+    // may be another node's enrolment in flight: left alone.
+    let (said, left) = match &a.pg {
+        None => ("removed orphaned TOTP key objects removed=1", 1),
+        Some(_) => ("orphaned TOTP key objects are not swept at start", 2),
+    };
+    assert!(b.log_text().contains(said), "{}", b.log_text());
     let v = b.totp_code("otp").await;
     assert!(v["code"].as_str().is_some_and(|c| c.len() == 6), "{v}");
     b.terminate();
     let device = tokenvault_webhook::cli::open_device(&cfg).unwrap();
-    assert_eq!(device.backend().list_otp().unwrap(), live);
+    let now = device.backend().list_otp().unwrap();
+    assert_eq!(now.len(), left, "{now:?}");
+    assert!(now.contains(&live[0]));
 }

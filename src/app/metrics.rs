@@ -271,10 +271,15 @@ impl Metrics {
         gauge(
             &mut o,
             "tvw_store_map_size_bytes",
-            "LMDB map size (the store's limit).",
+            "The store's limit: LMDB's map size, or store.postgres.capacity_mib.",
             u.capacity,
         );
-        gauge(&mut o, "tvw_store_used_bytes", "LMDB pages in use.", u.used);
+        gauge(
+            &mut o,
+            "tvw_store_used_bytes",
+            "LMDB pages in use, or bytes of keys and values in PostgreSQL.",
+            u.used,
+        );
         header(
             &mut o,
             "tvw_audit_trail_pruned_total",
@@ -299,9 +304,48 @@ impl Metrics {
         gauge(
             &mut o,
             "tvw_store_file_bytes",
-            "Size of the LMDB data file.",
+            "Size of the LMDB data file (0 on PostgreSQL).",
             u.file,
         );
+        if let crate::store::EngineHealth::Postgres(h) = store.engine_health() {
+            gauge(
+                &mut o,
+                "tvw_db_up",
+                "1 while the store's PostgreSQL database answers the probe (each second).",
+                u64::from(h.up),
+            );
+            gauge(
+                &mut o,
+                "tvw_db_probe_microseconds",
+                "Round trip of the last successful database probe.",
+                h.probe_micros,
+            );
+            header(
+                &mut o,
+                "tvw_db_probe_failures_total",
+                "counter",
+                "Database probes that failed or timed out.",
+            );
+            let _ = writeln!(o, "tvw_db_probe_failures_total {}", h.probe_failures);
+            gauge(
+                &mut o,
+                "tvw_db_pool_max",
+                "Read connections this node may open (store.postgres.pool_size).",
+                h.pool_max as u64,
+            );
+            gauge(
+                &mut o,
+                "tvw_db_pool_open",
+                "Read connections open now.",
+                h.pool_open as u64,
+            );
+            gauge(
+                &mut o,
+                "tvw_db_pool_idle",
+                "Read connections open and idle.",
+                h.pool_idle as u64,
+            );
+        }
         header(
             &mut o,
             "tvw_audit_exported_total",

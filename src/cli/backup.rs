@@ -13,10 +13,36 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use std::path::Path;
 
+/// `backup` and `restore` of a PostgreSQL store: refused, with the
+/// database's own recipe (the rows it dumps are as sealed as LMDB's).
+fn refuse_postgres(cfg: &Config, what: &str) -> Result<()> {
+    let Some(pg) = cfg
+        .store
+        .postgres
+        .as_ref()
+        .filter(|_| cfg.store.backend == crate::config::StoreBackendKind::Postgres)
+    else {
+        return Ok(());
+    };
+    bail!(
+        "{what} is refused with store.backend = \"postgres\": back the database up with PostgreSQL's own tools. \
+         The tables tvw_kv, tvw_sizes and tvw_schema hold everything; every document in them stays sealed by the HSM's keys.\n\
+         \n  back up (while the nodes serve; one consistent snapshot):\n    \
+         pg_dump --dbname='{url}' --format=custom --table=tvw_kv --table=tvw_sizes --table=tvw_schema --file=tvw.dump\n\
+         \n  restore (every node stopped; into the same database):\n    \
+         pg_restore --dbname='{url}' --clean --if-exists --single-transaction tvw.dump\n\
+         \n  (password: PGPASSWORD or a PGPASSFILE holding store.postgres.password_file's; TLS: PGSSLMODE=verify-full PGSSLROOTCERT={ca})\n\
+         the keys are not in the dump: back the HSM up with its vendor's tools (SoftHSM2: its token directory)",
+        url = pg.url,
+        ca = pg.ca_file.display()
+    )
+}
+
 /// `backup --out FILE`: works while the service runs; needs no keys.
 pub fn backup(config: &Path, out: &Path) -> Result<()> {
     let cfg: Config = load_for_run(config)?;
     refuse_root(&cfg)?;
+    refuse_postgres(&cfg, "backup")?;
     if out.exists() {
         bail!("{} exists; choose a new file", out.display());
     }
@@ -118,6 +144,7 @@ fn check(store: &Store, backend: &Backend) -> Result<Checked> {
 pub fn restore(config: &Path, from: &Path, force: bool) -> Result<()> {
     let cfg: Config = load_for_run(config)?;
     refuse_root(&cfg)?;
+    refuse_postgres(&cfg, "restore")?;
     if !from.is_file() {
         bail!("{} is not a file", from.display());
     }

@@ -41,6 +41,16 @@ pub fn run(config: &Path) -> Result<()> {
             cfg.audit.syslog_socket.display()
         );
     }
+    if cfg.store.backend == crate::config::StoreBackendKind::Postgres {
+        match super::setup::check_database(&cfg) {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{}: {l}", config.display());
+                }
+            }
+            Err((what, fix)) => anyhow::bail!("{what}\n  fix: {fix}"),
+        }
+    }
     println!(
         "{}: configuration OK (run `doctor` for keys, TLS and files)",
         config.display()

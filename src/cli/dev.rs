@@ -65,6 +65,15 @@ tcti = "{}"
     })
 }
 
+/// Where a new DIR's store lives.
+pub enum DevStore {
+    Lmdb,
+    /// `--postgres`: a PostgreSQL database.
+    Postgres(DevPostgres),
+    /// `--join NODE`: NODE's database and token (another node).
+    Join(std::path::PathBuf),
+}
+
 /// `dev --postgres`: the store in a PostgreSQL database.
 pub struct DevPostgres {
     pub url: String,
@@ -121,17 +130,62 @@ level = "info"
     ))
 }
 
+/// `--join NODE`: NODE's config for another node in DIR: NODE's database
+/// and token (absolute paths into NODE), this node's listener and state,
+/// NODE's certificate (copied: the nodes stand behind one name).
+fn join_config(dir: &Path, node: &Path, listen: SocketAddr) -> Result<()> {
+    let text = std::fs::read_to_string(node.join("config.toml"))
+        .with_context(|| format!("--join {}: no node there", node.display()))?;
+    let cfg = Config::parse(&text).map_err(anyhow::Error::msg)?;
+    if cfg.store.backend != crate::config::StoreBackendKind::Postgres {
+        bail!(
+            "--join {}: that node keeps its store in LMDB; nodes share a store only on PostgreSQL (make it with dev --postgres)",
+            node.display()
+        );
+    }
+    let hsm = std::fs::canonicalize(node.join("hsm"))?;
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("listen = ") {
+            out.push_str(&format!("listen = {}", toml_str(&listen.to_string())));
+        } else {
+            out.push_str(&line.replace("\"hsm/", &format!("\"{}/", hsm.display())));
+        }
+        out.push('\n');
+    }
+    write_private(&dir.join("config.toml"), out.as_bytes())?;
+    std::fs::create_dir_all(dir.join("tls"))?;
+    for f in ["cert.pem", "key.pem"] {
+        if !dir.join("tls").join(f).exists() {
+            let data = std::fs::read(node.join("tls").join(f))?;
+            write_private(&dir.join("tls").join(f), &data)?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates whatever is missing in DIR. Never overwrites.
 fn provision(
     dir: &Path,
     listen: SocketAddr,
     backend: KeyBackendKind,
-    pg: Option<&DevPostgres>,
+    store: &DevStore,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     let cfg = dir.join("config.toml");
+    if let DevStore::Join(node) = store {
+        if !cfg.exists() {
+            join_config(dir, node, listen)?;
+        }
+        // The token is the other node's.
+        return Ok(());
+    }
     if !cfg.exists() {
+        let pg = match store {
+            DevStore::Postgres(p) => Some(p),
+            _ => None,
+        };
         write_private(&cfg, dev_config(listen, backend, pg)?.as_bytes())?;
     }
     let tls = dir.join("tls");
@@ -237,11 +291,11 @@ pub fn run(
     dir: &Path,
     listen: Option<SocketAddr>,
     backend: Option<&str>,
-    pg: Option<DevPostgres>,
+    store: DevStore,
     landlock: bool,
 ) -> Result<()> {
     let kind = choose_backend(dir, backend)?;
-    if pg.is_some() && kind == KeyBackendKind::Tpm {
+    if matches!(store, DevStore::Postgres(_)) && kind == KeyBackendKind::Tpm {
         bail!("--postgres needs the pkcs11 backend: keys sealed to one TPM cannot be shared by several nodes");
     }
     match kind {
@@ -254,7 +308,7 @@ pub fn run(
         _ => {}
     }
     let default_listen: SocketAddr = ([127, 0, 0, 1], 8443).into();
-    provision(dir, listen.unwrap_or(default_listen), kind, pg.as_ref())?;
+    provision(dir, listen.unwrap_or(default_listen), kind, &store)?;
     let cfg_path = dir.join("config.toml");
     let mut cfg = Config::load(&cfg_path)?;
     prepare_module_env(&cfg);

@@ -165,6 +165,17 @@ pub fn run(config: &Path) -> Result<()> {
         a => r.ok(&format!("Landlock ABI {a}")),
     }
     check_limits(&cfg, &mut r);
+    // The database (store.backend = "postgres").
+    if cfg.store.backend == crate::config::StoreBackendKind::Postgres {
+        match super::setup::check_database(&cfg) {
+            Ok(lines) => {
+                for l in lines {
+                    r.ok(&l);
+                }
+            }
+            Err((what, fix)) => r.fail(&what, &fix),
+        }
+    }
     // Keys.
     match cfg.keys.backend {
         KeyBackendKind::Pkcs11 => check_pkcs11(&cfg, &mut r),
@@ -317,11 +328,12 @@ fn check_pkcs11(cfg: &Config, r: &mut Report) {
 
 /// The store, if one exists (a warning if it does not open).
 fn existing_store(cfg: &Config, r: &mut Report) -> Option<crate::store::Store> {
-    if !cfg
-        .store
-        .path
-        .join(crate::store::backup::DATA_FILE)
-        .exists()
+    if cfg.store.backend == crate::config::StoreBackendKind::Lmdb
+        && !cfg
+            .store
+            .path
+            .join(crate::store::backup::DATA_FILE)
+            .exists()
     {
         return None;
     }

@@ -102,12 +102,7 @@ pub fn sandbox_plan(cfg: &Config, listen: SocketAddr) -> crate::sandbox::landloc
                 ro.push(f);
             }
         }
-        if let Ok(url) = crate::store::pg::parse_url(&pg.url) {
-            db_ports = url.get_ports().to_vec();
-            if db_ports.is_empty() {
-                db_ports.push(5432);
-            }
-        }
+        db_ports.push(pg.port());
     }
     ro.extend(cfg.sandbox.extra_read_only.iter().cloned());
     rw.extend(cfg.sandbox.extra_read_write.iter().cloned());

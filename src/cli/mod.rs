@@ -70,6 +70,11 @@ pub enum Command {
         /// File holding the database password (mode 0600).
         #[arg(long)]
         postgres_password_file: Option<PathBuf>,
+        /// For a new DIR: another node of the appliance in JOIN (a DIR made
+        /// with --postgres): the same database and HSM token, its own
+        /// listener and state.
+        #[arg(long, conflicts_with_all = ["postgres", "backend"])]
+        join: Option<PathBuf>,
     },
     /// Serve HTTPS with the configured keys and store.
     Serve,
@@ -297,12 +302,22 @@ pub fn run(cli: Cli) -> Result<()> {
             postgres,
             postgres_ca,
             postgres_password_file,
+            join,
         } => {
-            let pg = match (postgres, postgres_ca, postgres_password_file) {
-                (Some(url), Some(ca), Some(pw)) => Some(dev::DevPostgres { url, ca, pw }),
-                _ => None,
+            let store = match (postgres, postgres_ca, postgres_password_file, join) {
+                (Some(url), Some(ca), Some(pw), _) => {
+                    dev::DevStore::Postgres(dev::DevPostgres { url, ca, pw })
+                }
+                (_, _, _, Some(node)) => dev::DevStore::Join(node),
+                _ => dev::DevStore::Lmdb,
             };
-            dev::run(&dir, listen, backend.as_deref(), pg, cli.landlock == "on")
+            dev::run(
+                &dir,
+                listen,
+                backend.as_deref(),
+                store,
+                cli.landlock == "on",
+            )
         }
         Command::OauthClient { action } => oauth_client::run(&cli.config, action),
         Command::TlsKey { action } => tls_key::run(&cli.config, action),

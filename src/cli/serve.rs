@@ -447,6 +447,9 @@ fn remove_orphan_otp_keys(backend: &Backend, store: &Store) -> Result<()> {
     if store.is_shared() {
         // Another node may have made a key and not yet committed the
         // document that names it: an orphan here is not one there.
+        tracing::info!(
+            "store shared with other nodes: orphaned TOTP key objects are not swept at start"
+        );
         return Ok(());
     }
     let referenced = store.referenced_otp_keys()?;

@@ -142,3 +142,52 @@ pub fn pg_settings(cfg: &Config) -> Result<PgSettings> {
         capacity_bytes: (p.capacity_mib as u64) << 20,
     })
 }
+
+/// `configtest` and `doctor`: the database's connection, TLS and schema,
+/// as one line each (Ok) or the problem and its fix (Err).
+pub fn check_database(cfg: &Config) -> std::result::Result<Vec<String>, (String, String)> {
+    use crate::store::pg::{check, SchemaState, PG_SCHEMA_VERSION};
+    let settings = pg_settings(cfg).map_err(|e| {
+        (
+            format!("database password: {e}"),
+            "set store.postgres.password_file (mode 0600) or password_credential".into(),
+        )
+    })?;
+    let c = check(&settings).map_err(|e| {
+        (
+            format!("database {}: {e}", settings.url),
+            "check store.postgres.url, ca_file and the password; the server must offer TLS with a certificate from that CA for the URL's host".into(),
+        )
+    })?;
+    let mut out = vec![
+        format!(
+            "database {} reachable (PostgreSQL {})",
+            settings.url, c.server_version
+        ),
+        format!(
+            "database TLS {} verified against {}",
+            c.tls,
+            settings.ca_file.display()
+        ),
+    ];
+    match c.schema {
+        SchemaState::At(v) if v == PG_SCHEMA_VERSION => {
+            out.push(format!("database schema version {v}"))
+        }
+        SchemaState::At(v) if v > PG_SCHEMA_VERSION => {
+            return Err((
+                format!(
+                    "database schema version {v} is newer than this build ({PG_SCHEMA_VERSION})"
+                ),
+                "upgrade this node to the version the other nodes run".into(),
+            ))
+        }
+        other => {
+            return Err((
+                format!("database schema {other:?} (this build: {PG_SCHEMA_VERSION})"),
+                "run `tokenvault-webhook init` once (it creates or migrates the schema)".into(),
+            ))
+        }
+    }
+    Ok(out)
+}

@@ -347,8 +347,9 @@ fn tls_for(ca_file: &std::path::Path) -> Result<MakeRustlsConnect, String> {
     Ok(MakeRustlsConnect::new(cfg))
 }
 
-/// Parses the URL: TLS is always required and verified; a password in
-/// the URL is refused (it comes from a file or a systemd credential).
+/// Parses the URL (the configuration has checked it: see
+/// `config::PostgresConfig::checked_url`); refuses again what must never
+/// reach a connection: a password in it, TLS off, a Unix socket.
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     let cfg: tokio_postgres::Config = url
         .parse()
@@ -552,6 +553,63 @@ impl Pg {
         r.into_iter().next().unwrap_or(Err(StoreError::Closed))?;
         out.ok_or(StoreError::Closed)
     }
+}
+
+/// What `configtest` and `doctor` learn of the database.
+#[derive(Debug, Clone)]
+pub struct PgCheck {
+    pub server_version: String,
+    /// The protocol version of the verified TLS session (from the server's
+    /// own view, `pg_stat_ssl`).
+    pub tls: String,
+    pub schema: SchemaState,
+}
+
+/// Connects as the store would (TLS verified against the CA file, the
+/// password), and reads the server's version, the TLS session and the
+/// schema version. Opens nothing else.
+pub fn check(s: &PgSettings) -> Result<PgCheck, StoreError> {
+    let mut cfg = parse_url(&s.url).map_err(StoreError::Config)?;
+    cfg.password(s.password.expose_secret().as_bytes());
+    cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    cfg.connect_timeout(QUERY_TIMEOUT);
+    let tls = tls_for(&s.ca_file).map_err(StoreError::Config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StoreError::Engine(e.to_string()))?;
+    rt.block_on(async move {
+        let conn = tokio::time::timeout(QUERY_TIMEOUT, Inner::connect(cfg, tls))
+            .await
+            .map_err(|_| StoreError::Unavailable)?
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => StoreError::Config(format!("the database refused the connection: {}", db.message())),
+                None => StoreError::Config(match std::error::Error::source(&e) {
+                    Some(why) => format!("cannot reach the database: {e}: {why}"),
+                    None => format!("cannot reach the database: {e}"),
+                }),
+            })?;
+        let c = &conn.client;
+        let version: String = c
+            .query_one("SHOW server_version", &[])
+            .await
+            .map_err(map_err)?
+            .get(0);
+        let tls: Option<String> = c
+            .query_one(
+                "SELECT CASE WHEN ssl THEN version END FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(map_err)?
+            .get(0);
+        let schema = schema_state(c).await.map_err(map_err)?;
+        Ok(PgCheck {
+            server_version: version,
+            tls: tls.unwrap_or_else(|| "none".into()),
+            schema,
+        })
+    })
 }
 
 async fn schema_state(c: &Client) -> Result<SchemaState, tokio_postgres::Error> {
