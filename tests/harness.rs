@@ -251,14 +251,20 @@ impl Appliance {
     /// `TVW_TEST_STORE` says (the multi-node tests).
     pub fn start_dev_postgres(dir: &Path) -> Appliance {
         require_softhsm();
+        Self::start_dev_with(dir, "pkcs11", true)
+    }
+
+    /// `serve` on an existing dev dir with `env` set (a frozen clock).
+    pub fn start_serve_env(dir: &Path, env: &[(&str, &str)]) -> Appliance {
+        let swtpm = start_swtpm_for(dir);
         let mut cmd = Command::new(BIN);
-        cmd.arg("dev")
-            .arg("--dir")
-            .arg(dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(PgCluster::init(&pg_dir_for(dir)).dev_args());
-        Self::spawn(cmd, dir, None)
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("serve");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn(cmd, dir, swtpm)
     }
 
     /// Another node of this appliance (`dev --join`), in `dir`: the same
@@ -281,6 +287,16 @@ impl Appliance {
 
     /// `dev` with an explicit backend (tests of one backend's own behaviour).
     pub fn start_dev_backend(dir: &Path, backend: &str) -> Appliance {
+        Self::start_dev_with(dir, backend, postgres())
+    }
+
+    /// `dev` on LMDB whatever `TVW_TEST_STORE` says.
+    pub fn start_dev_lmdb(dir: &Path) -> Appliance {
+        require_softhsm();
+        Self::start_dev_with(dir, "pkcs11", false)
+    }
+
+    fn start_dev_with(dir: &Path, backend: &str, pg: bool) -> Appliance {
         let mut cmd = Command::new(BIN);
         cmd.arg("dev")
             .arg("--dir")
@@ -289,7 +305,7 @@ impl Appliance {
             .arg("127.0.0.1:0");
         if !dir.join("config.toml").exists() {
             cmd.arg("--backend").arg(backend);
-            if postgres() {
+            if pg {
                 assert_eq!(
                     backend, "pkcs11",
                     "the postgres store runs with the pkcs11 backend"

@@ -374,3 +374,164 @@ async fn backup_on_postgres_refuses_with_a_pg_dump_recipe_that_restores() {
     let (s, v) = a2.credential("after", "").await;
     assert_refused(s, &v, 404, "token_not_found");
 }
+
+#[tokio::test]
+async fn rotate_key_on_node_a_while_both_serve_and_one_rotation_across_nodes() {
+    let (_tmp, a, b) = two_nodes().await;
+    for i in 0..4 {
+        a.store_ok(
+            &format!("before-{i}"),
+            json!({"accessToken": format!("v{i}")}),
+        )
+        .await;
+    }
+    let cfg_a = a.config().to_str().unwrap().to_string();
+    let cfg_b = b.config().to_str().unwrap().to_string();
+    // A slow rotation from A's box; a second one from B's box is refused
+    // while it runs.
+    let mut first = std::process::Command::new(BIN)
+        .args([
+            "--config",
+            &cfg_a,
+            "rotate-key",
+            "--batch",
+            "1",
+            "--pause-ms",
+            "1000",
+        ])
+        .env_remove("SOFTHSM2_CONF")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(first.stderr.take().unwrap()));
+    let started = lines.next().unwrap().unwrap();
+    assert!(
+        started.contains("created AES key generation 2"),
+        "{started}"
+    );
+    let second = cli(&["--config", &cfg_b, "rotate-key"]);
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("key rotation running in another process"),
+        "{err}"
+    );
+    // Both nodes serve meanwhile: B reads what A stored, and stores.
+    let (s, v) = b.credential("before-0", "").await;
+    assert_eq!((s, &v["token"]["accessToken"]), (200, &json!("v0")), "{v}");
+    b.store_ok("during", json!({"accessToken": "mid"})).await;
+    let _rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["from"].clone(), r["to"].clone()),
+        (json!(1), json!(2)),
+        "{r}"
+    );
+    // After it: every document reads on both nodes (the old key is gone
+    // from the shared token), and a store on B reads on A.
+    b.store_ok("after", json!({"accessToken": "late"})).await;
+    for n in [&a, &b] {
+        for (svc, val) in [("before-3", "v3"), ("during", "mid"), ("after", "late")] {
+            let (s, v) = n.credential(svc, "").await;
+            assert_eq!(
+                (s, &v["token"]["accessToken"]),
+                (200, &json!(val)),
+                "{svc}: {v}"
+            );
+        }
+    }
+    let st = cli_json(&["--config", &cfg_b, "rotate-key", "--status"]);
+    assert_eq!(st["deviceGenerations"], json!([2]), "{st}");
+}
+
+#[tokio::test]
+async fn listings_on_postgres_are_lmdbs_byte_for_byte() {
+    // One clock for both appliances: their documents' times are equal.
+    let at = now().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for (name, pg) in [("lmdb", false), ("pg", true)] {
+        let dir = tmp.path().join(name);
+        let mut first = if pg {
+            Appliance::start_dev_postgres(&dir)
+        } else {
+            Appliance::start_dev_lmdb(&dir)
+        };
+        first.terminate();
+        let mut n = Appliance::start_serve_env(&dir, &[("TVW_TEST_FROZEN_CLOCK", &at)]);
+        n.pg = first.pg.clone();
+        n.bind().await;
+        nodes.push(n);
+    }
+    // The same writes on both: tokens of several types and keys whose
+    // bytes sort differently from their characters, configs, audit.
+    let keys = ["b", "a", "A", "a-1", "a.1", "é", "z", "0", "svc/x", "~"];
+    for n in &nodes {
+        for (i, k) in keys.iter().enumerate() {
+            let data = match i % 3 {
+                0 => json!({"accessToken": format!("t{i}"), "tokenType": "Bearer"}),
+                1 => json!({"totpSecret": "JBSWY3DPEHPK3PXP"}),
+                _ => json!({"apiKey": format!("k{i}"), "team": "x"}),
+            };
+            n.store_ok(k, data).await;
+            n.storage(json!({"operation":"set","collection":"proxy_configs","key":k,"data":{"upstream":"https://api.example.com"}}))
+                .await;
+        }
+        n.storage(json!({"operation":"delete","collection":"tokens","key":"z"}))
+            .await;
+        for (k, e) in [
+            ("2026-02-15T10:30:00Z", "SECRET_ACCESS"),
+            ("2026-02-15T10:31:00Z", "TOKEN_STORED"),
+        ] {
+            n.storage(json!({"operation":"set","collection":"audit","key":k,"data":{"event_type":e,"source":"agent"}}))
+                .await;
+        }
+    }
+    // Every listing, page by page with cursors, filtered, reversed: the
+    // same bytes from both stores.
+    let asks = [
+        json!({"operation":"list","collection":"tokens"}),
+        json!({"operation":"list","collection":"tokens","options":{"limit":3}}),
+        json!({"operation":"list","collection":"proxy_configs","options":{"limit":4}}),
+        json!({"operation":"list","collection":"tokens","options":{"limit":2,"filters":{"hasTotpSecret":true}}}),
+        json!({"operation":"list","collection":"tokens","options":{"filters":{"tokenType":"Bearer"}}}),
+        json!({"operation":"list","collection":"audit","options":{"limit":1}}),
+        json!({"operation":"list_batch","collections":["tokens","proxy_configs","audit"]}),
+        json!({"operation":"get","collection":"tokens","key":"é"}),
+        json!({"operation":"get","collection":"tokens","key":"z"}),
+    ];
+    for ask in asks {
+        let mut answers = Vec::new();
+        for n in &nodes {
+            let mut pages = Vec::new();
+            let mut body = ask.clone();
+            loop {
+                let mut v = n.storage(body.clone()).await;
+                // Each request's own id is echoed: not the store's answer.
+                v.as_object_mut().unwrap().remove("requestId");
+                pages.push(serde_json::to_string(&v).unwrap());
+                match v["pagination"]["nextCursor"].as_str() {
+                    Some(c) if pages.len() < 20 => {
+                        body["options"]["after"] = json!(c);
+                    }
+                    _ => break,
+                }
+            }
+            answers.push(pages);
+        }
+        assert!(answers[0].len() >= 1);
+        for (l, p) in answers[0].iter().zip(&answers[1]) {
+            let at = l.bytes().zip(p.bytes()).position(|(x, y)| x != y);
+            assert!(
+                l == p,
+                "{ask}: LMDB and PostgreSQL differ at byte {at:?}: …{}… vs …{}…",
+                &l[at.unwrap_or(0).saturating_sub(60)..(at.unwrap_or(0) + 60).min(l.len())],
+                &p[at.unwrap_or(0).saturating_sub(60)..(at.unwrap_or(0) + 60).min(p.len())]
+            );
+        }
+        assert_eq!(answers[0].len(), answers[1].len(), "{ask}: pages");
+    }
+}

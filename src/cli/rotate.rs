@@ -42,7 +42,7 @@ pub fn run(config: &Path, status: bool, batch: usize, pause_ms: u64) -> Result<(
         );
         return Ok(());
     }
-    let _lock = crate::store::backup::lock_rotation(&cfg.store.path)?;
+    let _lock = store.lock_rotation(&cfg.store.path)?;
     let opts = Options {
         batch,
         pause: Duration::from_millis(pause_ms),

@@ -313,6 +313,15 @@ impl Store {
         }
     }
 
+    /// One `rotate-key` at a time: a file lock in `dir` on LMDB, a session
+    /// lock of the database (across every node) on PostgreSQL.
+    pub fn lock_rotation(&self, dir: &Path) -> Result<RotationLock, StoreError> {
+        match &*self.engine {
+            Engine::Lmdb { .. } => Ok(RotationLock::File(backup::lock_rotation(dir)?)),
+            Engine::Postgres { pg, .. } => Ok(RotationLock::Db(pg.lock_rotation()?)),
+        }
+    }
+
     /// Whether the store is in a database shared with other nodes.
     pub fn is_shared(&self) -> bool {
         matches!(&*self.engine, Engine::Postgres { .. })
@@ -966,6 +975,12 @@ fn prepare(w: &mut dyn Write) -> Result<(), StoreError> {
         Some(_) => return Err(StoreError::Corrupt("unknown schema version")),
     }
     ensure_token_items(w)
+}
+
+/// Held while a `rotate-key` runs (see [`Store::lock_rotation`]).
+pub enum RotationLock {
+    File(backup::StoreLock),
+    Db(pg::PgSessionLock),
 }
 
 /// What [`Store::usage`] reports.

@@ -36,6 +36,15 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+/// A session lock of the database, held while its connection lives.
+pub struct PgSessionLock {
+    _conn: Arc<Conn>,
+}
+
+/// The session advisory lock one `rotate-key` holds, on whichever node
+/// it runs ("tvw_rot").
+const ROTATE_LOCK: i64 = 0x7476_775f_726f_74;
+
 /// The schema version this build writes and reads.
 pub const PG_SCHEMA_VERSION: i32 = 1;
 /// The one advisory lock every write transaction takes ("tvw_kv").
@@ -519,6 +528,27 @@ impl Pg {
     /// (capacity, bytes in use) as the last probe saw them.
     pub fn usage(&self) -> (u64, u64) {
         (self.0.capacity, self.0.used.load(Ordering::Relaxed))
+    }
+
+    /// One `rotate-key` at a time across every node: a session advisory
+    /// lock on a connection of its own, released when the guard drops (or
+    /// the process dies: the connection closes).
+    pub fn lock_rotation(&self) -> Result<PgSessionLock, StoreError> {
+        let conn = self.0.connect_blocking()?;
+        let c = conn.clone();
+        let got = self.0.block(async move {
+            c.client
+                .query_one(&format!("SELECT pg_try_advisory_lock({ROTATE_LOCK})"), &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+        })?;
+        if !got {
+            return Err(StoreError::Config(
+                "the store has a key rotation running in another process (on this node or another)"
+                    .into(),
+            ));
+        }
+        Ok(PgSessionLock { _conn: conn })
     }
 
     pub fn read(&self) -> Result<PgRead, StoreError> {
