@@ -43,7 +43,7 @@ pub struct PgSessionLock {
 
 /// The session advisory lock one `rotate-key` holds, on whichever node
 /// it runs ("tvw_rot").
-const ROTATE_LOCK: i64 = 0x7476_775f_726f_74;
+const ROTATE_LOCK: i64 = 0x0074_7677_5f72_6f74;
 
 /// The schema version this build writes and reads.
 pub const PG_SCHEMA_VERSION: i32 = 1;
