@@ -522,7 +522,7 @@ async fn listings_on_postgres_are_lmdbs_byte_for_byte() {
             }
             answers.push(pages);
         }
-        assert!(answers[0].len() >= 1);
+        assert!(!answers[0].is_empty());
         for (l, p) in answers[0].iter().zip(&answers[1]) {
             let at = l.bytes().zip(p.bytes()).position(|(x, y)| x != y);
             assert!(
