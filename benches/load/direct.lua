@@ -2,7 +2,7 @@
 -- METHOD<TAB>PATH<TAB>BODY). Thread k of n takes lines k, k+n, ...
 local counter = 0
 function setup(thread)
-  thread:set("id", counter)
+  thread:set("id", counter + tonumber(os.getenv("WRK_ID_BASE") or "0"))
   counter = counter + 1
 end
 function init(args)

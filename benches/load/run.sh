@@ -3,7 +3,11 @@
 # with BACKEND=tpm an swtpm; TLS; LMDB) in a temp dir, bound like Token Vault
 # does, then wrk at 64 connections. Every signed request carries its own
 # pre-signed, single-use request id.
-# Usage: [BACKEND=pkcs11|tpm] benches/load/run.sh [SECONDS]
+# STORE=postgres: the store in a throwaway PostgreSQL cluster on this box
+# (.ci/pg-cluster, TLS, fsync on); NODES=2 with it: a second node
+# (`dev --join`) on the same database and token, the load split between the
+# two (half the connections each; CPU is both nodes').
+# Usage: [BACKEND=pkcs11|tpm] [STORE=lmdb|postgres] [NODES=1|2] benches/load/run.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-10}
@@ -15,11 +19,20 @@ bin=target/release/tokenvault-webhook
 dir=$(mktemp -d)
 port=${PORT:-18555}
 wait_ready() { for _ in $(seq 100); do grep -q READY "$dir/log" 2>/dev/null && break; sleep 0.1; done; grep -q READY "$dir/log" || { cat "$dir/log"; exit 1; }; }
+store=${STORE:-lmdb}
+nodes=${NODES:-1}
+pg_args=()
+if [ "$store" = postgres ]; then
+  .ci/pg-cluster init "$dir/pg" $((port + 100)) >/dev/null
+  .ci/pg-cluster start "$dir/pg"
+  pg_args=(--postgres "$(cat "$dir/pg/url")" --postgres-ca "$dir/pg/ca.pem" --postgres-password-file "$dir/pg/password")
+fi
 # Provision with `dev`, then run it again on the same dir with the
 # per-address rate limit off: all load comes from 127.0.0.1.
-$bin dev --dir "$dir/a" --backend "$backend" --listen 127.0.0.1:$port 2>"$dir/log" &
+$bin dev --dir "$dir/a" --backend "$backend" --listen 127.0.0.1:$port "${pg_args[@]}" 2>"$dir/log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
+pid_b=""
+trap 'kill $pid $pid_b 2>/dev/null; wait $pid $pid_b 2>/dev/null; [ "$store" = postgres ] && .ci/pg-cluster kill "$dir/pg"; rm -rf "$dir"' EXIT
 wait_ready
 kill $pid; wait $pid 2>/dev/null || true
 rm "$dir/log"
@@ -34,12 +47,35 @@ fi
 $bin dev --dir "$dir/a" --listen 127.0.0.1:$port 2>"$dir/log" &
 pid=$!
 wait_ready
-echo "backend: $backend"
 base=https://127.0.0.1:$port
+base_b=""
+if [ "$nodes" = 2 ]; then
+  [ "$store" = postgres ] || { echo "NODES=2 needs STORE=postgres" >&2; exit 1; }
+  $bin dev --dir "$dir/b" --listen 127.0.0.1:$((port + 1)) --join "$dir/a" 2>"$dir/log-b" &
+  pid_b=$!
+  for _ in $(seq 100); do grep -q READY "$dir/log-b" 2>/dev/null && break; sleep 0.1; done
+  grep -q READY "$dir/log-b" || { cat "$dir/log-b"; exit 1; }
+  base_b=https://127.0.0.1:$((port + 1))
+fi
+echo "backend: $backend, store: $store, nodes: $nodes"
 code=$($bin --config "$dir/a/config.toml" register-url | python3 -c 'import json,sys;print(json.load(sys.stdin)["code"])')
 secret=$(curl -s --cacert "$dir/a/tls/cert.pem" "$base/v1/exchange" -d "{\"code\":\"$code\"}" | python3 -c 'import json,sys;print(json.load(sys.stdin)["hmacSecret"])')
 gen() { python3 benches/load/gen_signed.py "$secret" "$1" "$2" "$3" "$4"; }
-ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+ticks() { cat "/proc/$pid/stat" ${pid_b:+"/proc/$pid_b/stat"} | awk '{t += $14 + $15} END {print t}'; }
+# wrk, or with NODES=2 two wrks in parallel, one per node, each with half
+# the connections and every other line of a request file (WRK_ID_BASE).
+load() { # wrk's arguments, the URL last
+  if [ -z "$base_b" ]; then wrk "$@"; return; fi
+  local args=("$@") url=${!#}
+  unset 'args[${#args[@]}-1]'
+  local half=() a
+  for a in "${args[@]}"; do case "$a" in -t2) half+=(-t1) ;; -c64) half+=(-c32) ;; *) half+=("$a") ;; esac; done
+  WRK_ID_BASE=0 wrk "${half[@]}" "$url" > "$dir/wrk-a" 2>&1 &
+  local wa=$!
+  WRK_ID_BASE=1 wrk "${half[@]}" "${url/$base/$base_b}" > "$dir/wrk-b" 2>&1
+  wait $wa
+  cat "$dir/wrk-a" "$dir/wrk-b"
+}
 hz=$(getconf CLK_TCK)
 # PROFILE=word: `perf record` the server during the rows whose name holds
 # word; the flat profile goes to perf-<row>.txt in the current directory.
@@ -67,10 +103,11 @@ measure() { # name, command...: sets $out and $cpu (server CPU, % of one core)
 }
 report() { # name (wrk output in $out, server CPU in $cpu)
   local rps p50 p99 errs
-  rps=$(grep Requests/sec <<<"$out" | awk '{print $2}')
-  p50=$(grep " 50%" <<<"$out" | awk '{print $2}')
-  p99=$(grep " 99%" <<<"$out" | awk '{print $2}')
-  errs=$( (grep -oE "non2xx=[0-9]+" <<<"$out" || echo non2xx=0) | cut -d= -f2 | head -1)
+  # Two nodes: the sum of both wrks' rates and errors; latencies of the first.
+  rps=$(grep Requests/sec <<<"$out" | awk '{t += $2} END {printf "%.2f", t}')
+  p50=$(grep " 50%" <<<"$out" | awk '{print $2}' | head -1)
+  p99=$(grep " 99%" <<<"$out" | awk '{print $2}' | head -1)
+  errs=$( (grep -oE "non2xx=[0-9]+" <<<"$out" || echo non2xx=0) | cut -d= -f2 | awk '{t += $1} END {print t}')
   printf "| %-42s | %9s | %8s | %8s | %6s | %5s %% | %6s MiB | %6s MiB |\n" "$1" "$rps" "$p50" "$p99" "${errs:-0}" "$cpu" \
     "$(( $(grep VmHWM /proc/$pid/status | awk '{print $2}') / 1024 ))" "$(( $(grep RssAnon /proc/$pid/status | awk '{print $2}') / 1024 ))"
 }
@@ -79,14 +116,14 @@ want() { [ -z "${ONLY:-}" ] || [[ "$1" =~ $ONLY ]]; }
 signed() { # name, path, n, body
   want "$1" || return 0
   gen "$2" "$4" "$3" "$dir/reqs"
-  REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base"
+  REQS="$dir/reqs" PATH_="$2" WRK_THREADS=2 measure "$1" load -t2 -c64 -d${secs}s --latency -s benches/load/signed.lua "$base"
   report "$1"
 }
 # peak RSS (VmHWM) includes LMDB's memory-mapped file pages, which grow with
 # the data written; anon RSS (RssAnon, at the end of the row) is the heap.
 echo "| endpoint (64 connections, ${secs}s) | req/s | p50 | p99 | errors | server CPU | peak RSS | anon RSS |"
 echo "|---|---|---|---|---|---|---|---|"
-measure "GET /v1/health (floor)" wrk -t2 -c64 -d${secs}s --latency "$base/v1/health"
+measure "GET /v1/health (floor)" load -t2 -c64 -d${secs}s --latency "$base/v1/health"
 report "GET /v1/health (floor)"
 signed "POST /v1/health (HMAC + replay)" /v1/health $((secs * 25000)) '{"requestId":"req_bench"}'
 gen /v1/storage '{"operation":"set","collection":"tokens","key":"svc-{i}","data":{"meta":{"tokenType":"JWT","createdAt":"2026-02-01T10:00:00Z","displayName":"Service {i}"}}}' 200 "$dir/set"
@@ -96,7 +133,7 @@ signed "POST /v1/storage set (durable)" /v1/storage $((secs * 12000)) '{"operati
 direct() { # name, kind, n
   want "$1" || return 0
   python3 benches/load/gen_direct.py "$secret" "$2" "$3" "$dir/direct"
-  REQS="$dir/direct" WRK_THREADS=2 measure "$1" wrk -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base"
+  REQS="$dir/direct" WRK_THREADS=2 measure "$1" load -t2 -c64 -d${secs}s --latency -s benches/load/direct.lua "$base"
   report "$1"
 }
 direct "POST /v1/store (durable, sealed)" store $((secs * 15000))

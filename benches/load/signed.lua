@@ -4,7 +4,7 @@
 local threads = {}
 local counter = 0
 function setup(thread)
-  thread:set("id", counter)
+  thread:set("id", counter + tonumber(os.getenv("WRK_ID_BASE") or "0"))
   counter = counter + 1
   table.insert(threads, thread)
 end

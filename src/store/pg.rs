@@ -4,7 +4,8 @@
 //! gives.
 //!
 //! - Writes run on one writer thread per node, in batches (group commit,
-//!   as with LMDB): one transaction per batch, a savepoint per job. Each
+//!   as with LMDB): one transaction per batch; a job that fails rolls the
+//!   batch back and every job of it runs again alone. Each
 //!   transaction first takes one advisory lock, so writes are serialised
 //!   across every node: a job reads the latest committed state (READ
 //!   COMMITTED after the lock) and the audit trail stays one hash chain.
@@ -1044,9 +1045,9 @@ impl Writer {
         Ok(c)
     }
 
-    /// Runs the jobs in one transaction (a savepoint each when there are
-    /// several) and commits it: each job's outcome, or the batch's failure
-    /// (nothing of it landed).
+    /// Runs the jobs in one transaction and commits it: each job's outcome,
+    /// or the batch's failure (nothing of it landed; a job's own failure
+    /// fails a batch of several, whose jobs then run alone).
     fn commit(
         &mut self,
         jobs: &mut [JobRun<'_>],
@@ -1072,6 +1073,7 @@ impl Writer {
         q: &Q,
         jobs: &mut [JobRun<'_>],
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        let single = jobs.len() == 1;
         let lock = format!("SELECT pg_advisory_xact_lock({WRITE_LOCK})");
         q.run(lock, vec![], Some("BEGIN ISOLATION LEVEL READ COMMITTED"))?;
         let sizes = q.run(
@@ -1087,12 +1089,8 @@ impl Writer {
             }
         }
         let mut batch = Sizes::new();
-        let savepoints = jobs.len() > 1;
         let mut results = Vec::with_capacity(jobs.len());
         for job in jobs.iter_mut() {
-            if savepoints {
-                q.run("SAVEPOINT job".into(), vec![], None)?;
-            }
             let mut w = PgWrite {
                 q,
                 base: &base,
@@ -1103,24 +1101,20 @@ impl Writer {
             let mine = std::mem::take(&mut w.job);
             match ran {
                 Ok(()) => {
-                    if savepoints {
-                        q.run("RELEASE SAVEPOINT job".into(), vec![], None)?;
-                    }
                     for (t, (r, b)) in mine {
                         add(&mut batch, t, r, b);
                     }
                     results.push(Ok(()));
                 }
-                // The connection is gone: so is the whole batch.
-                Err(StoreError::Unavailable) => return Err(StoreError::Unavailable),
-                Err(e) if savepoints => {
-                    q.run("ROLLBACK TO SAVEPOINT job".into(), vec![], None)?;
-                    results.push(Err(e));
-                }
-                Err(e) => {
+                // A job alone: its error is its answer (nothing landed).
+                Err(e) if single && e != StoreError::Unavailable => {
                     q.run("ROLLBACK".into(), vec![], None)?;
                     return Ok(vec![Err(e)]);
                 }
+                // In a batch: the batch is rolled back and each job runs
+                // again alone (see `run_jobs`), so one failing job costs its
+                // neighbours a retry, never a result; no savepoint per job.
+                Err(e) => return Err(e),
             }
         }
         let mut names = Vec::new();
