@@ -21,14 +21,24 @@ pub mod testvectors;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tokenvault-webhook");
 
-/// The key backend the suite runs against: `TVW_TEST_BACKEND` (`pkcs11`,
-/// the default, or `tpm`). Anything else fails the run.
-pub fn backend() -> &'static str {
-    match std::env::var("TVW_TEST_BACKEND").as_deref() {
-        Err(_) | Ok("") | Ok("pkcs11") => "pkcs11",
-        Ok("tpm") => "tpm",
-        Ok(other) => panic!("TVW_TEST_BACKEND={other:?}: expected pkcs11 or tpm"),
+/// One of `choices` from the environment variable `var` (unset or empty:
+/// the first). Anything else fails the run.
+fn env_choice(var: &str, choices: &[&'static str]) -> &'static str {
+    let v = std::env::var(var).unwrap_or_default();
+    if v.is_empty() {
+        return choices[0];
     }
+    choices
+        .iter()
+        .copied()
+        .find(|c| *c == v)
+        .unwrap_or_else(|| panic!("{var}={v:?}: expected one of {choices:?}"))
+}
+
+/// The key backend the suite runs against: `TVW_TEST_BACKEND` (`pkcs11`,
+/// the default, or `tpm`).
+pub fn backend() -> &'static str {
+    env_choice("TVW_TEST_BACKEND", &["pkcs11", "tpm"])
 }
 
 pub fn tpm() -> bool {
@@ -37,13 +47,9 @@ pub fn tpm() -> bool {
 
 /// The store the suite runs against: `TVW_TEST_STORE` (`lmdb`, the
 /// default, or `postgres`: a throwaway PostgreSQL cluster per appliance,
-/// made by `.ci/pg-cluster`). Anything else fails the run.
+/// made by `.ci/pg-cluster`).
 pub fn store_backend() -> &'static str {
-    match std::env::var("TVW_TEST_STORE").as_deref() {
-        Err(_) | Ok("") | Ok("lmdb") => "lmdb",
-        Ok("postgres") => "postgres",
-        Ok(other) => panic!("TVW_TEST_STORE={other:?}: expected lmdb or postgres"),
-    }
+    env_choice("TVW_TEST_STORE", &["lmdb", "postgres"])
 }
 
 pub fn postgres() -> bool {
@@ -731,6 +737,17 @@ pub fn cli_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The current code of a base32 seed with a `period`-second step (SHA-1,
+/// 6 digits), computed in software as a client would.
+pub fn totp_now(b32: &str, period: u64) -> String {
+    use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
+    let p = Params {
+        period,
+        ..Params::default()
+    };
+    code_software(&base32_decode(b32).unwrap(), &p, now() as u64).to_string()
 }
 
 pub fn now() -> i64 {

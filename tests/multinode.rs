@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
 
 /// Node A (`dev --postgres`, bound) and node B (`serve` on A's database
 /// and token).
@@ -64,11 +63,7 @@ async fn a_totp_code_accepted_on_node_a_is_refused_on_node_b() {
         .store("otp", json!({"totpSecret": b32, "totpPeriod": 3600}))
         .await;
     assert_eq!(s, 200, "{v}");
-    let p = Params {
-        period: 3600,
-        ..Params::default()
-    };
-    let code = code_software(&base32_decode(b32).unwrap(), &p, now() as u64).to_string();
+    let code = totp_now(b32, 3600);
     // B sees the seed A enrolled in the shared token: it computes the
     // same code.
     let v = b.totp_code("otp").await;

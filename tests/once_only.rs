@@ -10,7 +10,6 @@ mod harness;
 use harness::*;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use tokenvault_webhook::custody::totp::{base32_decode, code_software, Params};
 
 /// Clients per race: more than the server's worker threads and the
 /// store's group-commit batch, so requests really overlap.
@@ -135,11 +134,7 @@ async fn one_totp_code_is_accepted_once_by_a_crowd_with_their_own_tickets() {
         .store("otp", json!({"totpSecret": b32, "totpPeriod": 3600}))
         .await;
     assert_eq!(s, 200, "{v}");
-    let p = Params {
-        period: 3600,
-        ..Params::default()
-    };
-    let code = code_software(&base32_decode(b32).unwrap(), &p, now() as u64).to_string();
+    let code = totp_now(b32, 3600);
     let answers = crowd(&a, |c| {
         let body = json!({"ticket": a.ticket("totp_verify", "otp", json!({})), "service": "otp", "code": code});
         c.post(a.url("/v1/totp-verify")).json(&body)

@@ -710,41 +710,25 @@ fn check_key(k: &[u8]) -> Result<(), StoreError> {
 fn scan_sql(lo: &Bound<&[u8]>, hi: &Bound<&[u8]>, rev: bool) -> (String, bool, bool) {
     let mut sql = String::from("SELECT k, v FROM tvw_kv WHERE tbl = $1");
     let mut n = 1;
-    let mut has_lo = false;
-    let mut has_hi = false;
-    match lo {
-        Bound::Included(_) => {
-            n += 1;
-            sql.push_str(&format!(" AND k >= ${n}"));
-            has_lo = true;
-        }
-        Bound::Excluded(_) => {
-            n += 1;
-            sql.push_str(&format!(" AND k > ${n}"));
-            has_lo = true;
-        }
-        Bound::Unbounded => {}
-    }
-    match hi {
-        Bound::Included(_) => {
-            n += 1;
-            sql.push_str(&format!(" AND k <= ${n}"));
-            has_hi = true;
-        }
-        Bound::Excluded(_) => {
-            n += 1;
-            sql.push_str(&format!(" AND k < ${n}"));
-            has_hi = true;
-        }
-        Bound::Unbounded => {}
-    }
-    n += 1;
+    // One condition per bound, its parameter numbered after the last.
+    let mut bound = |b: &Bound<&[u8]>, included: &str, excluded: &str| {
+        let op = match b {
+            Bound::Included(_) => included,
+            Bound::Excluded(_) => excluded,
+            Bound::Unbounded => return false,
+        };
+        n += 1;
+        sql.push_str(&format!(" AND k {op} ${n}"));
+        true
+    };
+    let has_lo = bound(lo, ">=", ">");
+    let has_hi = bound(hi, "<=", "<");
     sql.push_str(if rev {
         " ORDER BY k DESC"
     } else {
         " ORDER BY k ASC"
     });
-    sql.push_str(&format!(" LIMIT ${n}"));
+    sql.push_str(&format!(" LIMIT ${}", n + 1));
     (sql, has_lo, has_hi)
 }
 
