@@ -105,6 +105,15 @@ async fn metrics_count_requests_key_operations_and_verifies_without_any_secret()
     assert!(counter(&text, "tvw_store_map_size_bytes") > 0);
     assert!(counter(&text, "tvw_store_used_bytes") > 0);
     assert_eq!(counter(&text, "tvw_tokens"), 2);
+    // The database's health and the pool, on PostgreSQL only.
+    if a.pg.is_some() {
+        assert_eq!(counter(&text, "tvw_db_up"), 1);
+        assert_eq!(counter(&text, "tvw_db_pool_max"), 8);
+        assert!(counter(&text, "tvw_db_pool_open") >= 1);
+        assert!(counter(&text, "tvw_db_pool_idle") <= counter(&text, "tvw_db_pool_open"));
+    } else {
+        assert!(!text.contains("tvw_db_"), "{text}");
+    }
     for secret in [
         svc,
         "gho_metrics_canary",
