@@ -530,3 +530,28 @@ async fn listings_on_postgres_are_lmdbs_byte_for_byte() {
         assert_eq!(answers[0].len(), answers[1].len(), "{ask}: pages");
     }
 }
+
+#[tokio::test]
+async fn a_node_refuses_a_schema_newer_than_it_knows_and_init_makes_a_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Appliance::start_dev_postgres(&tmp.path().join("a"));
+    a.terminate();
+    let pg = a.pg.clone().unwrap();
+    assert_eq!(pg.sql("SELECT version FROM tvw_schema"), "1");
+    // A newer node migrated the database: this one refuses to serve.
+    pg.sql("UPDATE tvw_schema SET version = 99");
+    let err = a.cli_err(&["serve"]);
+    assert!(
+        err.contains("schema is version 99, newer than this build knows (1)"),
+        "{err}"
+    );
+    let err = a.cli_err(&["configtest"]);
+    assert!(err.contains("newer than this build"), "{err}");
+    // No schema at all: serve says to run init, and init makes it.
+    pg.sql("DROP TABLE tvw_kv, tvw_sizes, tvw_schema");
+    let err = a.cli_err(&["serve"]);
+    assert!(err.contains("run `tokenvault-webhook init`"), "{err}");
+    let out = a.cli_ok(&["init"]);
+    assert!(out.contains("store postgres"), "{out}");
+    assert_eq!(pg.sql("SELECT version FROM tvw_schema"), "1");
+}
