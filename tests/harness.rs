@@ -64,18 +64,22 @@ pub struct PgCluster {
     pub dir: PathBuf,
 }
 
+/// Runs `cmd`; it must succeed (`what` names it in the failure). Its stdout.
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 impl PgCluster {
     fn cmd(&self, what: &str) {
-        let out = Command::new(PG_CLUSTER)
-            .arg(what)
-            .arg(&self.dir)
-            .output()
-            .expect("run .ci/pg-cluster");
-        assert!(
-            out.status.success(),
-            "pg-cluster {what} {}: {}",
-            self.dir.display(),
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(PG_CLUSTER).arg(what).arg(&self.dir),
+            &format!("pg-cluster {what} {}", self.dir.display()),
         );
     }
 
@@ -92,19 +96,15 @@ impl PgCluster {
             .local_addr()
             .unwrap()
             .port();
-        let out = Command::new(PG_CLUSTER)
-            // The suite's clusters skip fsync (nothing here survives an OS
-            // crash anyway); commits still wait for the server.
-            .env("PG_CLUSTER_FSYNC", "off")
-            .arg("init")
-            .arg(dir)
-            .arg(port.to_string())
-            .output()
-            .expect("run .ci/pg-cluster");
-        assert!(
-            out.status.success(),
-            "pg-cluster init: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            Command::new(PG_CLUSTER)
+                // The suite's clusters skip fsync (nothing here survives an
+                // OS crash anyway); commits still wait for the server.
+                .env("PG_CLUSTER_FSYNC", "off")
+                .arg("init")
+                .arg(dir)
+                .arg(port.to_string()),
+            "pg-cluster init",
         );
         PgCluster {
             dir: dir.to_path_buf(),
@@ -161,25 +161,16 @@ impl PgCluster {
 
     /// Runs SQL as the appliance's database user (psql over TLS).
     pub fn sql(&self, sql: &str) -> String {
-        let out = Command::new("psql")
-            .arg(self.url())
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .env(
-                "PGPASSWORD",
-                std::fs::read_to_string(self.dir.join("password"))
-                    .unwrap()
-                    .trim(),
-            )
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", self.dir.join("ca.pem"))
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let pw = std::fs::read_to_string(self.dir.join("password")).unwrap();
+        run_ok(
+            Command::new("psql")
+                .arg(self.url())
+                .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+                .env("PGPASSWORD", pw.trim())
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", self.dir.join("ca.pem")),
+            "psql",
+        )
     }
 }
 
@@ -737,6 +728,17 @@ pub fn cli_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A seed with a one-hour step stored for `svc` (its code stays the
+/// current one for a whole test); the current code.
+pub async fn enrol_hour_totp(a: &Appliance, svc: &str) -> String {
+    let b32 = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+    let (s, v) = a
+        .store(svc, json!({"totpSecret": b32, "totpPeriod": 3600}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    totp_now(b32, 3600)
 }
 
 /// The current code of a base32 seed with a `period`-second step (SHA-1,

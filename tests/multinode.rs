@@ -57,13 +57,7 @@ async fn a_ticket_used_on_node_a_is_refused_on_node_b() {
 #[tokio::test]
 async fn a_totp_code_accepted_on_node_a_is_refused_on_node_b() {
     let (_tmp, a, b) = two_nodes().await;
-    // A long period: the code stays the current one for the whole test.
-    let b32 = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
-    let (s, v) = a
-        .store("otp", json!({"totpSecret": b32, "totpPeriod": 3600}))
-        .await;
-    assert_eq!(s, 200, "{v}");
-    let code = totp_now(b32, 3600);
+    let code = enrol_hour_totp(&a, "otp").await;
     // B sees the seed A enrolled in the shared token: it computes the
     // same code.
     let v = b.totp_code("otp").await;

@@ -128,13 +128,7 @@ async fn one_request_id_is_accepted_once_by_a_crowd() {
 async fn one_totp_code_is_accepted_once_by_a_crowd_with_their_own_tickets() {
     let (_tmp, mut a) = Appliance::start_configured(NO_LIMITS);
     a.bind().await;
-    // A long period: the code stays the current one for the whole race.
-    let b32 = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
-    let (s, v) = a
-        .store("otp", json!({"totpSecret": b32, "totpPeriod": 3600}))
-        .await;
-    assert_eq!(s, 200, "{v}");
-    let code = totp_now(b32, 3600);
+    let code = enrol_hour_totp(&a, "otp").await;
     let answers = crowd(&a, |c| {
         let body = json!({"ticket": a.ticket("totp_verify", "otp", json!({})), "service": "otp", "code": code});
         c.post(a.url("/v1/totp-verify")).json(&body)
